@@ -46,7 +46,7 @@ class LinearHead:
 
 @dataclass(frozen=True)
 class Trajectory:
-    """The moving statistics recorded during a fit: after `samples[t]` samples they were `mean[t]`, `var[t]`."""
+    """Moving statistics recorded during a fit: after `samples[t]` samples they were `mean[t]`, `var[t]`."""
 
     samples: NDArray[np.int64]
     mean: NDArray[np.floating[Any]]

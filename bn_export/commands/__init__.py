@@ -1,0 +1,1 @@
+"""One module per `bn-export` subcommand: each defines `register(subparsers)` and its handler."""
