@@ -1,0 +1,266 @@
+"""Prometheus metrics of the server, held in a per-app `CollectorRegistry` and rendered for `GET /metrics`.
+
+Every metric is prefixed `bn_serve_` and uses base units (seconds, samples). One `ServiceMetrics` belongs to
+one app: a per-app registry (never prometheus-client's global one) lets several apps live in one process,
+as they do in the tests.
+
+Several worker processes. A scrape reaches one worker, so each worker alone would report a fraction of
+the traffic. Two supported ways out:
+
+- one worker per process/container (the KServe default) and scrape every replica: nothing to configure;
+- several workers in one container: export `PROMETHEUS_MULTIPROC_DIR` (an empty directory, wiped before
+  the server starts) in the server's environment *before* it starts. prometheus-client then keeps every
+  value in per-process files there, and `render()` aggregates them with `MultiProcessCollector`: counters
+  and histograms add up, the in-flight gauge sums over live workers, the model gauges take the maximum
+  over live workers, and the drift gauges keep one series per worker (label `pid`), because a drift score
+  computed from part of the traffic does not add. Call `ServiceMetrics.close()` when a worker exits so its
+  live gauges disappear.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+if TYPE_CHECKING:
+    from service.drift import DriftSnapshot
+
+NAMESPACE = "bn_serve"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# A frozen BatchNorm (plus a linear head) answers in tens of microseconds on a CPU; HTTP and JSON add
+# hundreds; a big batch or a cold GPU can take seconds. Roughly x2.5 steps from 50 µs to 10 s.
+LATENCY_BUCKETS_SECONDS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+# Samples per executed batch: powers of two up to the largest batch worth running at once.
+BATCH_SIZE_BUCKETS = tuple(float(2**k) for k in range(13))  # 1 .. 4096
+
+# Label value for requests that name no known model. Passing the requested name instead would let any
+# client create unbounded series (one per made-up name).
+UNKNOWN_MODEL = "_unknown"
+
+
+def multiprocess_mode() -> bool:
+    """True when prometheus-client keeps values in `PROMETHEUS_MULTIPROC_DIR` (read at its import time)."""
+    return MULTIPROC_ENV in os.environ or MULTIPROC_ENV.lower() in os.environ
+
+
+class ServiceMetrics:
+    """The server's metrics: request counts and latencies, batching, model state and input drift.
+
+    Build one per app; the app calls the `observe_*`/`set_*` methods from its request path (all are
+    thread-safe and O(1)) and serves `render()` on `GET /metrics`.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            "requests",
+            "Inference requests answered, by model, version and status (HTTP status code).",
+            ("model", "version", "status"),
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.request_seconds = Histogram(
+            "request_seconds",
+            "Time from a request's arrival to its response, in seconds.",
+            ("model", "version"),
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        self.queue_seconds = Histogram(
+            "queue_seconds",
+            "Time a request waited for a batch slot before its inference started, in seconds.",
+            ("model", "version"),
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        self.inference_seconds = Histogram(
+            "inference_seconds",
+            "Time onnxruntime spent running one batch, in seconds.",
+            ("model", "version"),
+            namespace=NAMESPACE,
+            buckets=LATENCY_BUCKETS_SECONDS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "batch_size_samples",
+            "Samples in each batch run by onnxruntime.",
+            ("model", "version"),
+            namespace=NAMESPACE,
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=reg,
+        )
+        self.in_flight = Gauge(
+            "requests_in_flight",
+            "Requests being processed right now.",
+            namespace=NAMESPACE,
+            multiprocess_mode="livesum",
+            registry=reg,
+        )
+        self.model_ready = Gauge(
+            "model_ready",
+            "1 when the model version is loaded and ready to serve, else 0.",
+            ("model", "version"),
+            namespace=NAMESPACE,
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
+        self.model_load_seconds = Gauge(
+            "model_load_seconds",
+            "Time the last load of the model version took, in seconds.",
+            ("model", "version"),
+            namespace=NAMESPACE,
+            multiprocess_mode="livemax",
+            registry=reg,
+        )
+        drift_labels = ("model", "version")
+        self.drift_score = Gauge(
+            "drift_score",
+            "Mean over channels of the symmetric KL divergence between the served inputs' per-channel "
+            "Gaussian and the frozen statistics' (0 = no drift).",
+            drift_labels,
+            namespace=NAMESPACE,
+            multiprocess_mode="liveall",
+            registry=reg,
+        )
+        self.drift_mean_shift = Gauge(
+            "drift_max_abs_mean_shift",
+            "Largest |live mean - moving mean| / sqrt(moving var + eps) over channels.",
+            drift_labels,
+            namespace=NAMESPACE,
+            multiprocess_mode="liveall",
+            registry=reg,
+        )
+        self.drift_log_var_ratio = Gauge(
+            "drift_max_abs_log_var_ratio",
+            "Largest |log((live var + eps) / (moving var + eps))| over channels.",
+            drift_labels,
+            namespace=NAMESPACE,
+            multiprocess_mode="liveall",
+            registry=reg,
+        )
+        self.drift_samples = Gauge(
+            "drift_samples",
+            "Values per channel behind the live drift statistics.",
+            drift_labels,
+            namespace=NAMESPACE,
+            multiprocess_mode="liveall",
+            registry=reg,
+        )
+        self.drift_alerting = Gauge(
+            "drift_alerting",
+            "1 while the drift score is above its threshold, else 0.",
+            drift_labels,
+            namespace=NAMESPACE,
+            multiprocess_mode="liveall",
+            registry=reg,
+        )
+
+    def observe_request(self, model: str, version: str, status: int | str, seconds: float) -> None:
+        """Count one answered request and record its end-to-end latency.
+
+        `model` must be a known model name (or `UNKNOWN_MODEL`) and `status` the HTTP status code, so that
+        the number of series stays bounded whatever clients send.
+        """
+        self.requests.labels(model, version, str(status)).inc()
+        self.request_seconds.labels(model, version).observe(seconds)
+
+    def observe_queue(self, model: str, version: str, seconds: float) -> None:
+        """Record how long one request waited before its batch started running."""
+        self.queue_seconds.labels(model, version).observe(seconds)
+
+    def observe_inference(self, model: str, version: str, seconds: float, batch_size: int) -> None:
+        """Record one onnxruntime run: its duration and the number of samples it held."""
+        self.inference_seconds.labels(model, version).observe(seconds)
+        self.batch_size.labels(model, version).observe(batch_size)
+
+    @contextmanager
+    def track_in_flight(self) -> Iterator[None]:
+        """Count the enclosed block as one request in flight, even if it raises."""
+        self.in_flight.inc()
+        try:
+            yield
+        finally:
+            self.in_flight.dec()
+
+    def set_model_state(
+        self, model: str, version: str, *, ready: bool, load_seconds: float | None = None
+    ) -> None:
+        """Mark a model version ready (1) or not (0); record how long its load took when given."""
+        self.model_ready.labels(model, version).set(1 if ready else 0)
+        if load_seconds is not None:
+            self.model_load_seconds.labels(model, version).set(load_seconds)
+
+    def forget_model(self, model: str, version: str) -> None:
+        """Drop an unloaded model version's gauges so they stop being exported."""
+        for gauge in (
+            self.model_ready,
+            self.model_load_seconds,
+            self.drift_score,
+            self.drift_mean_shift,
+            self.drift_log_var_ratio,
+            self.drift_samples,
+            self.drift_alerting,
+        ):
+            with suppress(KeyError):  # never set for this version: nothing to drop
+                gauge.remove(model, version)
+
+    def observe_drift(self, model: str, version: str, snapshot: DriftSnapshot) -> None:
+        """Export a drift monitor's latest figures; figures not yet defined (no samples) are left unset."""
+        self.drift_samples.labels(model, version).set(snapshot.samples)
+        self.drift_alerting.labels(model, version).set(1 if snapshot.alerting else 0)
+        if snapshot.score is not None:
+            self.drift_score.labels(model, version).set(snapshot.score)
+        if snapshot.max_abs_mean_shift is not None:
+            self.drift_mean_shift.labels(model, version).set(snapshot.max_abs_mean_shift)
+        if snapshot.max_abs_log_var_ratio is not None:
+            self.drift_log_var_ratio.labels(model, version).set(snapshot.max_abs_log_var_ratio)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition of every metric, and its content type, for `GET /metrics`.
+
+        In multi-process mode the figures are read back from every worker's files, not from this registry.
+        """
+        if multiprocess_mode():
+            aggregated = CollectorRegistry()
+            multiprocess.MultiProcessCollector(aggregated)  # type: ignore[no-untyped-call]
+            return generate_latest(aggregated), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        """Call when this worker exits: in multi-process mode, its live gauges stop being exported."""
+        if multiprocess_mode():
+            multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
