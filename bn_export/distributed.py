@@ -256,7 +256,7 @@ def _connect(scheduler: str | None, client: Client | None) -> Iterator[Client]:
         yield client
         return
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client
     except ImportError as exc:
         raise InvalidInputError(
             "the dask engine needs dask[distributed]: pip install 'frozen-bn[dask]'"
@@ -269,8 +269,25 @@ def _connect(scheduler: str | None, client: Client | None) -> Iterator[Client]:
         with connected:
             yield connected
         return
-    with (
-        LocalCluster(host="127.0.0.1", dashboard_address=None, processes=True) as cluster,  # type: ignore[no-untyped-call]
-        Client(cluster) as local,  # type: ignore[no-untyped-call]
-    ):
+    with local_cluster() as cluster, Client(cluster) as local:  # type: ignore[no-untyped-call]
         yield local
+
+
+def local_cluster(n_workers: int | None = None, threads_per_worker: int | None = None) -> Any:
+    """A `distributed.LocalCluster` of worker processes on 127.0.0.1, with no fixed port and no dashboard.
+
+    Worker processes, not threads: the per-block reduction holds the GIL for part of its work. The
+    scheduler's HTTP endpoint (health, metrics) takes a free loopback port instead of 8787, so several
+    fits (or a test suite) on one machine do not collide. Defaults split the cores as Dask does.
+    """
+    from distributed import LocalCluster
+
+    return LocalCluster(  # type: ignore[no-untyped-call]
+        n_workers=n_workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        timeout=CONNECT_TIMEOUT_S,
+    )
