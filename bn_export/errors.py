@@ -25,3 +25,7 @@ class ExportError(BnExportError):
 
 class ModelFileError(BnExportError):
     """A file given as an ONNX model cannot be parsed as one."""
+
+
+class MissingDependencyError(BnExportError):
+    """An optional extra the operation needs is not installed; the message says which to install."""
