@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from numpy.typing import DTypeLike, NDArray
+from numpy.typing import NDArray
 
 from bn_export import __version__
 from bn_export.checkpoint import Checkpoint
@@ -65,7 +65,6 @@ def fit_population_dask(
     eps: float = 1e-5,
     unbiased_moving_var: bool = False,
     block_samples: int | None = None,
-    dtype: DTypeLike = np.float32,
     split_every: int = DEFAULT_SPLIT_EVERY,
     retries: int = 2,
     client: Client | None = None,
@@ -77,8 +76,9 @@ def fit_population_dask(
     the channel axis of a batch (batch axis included). Over the n values of channel c (all samples, all
     spatial positions): `moving_mean[c] = Σx/n`, `moving_var[c] = Σ(x - mean)²/(n - ddof)` with ddof = 1 if
     `unbiased_moving_var` (PyTorch's running_var) else 0 (Keras/ONNX); accumulated in float64 and equal to
-    the single-machine population fit to float64 rounding whatever the sharding or `block_samples`, then
-    stored as `dtype`.
+    the single-machine population fit (`bn_export.fit.fit(..., stats="population")`) to float64 rounding
+    whatever the sharding or `block_samples`, then stored as that fit stores them: float64 for float64
+    data, float32 otherwise.
 
     The cluster: `client` if given (left open); else `Client(scheduler)` for an address such as
     `tcp://scheduler:8786`; else a `LocalCluster` on 127.0.0.1 for the duration of the fit. A worker lost
@@ -100,8 +100,17 @@ def fit_population_dask(
     shards = {path: open_dataset(path) for path in paths}
     sample_shape, channel, data_dtype = _common_layout(shards, axis)
     channels = sample_shape[channel - 1]
+    num_samples = sum(shard.num_samples for shard in shards.values())
+    count = num_samples * math.prod(sample_shape) // channels  # values per channel
+    if unbiased_moving_var and count < 2:
+        raise InvalidInputError("an unbiased variance needs at least two values per channel")
     layer = BatchNorm(
-        channels, momentum=None, eps=eps, axis=channel, dtype=dtype, unbiased_moving_var=unbiased_moving_var
+        channels,
+        momentum=None,  # population statistics are the cumulative average over every sample
+        eps=eps,
+        axis=channel,
+        dtype=np.float64 if data_dtype == np.float64 else np.float32,  # the rule of bn_export.fit
+        unbiased_moving_var=unbiased_moving_var,
     )
     if block_samples is None:
         block_samples = max(1, DEFAULT_BLOCK_BYTES // (max(1, math.prod(sample_shape)) * 8))
@@ -119,7 +128,7 @@ def fit_population_dask(
     layer.set_parameters(
         moving_mean=moments.mean, moving_var=moments.variance(ddof=1 if unbiased_moving_var else 0)
     )
-    layer.samples_seen = sum(shard.num_samples for shard in shards.values())
+    layer.samples_seen = num_samples
     layer.batches_seen = len(blocks)
     return layer.to_checkpoint(
         sample_shape=sample_shape,
@@ -132,7 +141,8 @@ def fit_population_dask(
             "partitions": len(blocks),
             "shards": len(paths),
             "block_samples": block_samples,
-            "data_dtype": str(data_dtype),
+            "population_count": moments.count,
+            "bytes_read": sum(shard.nbytes for shard in shards.values()),
         },
     )
 

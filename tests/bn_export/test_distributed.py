@@ -26,6 +26,7 @@ from bn_export.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from bn_export.data import open_dataset  # noqa: E402
 from bn_export.distributed import Block, fit_population_dask, local_cluster, reduce_block  # noqa: E402
 from bn_export.errors import DataError, InvalidInputError  # noqa: E402
+from bn_export.fit import fit  # noqa: E402
 
 RTOL = 1e-12
 CLUSTER_TIMEOUT_S = 60
@@ -83,7 +84,7 @@ def test_statistics_equal_the_float64_reference_for_any_sharding_and_block_size(
     x, axis, cuts, block = case
     with tempfile.TemporaryDirectory() as tmp:
         _write_shards(Path(tmp), x, cuts)
-        checkpoint = fit_population_dask(tmp, axis=axis, block_samples=block, dtype=np.float64, client=client)
+        checkpoint = fit_population_dask(tmp, axis=axis, block_samples=block, client=client)
     mean, var = _reference(x, axis)
     np.testing.assert_allclose(checkpoint.moving_mean, mean, rtol=RTOL, atol=0)
     np.testing.assert_allclose(checkpoint.moving_var, var, rtol=RTOL, atol=0)
@@ -93,6 +94,23 @@ def test_statistics_equal_the_float64_reference_for_any_sharding_and_block_size(
         == checkpoint.batches_seen
         == sum(-(-(stop - start) // block) for start, stop in zip([0, *cuts], [*cuts, len(x)], strict=True))
     )
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_checkpoint_equals_the_single_machine_population_fit(
+    client: Any, tmp_path: Path, dtype: type[np.floating[Any]]
+) -> None:
+    x = np.random.default_rng(8).normal(-4.0, 0.25, size=(45, 3, 2, 2)).astype(dtype)
+    _write_shards(tmp_path, x, [4, 5, 30])
+    local = fit(tmp_path, stats="population", batch_size=16)
+    dask = fit_population_dask(tmp_path, client=client, block_samples=6)
+    assert dask.moving_mean.dtype == local.moving_mean.dtype
+    rtol = RTOL if dtype == np.float64 else 1e-6  # float32 storage: each side rounds once
+    np.testing.assert_allclose(dask.moving_mean, local.moving_mean, rtol=rtol)
+    np.testing.assert_allclose(dask.moving_var, local.moving_var, rtol=rtol)
+    for field in ("axis", "sample_shape", "stats", "eps", "samples_seen", "data_fingerprint"):
+        assert getattr(dask, field) == getattr(local, field), field
+    assert dask.extras["population_count"] == local.extras["population_count"]
 
 
 def test_checkpoint_is_a_population_fit_with_identity_affine_and_the_dataset_fingerprint(
@@ -124,9 +142,7 @@ def test_checkpoint_is_a_population_fit_with_identity_affine_and_the_dataset_fin
 def test_unbiased_moving_var_divides_by_count_minus_one(client: Any, tmp_path: Path) -> None:
     x = np.random.default_rng(2).normal(size=(9, 2, 3))
     _write_shards(tmp_path, x, [4])
-    checkpoint = fit_population_dask(
-        tmp_path, client=client, unbiased_moving_var=True, dtype=np.float64, block_samples=3
-    )
+    checkpoint = fit_population_dask(tmp_path, client=client, unbiased_moving_var=True, block_samples=3)
     np.testing.assert_allclose(checkpoint.moving_var, _reference(x, 1, ddof=1)[1], rtol=RTOL)
     assert checkpoint.unbiased_moving_var
 
@@ -135,8 +151,8 @@ def test_glob_and_explicit_list_select_the_same_shards(client: Any, tmp_path: Pa
     x = np.random.default_rng(3).normal(size=(30, 2))
     paths = _write_shards(tmp_path, x, [10, 20])
     np.save(tmp_path / "other.npy", np.full((5, 2), 1e6))  # not matched by the glob below
-    by_glob = fit_population_dask(str(tmp_path / "shard-*.npy"), client=client, dtype=np.float64)
-    by_list = fit_population_dask(paths, client=client, dtype=np.float64)
+    by_glob = fit_population_dask(str(tmp_path / "shard-*.npy"), client=client)
+    by_list = fit_population_dask(paths, client=client)
     np.testing.assert_allclose(by_glob.moving_mean, _reference(x, 1)[0], rtol=RTOL)
     np.testing.assert_array_equal(by_glob.moving_mean, by_list.moving_mean)
     np.testing.assert_array_equal(by_glob.moving_var, by_list.moving_var)
@@ -145,7 +161,7 @@ def test_glob_and_explicit_list_select_the_same_shards(client: Any, tmp_path: Pa
 def test_scheduler_address_connects_to_a_running_cluster(client: Any, tmp_path: Path) -> None:
     x = np.random.default_rng(4).normal(size=(12, 3))
     _write_shards(tmp_path, x, [5])
-    checkpoint = fit_population_dask(tmp_path, scheduler=client.scheduler.address, dtype=np.float64)
+    checkpoint = fit_population_dask(tmp_path, scheduler=client.scheduler.address)
     np.testing.assert_allclose(checkpoint.moving_var, _reference(x, 1)[1], rtol=RTOL)
 
 
@@ -181,11 +197,11 @@ class _KillFirstBlockTask(WorkerPlugin):
 def test_worker_killed_mid_fit_is_replaced_and_the_result_is_unchanged(client: Any, tmp_path: Path) -> None:
     x = np.random.default_rng(6).normal(5.0, 2.0, size=(64, 3, 2))
     _write_shards(tmp_path, x, [16, 32, 48])
-    expected = fit_population_dask(tmp_path, client=client, block_samples=4, dtype=np.float64)
+    expected = fit_population_dask(tmp_path, client=client, block_samples=4)
     marker = tmp_path / "killed"
     with _cluster() as cluster, distributed.Client(cluster, timeout=CLUSTER_TIMEOUT_S) as fragile:
         fragile.register_plugin(_KillFirstBlockTask(str(marker)))
-        survived = fit_population_dask(tmp_path, client=fragile, block_samples=4, dtype=np.float64)
+        survived = fit_population_dask(tmp_path, client=fragile, block_samples=4)
     assert marker.exists(), "no worker was killed; the test did not exercise a lost worker"
     # The merge tree's shape is fixed by block order, so rerunning lost tasks changes no bit.
     np.testing.assert_array_equal(survived.moving_mean, expected.moving_mean)
@@ -239,5 +255,5 @@ def test_bad_arguments_are_refused_before_any_work(client: Any, tmp_path: Path) 
 def test_without_a_scheduler_a_private_local_cluster_runs_the_fit(tmp_path: Path) -> None:
     x = np.random.default_rng(7).normal(size=(10, 2))
     _write_shards(tmp_path, x, [3])
-    checkpoint = fit_population_dask(tmp_path, dtype=np.float64)
+    checkpoint = fit_population_dask(tmp_path)
     np.testing.assert_allclose(checkpoint.moving_mean, _reference(x, 1)[0], rtol=RTOL)
