@@ -1,7 +1,102 @@
-"""`bn-serve`: placeholder until the service lands."""
+"""`bn-serve`: parse argv into `Settings` (flags over `BN_SERVE_*` variables), build the app, run uvicorn."""
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
 
-def main() -> int:
-    raise SystemExit("bn-serve: not yet available")
+import uvicorn
+from pydantic import ValidationError
+
+from bn_export import __version__
+from service.app import create_app
+from service.codec import describe
+from service.errors import ServiceError
+from service.runtime import resolve_providers
+from service.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bn-serve",
+        description="Serve frozen-statistics ONNX models with the KServe V2 / Open Inference Protocol. "
+        "Every option can also be set as an environment variable BN_SERVE_<OPTION>, e.g. BN_SERVE_PORT; "
+        "options given here win.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--model-repository", metavar="DIR", help="models laid out as DIR/<name>/<version>/model.onnx"
+    )
+    source.add_argument("--model", metavar="PATH", help="one .onnx file, served under the name of its stem")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8000)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto)")
+    parser.add_argument("--workers", type=int, help="server processes (default 1)")
+    parser.add_argument(
+        "--intra-op-threads", type=int, help="onnxruntime threads per run (default cores // workers)"
+    )
+    parser.add_argument(
+        "--inference-threads", type=int, help="runs in flight per process (default cores // workers)"
+    )
+    parser.add_argument(
+        "--max-request-bytes", type=int, help="largest request body accepted (default 64 MiB)"
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="accept NaN and infinities in inputs (default: refused with 400)",
+    )
+    parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server until SIGINT/SIGTERM (in-flight requests finish first); 2 for a configuration error."""
+    args = build_parser().parse_args(argv)
+    given: dict[str, Any] = {key: value for key, value in vars(args).items() if value is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        print(f"bn-serve: error: invalid settings: {describe(exc)}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": settings.graceful_shutdown_s,
+    }
+    try:
+        if settings.workers == 1:
+            uvicorn.run(create_app(settings), **common)
+        else:
+            # Worker processes build their own app from the environment, so the settings travel there.
+            resolve_providers(settings.device)  # refuse an unusable --device cuda before spawning workers
+            os.environ.update(_environment(settings))
+            uvicorn.run("service.app:app_from_environment", factory=True, workers=settings.workers, **common)
+    except ServiceError as exc:
+        print(f"bn-serve: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _environment(settings: Settings) -> dict[str, str]:
+    """`settings` as the `BN_SERVE_*` variables that rebuild them."""
+    prefix = settings.model_config.get("env_prefix", "")
+    return {
+        f"{prefix}{name.upper()}": str(value)
+        for name, value in settings.model_dump().items()
+        if value is not None
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The HTTP layer: `create_app(settings)` builds the FastAPI app whose routes only translate.
+
+request -> codec -> one call into `InferenceCore` (in a thread pool, off the event loop) -> codec -> response.
+Every error is a `ServiceError` mapped to a status by the one table `STATUS`; framework errors (unknown
+route, wrong method, request validation) are rewritten to the same V2 body `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+
+from bn_export import __version__
+from service import codec
+from service.errors import (
+    ConfigurationError,
+    InferenceFailed,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    PayloadTooLarge,
+    ServerNotReady,
+    ServiceError,
+    UnsupportedMediaType,
+)
+from service.inference import InferenceCore
+from service.protocol import ServerMetadata
+from service.repository import ModelRepository, ModelState
+from service.runtime import resolve_providers
+from service.settings import Settings
+
+log = logging.getLogger("bn_serve")
+
+SERVER_NAME = "frozen-bn"
+EXTENSIONS = ["binary_tensor_data"]
+HEADER_LENGTH = "inference-header-content-length"
+JSON = "application/json"
+OCTET_STREAM = "application/octet-stream"
+
+STATUS: dict[type[ServiceError], int] = {
+    InvalidInput: 400,
+    ModelNotFound: 404,
+    PayloadTooLarge: 413,
+    UnsupportedMediaType: 415,
+    InferenceFailed: 500,
+    ConfigurationError: 500,
+    ModelNotReady: 503,
+    ModelLoadError: 503,
+    ServerNotReady: 503,
+}
+
+T = TypeVar("T")
+
+
+def status_for(exc: ServiceError) -> int:
+    """The HTTP status of `exc`: the table entry of its nearest class (500 for one the table lacks)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def json_response(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(codec.dumps(content), status_code=status_code, media_type=JSON, headers=headers)
+
+
+def build_core(settings: Settings) -> InferenceCore:
+    """The core for `settings`: providers resolved (raises `ConfigurationError`), models found, not loaded."""
+    if settings.model_repository is not None:
+        repository = ModelRepository.scan(settings.model_repository)
+    elif settings.model is not None:
+        repository = ModelRepository.single(settings.model)
+    else:  # Settings already refuses this; kept so the type checker and a hand-built Settings agree
+        raise ConfigurationError("no model repository or model file given")
+    return InferenceCore(
+        repository,
+        providers=resolve_providers(settings.device),
+        intra_op_threads=settings.resolved_intra_op_threads(),
+        allow_non_finite=settings.allow_non_finite,
+        warmup=settings.warmup,
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The V2 REST app. Models load in the background once it starts; `/v2/health/ready` turns 200 after."""
+    core = build_core(settings)
+    executor = ThreadPoolExecutor(settings.resolved_inference_threads(), thread_name_prefix="bn-serve")
+
+    async def in_pool(function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Loading runs beside the server so that liveness answers while models load and warm up.
+        loading = asyncio.get_running_loop().run_in_executor(None, core.load_all)
+        try:
+            yield
+        finally:
+            await loading
+            executor.shutdown(wait=True)
+
+    app = FastAPI(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.core = core
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        status = status_for(exc)
+        if status >= 500:
+            log.error("%s %s: %s", request.method, request.url.path, exc)
+        return json_response({"error": str(exc)}, status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return json_response({"error": message}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        parts = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        return json_response({"error": "; ".join(parts)}, 400)
+
+    @app.get("/v2")
+    async def server_metadata() -> Response:
+        return json_response(
+            ServerMetadata(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS).model_dump()
+        )
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return json_response({"live": True})
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        if core.ready:
+            return json_response({"ready": True})
+        return json_response({"ready": False, "reason": "models are still loading"}, 503)
+
+    @app.get("/v2/models/{model_name}")
+    @app.get("/v2/models/{model_name}/versions/{model_version}")
+    async def model_metadata(model_name: str, model_version: str | None = None) -> Response:
+        return json_response(core.metadata(model_name, model_version).model_dump())
+
+    @app.get("/v2/models/{model_name}/ready")
+    @app.get("/v2/models/{model_name}/versions/{model_version}/ready")
+    async def model_ready(model_name: str, model_version: str | None = None) -> Response:
+        entry = core.model(model_name, model_version)
+        body: dict[str, Any] = {"name": entry.name, "version": str(entry.version)}
+        if entry.state is ModelState.READY:
+            return json_response({**body, "ready": True})
+        reason = entry.reason or "it is still loading"
+        return json_response({**body, "ready": False, "reason": reason}, 503)
+
+    @app.post("/v2/models/{model_name}/infer")
+    @app.post("/v2/models/{model_name}/versions/{model_version}/infer")
+    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
+        header_length = _framing(request)
+        body = await read_body(request, settings.max_request_bytes)
+
+        def handle() -> codec.EncodedResponse:
+            decoded, fmt = codec.decode_request(body, header_length)
+            return codec.encode_response(core.infer(model_name, model_version, decoded), fmt)
+
+        encoded = await in_pool(handle)
+        if encoded.header_length is None:
+            return Response(encoded.body, media_type=JSON)
+        headers = {"Inference-Header-Content-Length": str(encoded.header_length)}
+        return Response(encoded.body, media_type=OCTET_STREAM, headers=headers)
+
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app for settings read from `BN_SERVE_*` variables: uvicorn's factory when it spawns workers."""
+    return create_app(Settings())
+
+
+def _framing(request: Request) -> int | None:
+    """The JSON header's length for a binary-extension body, None for a JSON body; checks the media type.
+
+    Clients may omit Content-Type (Triton's does): the header-length header alone then marks a binary body.
+    """
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
+        )
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw_length = request.headers.get(HEADER_LENGTH)
+    if raw_length is None:
+        if media_type in ("", JSON):
+            return None
+        if media_type == OCTET_STREAM:
+            raise InvalidInput(f"a {OCTET_STREAM} body needs the Inference-Header-Content-Length header")
+        raise UnsupportedMediaType(
+            f"Content-Type {media_type!r} is not supported; send {JSON} or {OCTET_STREAM}"
+        )
+    if media_type not in ("", OCTET_STREAM):
+        raise UnsupportedMediaType(
+            f"Content-Type {media_type!r} with Inference-Header-Content-Length: "
+            f"a binary body is {OCTET_STREAM}"
+        )
+    if not raw_length.strip().isdigit():
+        raise InvalidInput(
+            f"Inference-Header-Content-Length must be a non-negative integer, got {raw_length!r}"
+        )
+    return int(raw_length)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with `PayloadTooLarge` beyond `limit` bytes: by Content-Length before reading
+    anything, and while streaming for bodies without one (chunked) or that lie about it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise InvalidInput(f"Content-Length must be a non-negative integer, got {declared!r}")
+        if int(declared) > limit:
+            raise PayloadTooLarge(
+                f"the body has {int(declared)} bytes, the limit is {limit} (max_request_bytes)"
+            )
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes (max_request_bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,228 @@
+"""Wire <-> numpy: V2 JSON bodies and Triton's binary tensor extension, with no HTTP in it.
+
+A binary request is `JSON header || tensor bytes`: the `Inference-Header-Content-Length` header gives the
+JSON header's length, and each input sent in binary carries `parameters.binary_data_size`; their raw
+little-endian row-major bytes follow the header in the order of `inputs`. Responses mirror it: outputs asked
+for in binary (`outputs[i].parameters.binary_data`, defaulting to the request's `binary_data_output`) carry
+`parameters.binary_data_size` and their bytes follow the JSON header.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+from numpy.typing import NDArray
+from pydantic import ValidationError
+
+from service.datatypes import convert_lossless, numpy_dtype, v2_datatype
+from service.errors import InvalidInput
+from service.inference import InferRequest, InferResponse
+from service.protocol import InferenceRequest, RequestInput
+
+# The JSON element kinds each V2 datatype accepts: numbers for floats, integers for integer types, booleans
+# for BOOL. Anything else (strings, null, ragged nesting -> object arrays) is a client mistake.
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    """How the client asked for outputs: by name in `binary` or `json_only`, else `binary_default`."""
+
+    binary: frozenset[str] = frozenset()
+    json_only: frozenset[str] = frozenset()
+    binary_default: bool = False
+
+    def is_binary(self, name: str) -> bool:
+        return name in self.binary or (self.binary_default and name not in self.json_only)
+
+
+@dataclass(frozen=True)
+class EncodedResponse:
+    """A response body; `header_length` is set when binary outputs follow the JSON header."""
+
+    body: bytes
+    header_length: int | None
+
+
+def dumps(value: Any) -> bytes:
+    """JSON bytes of `value` (numpy arrays serialized natively; NaN and infinities become null)."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> tuple[InferRequest, ResponseFormat]:
+    """Parse an infer body: all JSON when `header_length` is None, else a binary-extension body.
+
+    Returns the core's request (each input in its stated datatype and shape) and the requested output format.
+    """
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        if not 0 <= header_length <= len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes"
+            )
+        header, binary = body[:header_length], body[header_length:]
+    request = _parse_header(header)
+    inputs = _decode_inputs(request.inputs, memoryview(binary))
+    return _to_core(request, inputs)
+
+
+def _parse_header(header: bytes) -> InferenceRequest:
+    try:
+        document = orjson.loads(header)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput(f"request body must be a JSON object, got {type(document).__name__}")
+    try:
+        return InferenceRequest.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidInput(f"request does not follow the V2 inference schema: {describe(exc)}") from None
+
+
+def describe(exc: ValidationError) -> str:
+    """A one-line account of pydantic's errors: `inputs.0.shape: Input should be a valid list; ...`."""
+    parts = []
+    for error in exc.errors(include_url=False, include_input=False):
+        location = ".".join(str(part) for part in error["loc"]) or "body"
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _decode_inputs(inputs: list[RequestInput], binary: memoryview) -> list[tuple[str, NDArray[Any]]]:
+    decoded = []
+    offset = 0
+    for tensor in inputs:
+        if any(d < 0 for d in tensor.shape):
+            raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} has a negative dimension")
+        dtype = numpy_dtype(tensor.datatype)
+        size = _binary_size(tensor)
+        if size is None:
+            array = _array_from_json(tensor, dtype)
+        else:
+            if tensor.data is not None:
+                raise InvalidInput(f"input {tensor.name!r} has both data and binary_data_size; send one")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"input {tensor.name!r}: binary_data_size {size} runs past the body's binary part "
+                    f"({len(binary) - offset} bytes left)"
+                )
+            array = _array_from_bytes(tensor, dtype, binary[offset : offset + size])
+            offset += size
+        decoded.append((tensor.name, array))
+    if offset != len(binary):
+        raise InvalidInput(
+            f"the body has {len(binary) - offset} bytes after the tensors that binary_data_size accounts for"
+        )
+    return decoded
+
+
+def _binary_size(tensor: RequestInput) -> int | None:
+    value = (tensor.parameters or {}).get("binary_data_size")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidInput(f"input {tensor.name!r}: binary_data_size must be a non-negative integer")
+    return value
+
+
+def _array_from_bytes(tensor: RequestInput, dtype: np.dtype[Any], raw: memoryview) -> NDArray[Any]:
+    count = math.prod(tensor.shape)
+    if len(raw) != count * dtype.itemsize:
+        raise InvalidInput(
+            f"input {tensor.name!r}: shape {tensor.shape} of {tensor.datatype} needs "
+            f"{count * dtype.itemsize} bytes, binary_data_size is {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(tensor.shape)
+
+
+def _array_from_json(tensor: RequestInput, dtype: np.dtype[Any]) -> NDArray[Any]:
+    if tensor.data is None:
+        raise InvalidInput(f"input {tensor.name!r} has neither data nor parameters.binary_data_size")
+    try:
+        array = np.asarray(tensor.data)
+    except ValueError:
+        raise InvalidInput(
+            f"input {tensor.name!r}: data is ragged; send a flat list or lists nested as shape {tensor.shape}"
+        ) from None
+    if array.size == 0:
+        array = array.astype(dtype)
+    elif array.dtype.kind not in _JSON_KINDS[dtype.kind]:
+        expected = {"b": "booleans", "i": "integers", "u": "integers", "f": "numbers"}[dtype.kind]
+        raise InvalidInput(f"input {tensor.name!r}: {tensor.datatype} data must be {expected}")
+    elif dtype.kind == "f":
+        # A decimal stated as FP32 is meant to be rounded to FP32; out-of-range values become inf and are
+        # refused (or kept) by the non-finite policy downstream.
+        with np.errstate(over="ignore"):
+            array = array.astype(dtype)
+    else:
+        array = convert_lossless(array, dtype, name=tensor.name)
+    count = math.prod(tensor.shape)
+    if array.shape != tuple(tensor.shape):
+        if array.ndim != 1 or array.size != count:
+            raise InvalidInput(
+                f"input {tensor.name!r}: shape {tensor.shape} holds {count} elements but data has "
+                f"{array.size} (as {list(array.shape)}); send them flat or nested as the shape"
+            )
+        array = array.reshape(tensor.shape)
+    return array
+
+
+def _to_core(
+    request: InferenceRequest, inputs: list[tuple[str, NDArray[Any]]]
+) -> tuple[InferRequest, ResponseFormat]:
+    default = _flag((request.parameters or {}).get("binary_data_output"), "binary_data_output")
+    binary: set[str] = set()
+    json_only: set[str] = set()
+    names = None
+    if request.outputs is not None:
+        names = [output.name for output in request.outputs]
+        for output in request.outputs:
+            flag = (output.parameters or {}).get("binary_data")
+            if flag is not None:
+                (binary if _flag(flag, f"output {output.name!r} binary_data") else json_only).add(output.name)
+    core = InferRequest(id=request.id, inputs=inputs, outputs=names)
+    return core, ResponseFormat(
+        binary=frozenset(binary), binary_default=default, json_only=frozenset(json_only)
+    )
+
+
+def _flag(value: Any, what: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidInput(f"parameter {what} must be true or false, got {value!r}")
+    return value
+
+
+def encode_response(response: InferResponse, fmt: ResponseFormat) -> EncodedResponse:
+    """The V2 response body: JSON, with binary outputs' bytes after the header when any were asked for."""
+    outputs = []
+    chunks = []
+    for name, array in response.outputs:
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": v2_datatype(array.dtype),
+            "shape": list(array.shape),
+        }
+        if fmt.is_binary(name):
+            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            flat = np.ascontiguousarray(array).reshape(-1)
+            # orjson serializes no float16; float32 holds every float16 exactly.
+            entry["data"] = flat.astype(np.float32) if flat.dtype == np.float16 else flat
+        outputs.append(entry)
+    document: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id is not None:
+        document["id"] = response.id
+    document["outputs"] = outputs
+    header = dumps(document)
+    if not chunks:
+        return EncodedResponse(body=header, header_length=None)
+    return EncodedResponse(body=b"".join([header, *chunks]), header_length=len(header))

@@ -1,0 +1,233 @@
+"""The transport-free core: load, verify and warm up every model, then validate and run requests.
+
+The HTTP layer calls one method per request; nothing here knows about HTTP, JSON or threads of the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.datatypes import convert_lossless, numpy_dtype
+from service.errors import InferenceFailed, InvalidInput, ModelLoadError, ModelNotReady, ServiceError
+from service.protocol import MetadataTensor, ModelMetadata
+from service.repository import ModelRepository, ModelState, ModelVersion
+from service.runtime import Session, TensorSpec, is_invalid_argument
+from service.verification import verify_frozen
+
+log = logging.getLogger("bn_serve")
+
+PLATFORM = "onnxruntime_onnx"
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded request: each input in the datatype and shape the client stated, in the order sent.
+
+    `outputs` names the outputs asked for, in order; None asks for every output of the model.
+    """
+
+    id: str | None
+    inputs: list[tuple[str, NDArray[Any]]]
+    outputs: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str | None
+    outputs: list[tuple[str, NDArray[Any]]]
+
+
+class InferenceCore:
+    """Serves the models of `repository` on `providers`.
+
+    Loading (`load_all`) verifies each graph's frozen statistics, then warms it up with one run; a model that
+    fails any step is marked UNAVAILABLE with the reason and the others carry on. The server is ready once
+    every model has finished loading, whatever the outcome.
+    """
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        *,
+        providers: Sequence[str],
+        intra_op_threads: int,
+        allow_non_finite: bool = False,
+        warmup: bool = True,
+    ) -> None:
+        self.repository = repository
+        self.providers = list(providers)
+        self.intra_op_threads = intra_op_threads
+        self.allow_non_finite = allow_non_finite
+        self.warmup = warmup
+        self._loaded = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        """Whether every model has been loaded, verified and warmed up (or refused with its reason)."""
+        return self._loaded.is_set()
+
+    def load_all(self) -> None:
+        """Load every model version; never raises for a single model's failure."""
+        for entry in self.repository:
+            self.load(entry)
+        self._loaded.set()
+
+    def load(self, entry: ModelVersion) -> None:
+        """Load, verify and warm up one model version, recording READY or UNAVAILABLE with the reason."""
+        started = time.perf_counter()
+        entry.state, entry.reason = ModelState.LOADING, None
+        try:
+            if not entry.path.is_file():
+                raise ModelLoadError(f"{entry.path} does not exist")
+            session = Session(entry.path, self.providers, self.intra_op_threads)
+            entry.session = session
+            entry.verification = verify_frozen(entry.path, session.providers)
+            if self.warmup:
+                _warm_up(session)
+        except ServiceError as exc:
+            entry.state, entry.reason = ModelState.UNAVAILABLE, str(exc)
+            log.error("model %s version %d is not ready: %s", entry.name, entry.version, exc)
+            return
+        except Exception as exc:  # a fault in a checker or runtime must not take the other models down
+            entry.state, entry.reason = ModelState.UNAVAILABLE, f"unexpected error while loading: {exc!r}"
+            log.exception("model %s version %d is not ready", entry.name, entry.version)
+            return
+        entry.state = ModelState.READY
+        log.info(
+            "model %s version %d ready in %.2fs on %s",
+            entry.name,
+            entry.version,
+            time.perf_counter() - started,
+            ", ".join(session.providers),
+        )
+
+    def metadata(self, name: str, version: str | None = None) -> ModelMetadata:
+        """The V2 model metadata; `parameters` carries state, reason, providers and the verification."""
+        entry = self.repository.get(name, version)
+        session = entry.session
+        parameters: dict[str, Any] = {
+            "version": str(entry.version),
+            "state": entry.state.value,
+            "reason": entry.reason,
+            "providers": session.providers if session else self.providers,
+            "intra_op_threads": self.intra_op_threads,
+            "frozen_statistics_verified": entry.verification is not None,
+        }
+        if entry.verification is not None:
+            parameters["verification"] = entry.verification
+
+        def tensors(specs: list[TensorSpec]) -> list[MetadataTensor]:
+            return [MetadataTensor(name=s.name, datatype=s.datatype, shape=s.metadata_shape()) for s in specs]
+
+        return ModelMetadata(
+            name=entry.name,
+            versions=[str(v) for v in self.repository.versions(name)],
+            platform=PLATFORM,
+            inputs=tensors(session.inputs) if session else [],
+            outputs=tensors(session.outputs) if session else [],
+            parameters=parameters,
+        )
+
+    def model(self, name: str, version: str | None = None) -> ModelVersion:
+        """The model version addressed (raises `ModelNotFound`), whatever its state."""
+        return self.repository.get(name, version)
+
+    def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
+        """Validate `request` against the model's inputs, convert losslessly, run it; blocking.
+
+        Raises `InvalidInput` for anything the client can fix, `ModelNotReady` (with the load's reason),
+        `ModelNotFound`, and `InferenceFailed` only for a runtime fault on a valid request.
+        """
+        entry = self.repository.get(name, version)
+        session = entry.session
+        if entry.state is not ModelState.READY or session is None:
+            detail = entry.reason or "it is still loading"
+            raise ModelNotReady(f"model {entry.name!r} version {entry.version} is not ready: {detail}")
+        feeds = self._feeds(session, request.inputs)
+        output_names = self._output_names(session, request.outputs)
+        try:
+            results = session.run(output_names, feeds)
+        except Exception as exc:  # onnxruntime's own exception types; classified below
+            if is_invalid_argument(exc):
+                raise InvalidInput(f"the model rejected the inputs: {exc}") from None
+            raise InferenceFailed(f"model {entry.name!r} failed to run: {exc}") from None
+        return InferResponse(
+            model_name=entry.name,
+            model_version=str(entry.version),
+            id=request.id,
+            outputs=list(zip(output_names, results, strict=True)),
+        )
+
+    def _feeds(self, session: Session, inputs: list[tuple[str, NDArray[Any]]]) -> dict[str, NDArray[Any]]:
+        specs = {spec.name: spec for spec in session.inputs}
+        feeds: dict[str, NDArray[Any]] = {}
+        for name, array in inputs:
+            if name in feeds:
+                raise InvalidInput(f"input {name!r} appears more than once")
+            spec = specs.get(name)
+            if spec is None:
+                raise InvalidInput(f"unknown input {name!r}; the model's inputs are {', '.join(specs)}")
+            feeds[name] = self._validate(spec, array)
+        missing = [name for name in specs if name not in feeds]
+        if missing:
+            raise InvalidInput(f"missing input(s) {', '.join(missing)}; the model needs {', '.join(specs)}")
+        return feeds
+
+    def _validate(self, spec: TensorSpec, array: NDArray[Any]) -> NDArray[Any]:
+        expected = spec.metadata_shape()
+        if array.ndim != len(spec.shape):
+            raise InvalidInput(
+                f"input {spec.name!r} has shape {list(array.shape)}, "
+                f"expected rank {len(spec.shape)} {expected}"
+            )
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+            if want is not None and got != want:
+                what = "channels" if axis == 1 else "elements"
+                raise InvalidInput(
+                    f"input {spec.name!r} has {got} {what} on axis {axis}, the model expects {want} "
+                    f"(shape {expected}, -1 is any)"
+                )
+        array = convert_lossless(array, numpy_dtype(spec.datatype), name=spec.name)
+        if not self.allow_non_finite and array.dtype.kind == "f":
+            finite = np.isfinite(array)
+            if not finite.all():
+                index = [int(i) for i in np.argwhere(~finite)[0]]
+                raise InvalidInput(
+                    f"input {spec.name!r} holds {array[tuple(index)].item()} at index {index}; non-finite "
+                    "values are refused (the server's allow_non_finite setting accepts them)"
+                )
+        return array
+
+    @staticmethod
+    def _output_names(session: Session, requested: list[str] | None) -> list[str]:
+        available = [spec.name for spec in session.outputs]
+        if requested is None:
+            return available
+        for name in requested:
+            if name not in available:
+                raise InvalidInput(f"unknown output {name!r}; the model's outputs are {', '.join(available)}")
+        if len(set(requested)) != len(requested):
+            raise InvalidInput("an output is requested more than once")
+        return requested
+
+
+def _warm_up(session: Session) -> None:
+    """One run on zeros, every dynamic dimension 1, so the first request does not pay for allocation."""
+    feeds = {
+        spec.name: np.zeros([1 if d is None else d for d in spec.shape], dtype=numpy_dtype(spec.datatype))
+        for spec in session.inputs
+    }
+    try:
+        session.run([spec.name for spec in session.outputs], feeds)
+    except Exception as exc:  # onnxruntime's own exception types
+        raise ModelLoadError(f"the warm-up run failed: {exc}") from None

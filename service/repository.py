@@ -1,0 +1,119 @@
+"""Models on disk: a Triton-style repository `DIR/<name>/<version>/model.onnx`, or one file, and their state.
+
+Names and versions come from directory names and from URLs, so both are validated: a name is 1-128 of
+`[A-Za-z0-9_.-]` starting with a letter or digit (so never `.`, `..` or a path), a version is a decimal
+integer without leading zeros. Lookups go through a dict built from the disk scan, never through a path
+built from the request.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigurationError, ModelNotFound
+from service.runtime import Session
+
+log = logging.getLogger("bn_serve")
+
+MODEL_FILE = "model.onnx"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_VERSION = re.compile(r"0|[1-9][0-9]{0,17}")
+
+
+def is_valid_name(name: str) -> bool:
+    return _NAME.fullmatch(name) is not None
+
+
+def parse_version(text: str) -> int | None:
+    """The version number in `text`, or None when it is not a canonical decimal integer."""
+    return int(text) if _VERSION.fullmatch(text) else None
+
+
+class ModelState(str, enum.Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass
+class ModelVersion:
+    """One version of one model and what its load made of it; mutated only by the loader."""
+
+    name: str
+    version: int
+    path: Path
+    state: ModelState = ModelState.LOADING
+    reason: str | None = None
+    session: Session | None = None
+    verification: dict[str, Any] | None = field(default=None, repr=False)
+
+
+class ModelRepository:
+    """Every version of every model, looked up by name and optional version (default: the highest)."""
+
+    def __init__(self, versions: list[ModelVersion]) -> None:
+        self._models: dict[str, dict[int, ModelVersion]] = {}
+        for entry in versions:
+            self._models.setdefault(entry.name, {})[entry.version] = entry
+
+    @classmethod
+    def scan(cls, root: Path) -> ModelRepository:
+        """The models under `root`; entries with invalid names or versions are skipped with a warning."""
+        if not root.is_dir():
+            raise ConfigurationError(f"model repository {root} is not a directory")
+        versions = []
+        for model_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            if not is_valid_name(model_dir.name):
+                log.warning("skipping %s: not a valid model name", model_dir)
+                continue
+            for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+                number = parse_version(version_dir.name)
+                if number is None:
+                    log.warning("skipping %s: version directories are named by integers", version_dir)
+                    continue
+                versions.append(ModelVersion(model_dir.name, number, version_dir / MODEL_FILE))
+        if not versions:
+            raise ConfigurationError(f"model repository {root} holds no <name>/<version>/ directories")
+        return cls(versions)
+
+    @classmethod
+    def single(cls, path: Path) -> ModelRepository:
+        """One model file served as version 1 under the name of its stem."""
+        if not path.is_file():
+            raise ConfigurationError(f"model file {path} does not exist")
+        if not is_valid_name(path.stem):
+            raise ConfigurationError(f"model file name {path.name!r}: its stem must match {_NAME.pattern}")
+        return cls([ModelVersion(path.stem, 1, path)])
+
+    def __iter__(self) -> Iterator[ModelVersion]:
+        for versions in self._models.values():
+            yield from versions.values()
+
+    def versions(self, name: str) -> list[int]:
+        """The version numbers of model `name`, ascending; raises `ModelNotFound`."""
+        return sorted(self._versions_of(name))
+
+    def get(self, name: str, version: str | None = None) -> ModelVersion:
+        """Model `name` at `version` (a URL segment), or its highest version; raises `ModelNotFound`."""
+        versions = self._versions_of(name)
+        if version is None:
+            return versions[max(versions)]
+        number = parse_version(version)
+        if number is None or number not in versions:
+            known = ", ".join(map(str, sorted(versions)))
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; versions: {known}")
+        return versions[number]
+
+    def _versions_of(self, name: str) -> dict[int, ModelVersion]:
+        try:
+            return self._models[name]
+        except KeyError:
+            raise ModelNotFound(
+                f"no model named {name!r}; models: {', '.join(sorted(self._models))}"
+            ) from None

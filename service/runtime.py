@@ -1,0 +1,118 @@
+"""onnxruntime: choosing execution providers and running sessions. The only module that imports it."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from numpy.typing import NDArray
+from onnx import TensorProto, helper
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+from service.datatypes import datatype_from_ort
+from service.errors import ConfigurationError, ModelLoadError
+from service.settings import Device
+
+log = logging.getLogger("bn_serve")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def _probe_model() -> bytes:
+    """A one-node graph (`y = x + x`, float32) whose session proves that a provider really runs."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)], ir_version=8)
+    return bytes(model.SerializeToString())
+
+
+def cuda_usable() -> tuple[bool, str]:
+    """Whether CUDA works here: the provider is installed AND a session on it runs; else why not.
+
+    onnxruntime falls back to the CPU silently when the CUDA libraries or device are missing, so the probe
+    checks the providers the session actually got, then runs it.
+    """
+    if CUDA not in ort.get_available_providers():
+        return False, f"this onnxruntime has no {CUDA} (install the 'gpu' extra: onnxruntime-gpu)"
+    try:
+        session = ort.InferenceSession(_probe_model(), providers=[CUDA, CPU])
+        if CUDA not in session.get_providers():
+            return False, f"{CUDA} is installed but no CUDA device or library could be initialised"
+        session.run(None, {"x": np.ones(1, dtype=np.float32)})
+    except Exception as exc:  # any failure of the probe means the same thing: CUDA is not usable
+        return False, f"a session on {CUDA} failed: {exc}"
+    return True, "ok"
+
+
+def resolve_providers(device: Device) -> list[str]:
+    """Execution providers for `device`: `auto` takes CUDA when usable, else the CPU with a warning;
+    `cuda` raises `ConfigurationError` when CUDA is not usable; `cpu` is the CPU only."""
+    if device == "cpu":
+        providers = [CPU]
+    else:
+        usable, reason = cuda_usable()
+        if usable:
+            providers = [CUDA, CPU]
+        elif device == "cuda":
+            raise ConfigurationError(f"--device cuda was requested but CUDA is not usable: {reason}")
+        else:
+            log.warning("device auto: serving on the CPU because CUDA is not usable: %s", reason)
+            providers = [CPU]
+    log.info("execution providers: %s", ", ".join(providers))
+    return providers
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: V2 datatype, and shape with None for each dynamic dimension."""
+
+    name: str
+    datatype: str
+    shape: tuple[int | None, ...]
+
+    def metadata_shape(self) -> list[int]:
+        return [-1 if d is None else d for d in self.shape]
+
+
+class Session:
+    """One loaded ONNX model on onnxruntime. `run` is thread-safe and releases the GIL."""
+
+    def __init__(self, path: Path, providers: Sequence[str], intra_op_threads: int) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        # Inter-op parallelism does nothing for these single-chain graphs and would add threads.
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
+        self.providers: list[str] = list(self._session.get_providers())
+        self.inputs = [_spec(node) for node in self._session.get_inputs()]
+        self.outputs = [_spec(node) for node in self._session.get_outputs()]
+
+    def run(self, output_names: Sequence[str], feeds: Mapping[str, NDArray[Any]]) -> list[NDArray[Any]]:
+        """The named outputs for `feeds` (already validated against `inputs`)."""
+        results = self._session.run(list(output_names), dict(feeds))
+        return [np.asarray(r) for r in results]
+
+
+def _spec(node: Any) -> TensorSpec:
+    try:
+        datatype = datatype_from_ort(node.type)
+    except ValueError as exc:
+        raise ModelLoadError(f"tensor {node.name!r}: {exc}") from None
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in node.shape)
+    return TensorSpec(name=node.name, datatype=datatype, shape=shape)
+
+
+def is_invalid_argument(exc: BaseException) -> bool:
+    """Whether onnxruntime refused a run's inputs (the caller's mistake) rather than failing itself."""
+    return isinstance(exc, InvalidArgument)

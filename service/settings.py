@@ -1,0 +1,61 @@
+"""Server settings: every field from the command line or from `BN_SERVE_<FIELD>` environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask where the platform has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """How `bn-serve` runs. Exactly one of `model_repository` and `model` is required.
+
+    `model_repository` is laid out as Triton's, `DIR/<name>/<version>/model.onnx` with integer versions;
+    `model` serves one file under the name of its stem, as version 1.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BN_SERVE_", extra="forbid", frozen=True)
+
+    model_repository: Path | None = None
+    model: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    device: Device = "auto"
+    workers: int = Field(default=1, ge=1)
+    intra_op_threads: int | None = Field(
+        default=None, ge=1, description="onnxruntime threads per run; default cores // workers, at least 1"
+    )
+    inference_threads: int | None = Field(
+        default=None, ge=1, description="runs in flight per process; default cores // workers, at least 1"
+    )
+    max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    allow_non_finite: bool = False
+    warmup: bool = True
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    graceful_shutdown_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_model_source(self) -> Settings:
+        if (self.model_repository is None) == (self.model is None):
+            raise ValueError("give exactly one of model_repository (a directory) and model (one .onnx file)")
+        return self
+
+    def resolved_intra_op_threads(self) -> int:
+        """onnxruntime's intra-op threads: as set, or the cores shared out between workers (>= 1)."""
+        return self.intra_op_threads or max(1, available_cores() // self.workers)
+
+    def resolved_inference_threads(self) -> int:
+        """Size of the pool that runs inference off the event loop: as set, or cores // workers (>= 1)."""
+        return self.inference_threads or max(1, available_cores() // self.workers)
