@@ -34,7 +34,7 @@ from numpy.typing import NDArray
 from bn_export import __version__
 from bn_export.checkpoint import Checkpoint
 from bn_export.data import Dataset, open_dataset
-from bn_export.errors import DataError, InvalidInputError
+from bn_export.errors import DataError, InvalidInputError, MissingDependencyError
 from bn_export.layer import BatchNorm, normalize_axis
 from bn_export.moments import Moments, merge_all
 
@@ -268,7 +268,7 @@ def _connect(scheduler: str | None, client: Client | None) -> Iterator[Client]:
     try:
         from distributed import Client
     except ImportError as exc:
-        raise InvalidInputError(
+        raise MissingDependencyError(
             "the dask engine needs dask[distributed]: pip install 'frozen-bn[dask]'"
         ) from exc
     if scheduler is not None:

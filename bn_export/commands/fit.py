@@ -9,6 +9,7 @@ from typing import Any
 
 from bn_export.checkpoint import save_checkpoint
 from bn_export.data import open_dataset
+from bn_export.distributed import fit_population_dask
 from bn_export.errors import InvalidInputError
 from bn_export.fit import DEFAULT_LR, fit
 from bn_export.head import LOSSES, OPTIMIZERS
@@ -62,6 +63,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--loss", choices=LOSSES, default="cross-entropy", help="the head's loss")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default {DEFAULT_LR})")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="the head's optimizer")
+    parser.add_argument(
+        "--engine",
+        choices=("local", "dask"),
+        default="local",
+        help="local: this process (default); dask: population statistics over a directory or glob of .npy "
+        "shards on a Dask cluster (needs frozen-bn[dask] and --stats population)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --engine dask: the scheduler to use (tcp://host:8786); default: a local cluster",
+    )
     parser.set_defaults(handler=run)
 
 
@@ -69,6 +82,10 @@ def run(args: argparse.Namespace) -> int:
     """Fit, then write the checkpoint (only once the fit succeeded) and print a short summary."""
     if (args.targets is None) != (args.head is None):
         raise InvalidInputError("--targets and --head go together: give both to train a head, or neither")
+    if args.engine == "dask":
+        return _run_dask(args)
+    if args.scheduler is not None:
+        raise InvalidInputError("--scheduler is for --engine dask")
     dataset = open_dataset(args.data)
     started = time.perf_counter()
     checkpoint = fit(
@@ -107,5 +124,34 @@ def run(args: argparse.Namespace) -> int:
             head += f", accuracy {extras['train_accuracy']:.2%}"
         lines.append(head)
     lines.append(f"wrote {path}")
+    print("\n".join(lines), file=sys.stdout)
+    return 0
+
+
+def _run_dask(args: argparse.Namespace) -> int:
+    """`--engine dask`: population statistics of `.npy` shards on a Dask cluster, written on success only."""
+    if args.stats != "population" or args.head is not None:
+        raise InvalidInputError(
+            "--engine dask fits population statistics only: use --stats population, no --head"
+        )
+    started = time.perf_counter()
+    checkpoint = fit_population_dask(
+        args.data,
+        axis=args.axis,
+        scheduler=args.scheduler,
+        eps=args.eps,
+        unbiased_moving_var=args.unbiased_moving_var,
+    )
+    elapsed = time.perf_counter() - started
+    path = save_checkpoint(checkpoint, args.out)
+    extras = checkpoint.extras
+    throughput = extras["bytes_read"] / elapsed / 1e9 if elapsed > 0 else float("inf")
+    lines = [
+        f"fitted {checkpoint.samples_seen} samples of shape {checkpoint.sample_shape} from "
+        f"{extras['shards']} shard(s), {checkpoint.num_channels} channels on axis {checkpoint.axis}",
+        f"statistics: population on dask; {extras['partitions']} block(s) of up to {extras['block_samples']}",
+        f"time: {elapsed:.2f} s, {throughput:.2f} GB/s over {extras['bytes_read'] / 1e9:.3f} GB read",
+        f"wrote {path}",
+    ]
     print("\n".join(lines), file=sys.stdout)
     return 0

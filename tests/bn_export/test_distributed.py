@@ -23,6 +23,7 @@ distributed = pytest.importorskip("distributed")
 from distributed import WorkerPlugin  # noqa: E402
 
 from bn_export.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from bn_export.cli import main  # noqa: E402
 from bn_export.data import open_dataset  # noqa: E402
 from bn_export.distributed import Block, fit_population_dask, local_cluster, reduce_block  # noqa: E402
 from bn_export.errors import DataError, InvalidInputError  # noqa: E402
@@ -257,3 +258,44 @@ def test_without_a_scheduler_a_private_local_cluster_runs_the_fit(tmp_path: Path
     _write_shards(tmp_path, x, [3])
     checkpoint = fit_population_dask(tmp_path)
     np.testing.assert_allclose(checkpoint.moving_mean, _reference(x, 1)[0], rtol=RTOL)
+
+
+def test_cli_dask_engine_writes_the_population_checkpoint(
+    client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x = np.random.default_rng(9).normal(size=(24, 3, 2))
+    _write_shards(tmp_path, x, [10])
+    out = tmp_path / "ckpt.npz"
+    address = client.scheduler.address
+    argv = ["fit", str(tmp_path), "--engine", "dask", "--scheduler", address, "--stats", "population"]
+    assert main([*argv, "--out", str(out)]) == 0
+    checkpoint = load_checkpoint(out)
+    np.testing.assert_allclose(checkpoint.moving_var, _reference(x, 1)[1], rtol=RTOL)
+    assert checkpoint.extras["engine"] == "dask"
+    assert "population on dask" in capsys.readouterr().out
+
+
+def test_cli_dask_engine_writes_no_checkpoint_when_a_shard_is_bad(
+    client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((4, 3)))
+    np.save(tmp_path / "b.npy", np.zeros((4, 2)))
+    out = tmp_path / "out" / "ckpt.npz"
+    address = client.scheduler.address
+    argv = ["fit", str(tmp_path), "--engine", "dask", "--scheduler", address, "--stats", "population"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "b.npy" in capsys.readouterr().err
+    assert not out.exists()
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_cli_dask_engine_refuses_what_it_cannot_fit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((4, 3)))
+    out = tmp_path / "ckpt.npz"
+    assert main(["fit", str(tmp_path), "--engine", "dask", "--out", str(out)]) == 2  # --stats ema
+    assert "--stats population" in capsys.readouterr().err
+    assert main(["fit", str(tmp_path), "--scheduler", "tcp://127.0.0.1:1", "--out", str(out)]) == 2
+    assert "--engine dask" in capsys.readouterr().err
+    assert not out.exists()
