@@ -142,8 +142,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint written by `save_checkpoint`; raises `CheckpointError` saying what is wrong."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+        # Our own handle: np.load leaks the file it opened when the archive turns out to be corrupt.
+        with path.open("rb") as handle:
+            loaded = np.load(handle, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array, not an archive
+                raise CheckpointError(f"{path}: not a checkpoint: a single array, expected an .npz archive")
+            with loaded as archive:
+                arrays = {name: archive[name] for name in archive.files}
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path}: no such checkpoint file") from exc
     except IsADirectoryError as exc:
