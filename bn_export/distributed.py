@@ -96,7 +96,7 @@ def fit_population_dask(
         raise InvalidInputError("pass either a scheduler address or a connected client, not both")
 
     paths = list_shards(source)
-    # Opening memory-maps each shard: the driver reads headers, never samples (the fingerprint aside).
+    # Opening memory-maps each shard: the driver reads the headers, and only the fingerprint's samples.
     shards = {path: open_dataset(path) for path in paths}
     sample_shape, channel, data_dtype = _common_layout(shards, axis)
     channels = sample_shape[channel - 1]
@@ -115,12 +115,13 @@ def fit_population_dask(
     if block_samples is None:
         block_samples = max(1, DEFAULT_BLOCK_BYTES // (max(1, math.prod(sample_shape)) * 8))
     blocks = plan_blocks({path: shard.num_samples for path, shard in shards.items()}, block_samples)
-    fingerprint = Dataset(Path(str(source)), [_Shard(s) for s in shards.values()]).fingerprint()
-
     with _connect(scheduler, client) as dask_client:
         graph = moments_graph(blocks, axis=channel, sample_shape=sample_shape, split_every=split_every)
         future = dask_client.compute(graph, retries=retries)  # type: ignore[no-untyped-call]
         try:
+            # The same fingerprint as the single-machine fit (bounded reads, see bn_export.data), taken
+            # while the workers reduce the blocks.
+            fingerprint = Dataset(Path(str(source)), [_Shard(s) for s in shards.values()]).fingerprint()
             moments: Moments = future.result()
         finally:
             future.release()
