@@ -386,13 +386,15 @@ def load_targets(spec: str | os.PathLike[str], num_samples: int) -> NDArray[Any]
     return targets
 
 
-def describe_nonfinite(batch: Batch) -> str:
-    """Name the first sample of `batch` holding NaN or Inf (called once a statistic came out non-finite)."""
+def describe_nonfinite(batch: Batch, path: os.PathLike[str] | str) -> str:
+    """Name the file and first sample of `batch` holding NaN or Inf (once a statistic came out non-finite)."""
     flat = np.asarray(batch.data).reshape(len(batch.indices), -1)
     bad = ~np.isfinite(flat).all(axis=1)
     if bad.any():
-        return f"sample {int(batch.indices[int(np.argmax(bad))])} in {batch.describe()} holds NaN or Inf"
-    return f"{batch.describe()} overflows the floating-point range"
+        return (
+            f"{path}: sample {int(batch.indices[int(np.argmax(bad))])} in {batch.describe()} holds NaN or Inf"
+        )
+    return f"{path}: {batch.describe()} overflows the floating-point range"
 
 
 __all__ = ["Batch", "Dataset", "describe_nonfinite", "load_targets", "open_dataset"]

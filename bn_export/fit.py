@@ -28,6 +28,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -89,12 +90,12 @@ class _Recorder:
         )
 
 
-def _moments(batch: Batch, axis: int) -> Moments:
+def _moments(batch: Batch, axis: int, path: Path) -> Moments:
     """`Moments.from_batch`, with a NaN/Inf turned into a `DataError` that names the sample."""
     try:
         return Moments.from_batch(batch.data, axis)
     except InvalidInputError as exc:
-        raise DataError(f"{describe_nonfinite(batch)}: {exc}") from exc
+        raise DataError(f"{describe_nonfinite(batch, path)}: {exc}") from exc
 
 
 def _values_per_channel(batch: Batch, channels: int) -> int:
@@ -166,7 +167,7 @@ def _statistics_pass(
     """One pass of per-batch `Moments`: each folded into the layer's EMA and merged into the population."""
     total = Moments.empty(layer.num_channels)
     for batch in dataset.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch):
-        part = _moments(batch, channel)
+        part = _moments(batch, channel, dataset.path)
         total = total.merge(part)
         # A batch with one value per channel has no variance to fold into the EMA (the update needs >= 2).
         if part.count >= 2:
@@ -206,7 +207,7 @@ def _train_pass(
         try:
             y = layer.forward(x, training=True)
         except InvalidInputError as exc:
-            raise DataError(f"{describe_nonfinite(batch)}: {exc}") from exc
+            raise DataError(f"{describe_nonfinite(batch, dataset.path)}: {exc}") from exc
         pooled = pool(y, channel)
         logits = linear(pooled, head.weight, head.bias)
         _, grad_logits = loss_and_grad(head.loss, logits, targets[batch.indices])
@@ -339,7 +340,7 @@ def _population(data: Dataset, channel: int, channels: int, batch_size: int) -> 
     """Exact population `Moments` in one sequential pass (memory-mapped batches are views, no copies)."""
     total = Moments.empty(channels)
     for batch in data.batches(batch_size):
-        total = total.merge(_moments(batch, channel))
+        total = total.merge(_moments(batch, channel, data.path))
     return total
 
 

@@ -197,4 +197,4 @@ def test_nonfinite_sample_is_named() -> None:
     values[5, 1] = np.nan
     dataset = data_module.Dataset(Path("mem"), [data_module._ArraySource(values)])
     batch = list(dataset.batches(4))[1]
-    assert describe_nonfinite(batch) == "sample 5 in batch 1 (samples 4..7) holds NaN or Inf"
+    assert describe_nonfinite(batch, "x.npy") == "x.npy: sample 5 in batch 1 (samples 4..7) holds NaN or Inf"
