@@ -1,0 +1,195 @@
+"""Results as ratios to the baseline, the framework floor and the loopback floor of the same run; the table,
+the JSON document, and the targets bn-serve is held to."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from benchmarks.serving.workloads import WORKLOADS
+
+WORKLOAD_ORDER = tuple(w.name for w in WORKLOADS)
+RATIO_METRICS = ("requests_per_s", "p50_ms", "p99_ms", "rss_mib")
+REFERENCES = {"baseline": "baseline", "floor": "floor", "loopback": "wire"}
+
+
+@dataclass
+class Row:
+    """One server under one workload; `status`: "ok", "skipped" (unsupported) or "failed" (see `detail`)."""
+
+    server: str
+    role: str
+    workload: str
+    status: str
+    detail: str = ""
+    requests_per_s: float = math.nan
+    p50_ms: float = math.nan
+    p90_ms: float = math.nan
+    p99_ms: float = math.nan
+    errors: int = 0
+    rss_mib: float = math.nan
+    pss_mib: float = math.nan
+    ratios: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def add_ratios(rows: Sequence[Row]) -> None:
+    """Fill `row.ratios[reference][metric] = row.metric / reference_row.metric` for each reference server
+    (by role) that completed the same workload. Above 1 is better for req/s, worse for latency and memory."""
+    by_key = {(r.role, r.workload): r for r in rows if r.status == "ok"}
+    for row in rows:
+        if row.status != "ok":
+            continue
+        for label, role in REFERENCES.items():
+            reference = by_key.get((role, row.workload))
+            if reference is None:
+                continue
+            row.ratios[label] = {m: _ratio(getattr(row, m), getattr(reference, m)) for m in RATIO_METRICS}
+
+
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference and not math.isnan(reference) else math.nan
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return "-" if math.isnan(value) else f"{value:,.{digits}f}"
+
+
+def table(rows: Sequence[Row]) -> str:
+    """A plain-text table, one line per server and workload, grouped by workload."""
+    header = (
+        "workload", "server", "req/s", "p50 ms", "p99 ms", "errors", "RSS MiB",
+        "req/s x base", "x floor", "x loop", "p99 x base", "p99 x floor",
+    )  # fmt: skip
+    order = {name: i for i, name in enumerate(WORKLOAD_ORDER)}
+    lines: list[tuple[str, ...]] = [header]
+    notes = []
+    for row in sorted(rows, key=lambda r: (order.get(r.workload, len(order)), -_or_zero(r.requests_per_s))):
+        if row.status != "ok":
+            lines.append((row.workload, row.server, row.status, *("",) * (len(header) - 3)))
+            notes.append(f"{row.server} {row.workload} {row.status}: {row.detail}")
+            continue
+        ratio = row.ratios
+        lines.append(
+            (
+                row.workload,
+                row.server,
+                _fmt(row.requests_per_s),
+                _fmt(row.p50_ms, 2),
+                _fmt(row.p99_ms, 2),
+                str(row.errors),
+                _fmt(row.rss_mib, 0),
+                _fmt(ratio.get("baseline", {}).get("requests_per_s", math.nan), 2),
+                _fmt(ratio.get("floor", {}).get("requests_per_s", math.nan), 2),
+                _fmt(ratio.get("loopback", {}).get("requests_per_s", math.nan), 2),
+                _fmt(ratio.get("baseline", {}).get("p99_ms", math.nan), 2),
+                _fmt(ratio.get("floor", {}).get("p99_ms", math.nan), 2),
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
+        )
+        for line in lines
+    ) + "".join(f"\n  {note[:200]}" for note in notes)
+
+
+def _or_zero(value: float) -> float:
+    return 0.0 if math.isnan(value) else value
+
+
+def _get(rows: Sequence[Row], server_role: str, workload: str) -> list[Row]:
+    return [r for r in rows if r.role == server_role and r.workload == workload and r.status == "ok"]
+
+
+def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """bn-serve's targets, each {"target", "met": True/False/None (not measurable here), "detail"}.
+
+    W3's "best peer" is the peer's best W3 throughput in any encoding it supports (MLServer has no binary
+    extension, so its W3-json counts); memory compares each server's RSS after its last workload.
+    """
+    subject = [r for r in rows if r.role == "subject" and r.status == "ok"]
+    out: list[dict[str, Any]] = []
+
+    def record(target: str, met: bool | None, detail: str) -> None:
+        out.append({"target": target, "met": met, "detail": detail})
+
+    def one(role: str, workload: str) -> Row | None:
+        found = _get(rows, role, workload)
+        return found[0] if found else None
+
+    def best_peer(workloads: tuple[str, ...]) -> Row | None:
+        peers = [r for w in workloads for r in _get(rows, "peer", w)]
+        return max(peers, key=lambda r: r.requests_per_s, default=None)
+
+    me, floor, peer = one("subject", "W1-c32"), one("floor", "W1-c32"), best_peer(("W1-c32",))
+    if me is None or floor is None or peer is None:
+        record(
+            "W1 c32 >= 1.5x best peer and >= 0.6x floor",
+            None,
+            "needs bn-serve, the floor and a peer on W1-c32",
+        )
+    else:
+        vs_peer, vs_floor = me.requests_per_s / peer.requests_per_s, me.requests_per_s / floor.requests_per_s
+        record(
+            "W1 c32 >= 1.5x best peer and >= 0.6x floor",
+            vs_peer >= 1.5 and vs_floor >= 0.6,
+            f"{vs_peer:.2f}x {peer.server}, {vs_floor:.2f}x floor",
+        )
+    me, wire, peer = (
+        one("subject", "W3-binary"),
+        one("wire", "W3-binary"),
+        best_peer(("W3-binary", "W3-json")),
+    )
+    if me is None or wire is None or peer is None:
+        record(
+            "W3 binary within 2x loopback and >= 3x best peer",
+            None,
+            "needs bn-serve, loopback and a peer on W3",
+        )
+    else:
+        vs_wire, vs_peer = me.p50_ms / wire.p50_ms, me.requests_per_s / peer.requests_per_s
+        record(
+            "W3 binary within 2x loopback and >= 3x best peer",
+            vs_wire <= 2.0 and vs_peer >= 3.0,
+            f"p50 {vs_wire:.2f}x loopback, {vs_peer:.2f}x {peer.server} ({peer.workload})",
+        )
+    me, peers = one("subject", "W1-c1"), _get(rows, "peer", "W1-c1")
+    if me is None or not peers:
+        record("W1 c1 p99 <= every peer's", None, "needs bn-serve and a peer on W1-c1")
+    else:
+        worst = min(peers, key=lambda r: r.p99_ms)
+        record(
+            "W1 c1 p99 <= every peer's",
+            me.p99_ms <= worst.p99_ms,
+            f"{me.p99_ms:.2f} ms vs {worst.p99_ms:.2f} ms ({worst.server})",
+        )
+    memory = {r.server: r.rss_mib for r in rows if r.status == "ok" and r.role in ("peer", "subject")}
+    peer_memory = {s: m for s, m in memory.items() if any(r.server == s and r.role == "peer" for r in rows)}
+    if not subject or not peer_memory:
+        record("RSS <= leanest peer's", None, "needs bn-serve and a peer")
+    else:
+        leanest = min(peer_memory, key=lambda s: peer_memory[s])
+        mine = memory[subject[0].server]
+        record(
+            "RSS <= leanest peer's",
+            mine <= peer_memory[leanest],
+            f"{mine:.0f} MiB vs {peer_memory[leanest]:.0f} MiB ({leanest})",
+        )
+    return out
+
+
+def document(rows: Sequence[Row], meta: dict[str, Any]) -> dict[str, Any]:
+    """The JSON results: run metadata, every row with its ratios, the targets. NaN becomes null."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return value
+
+    return {"meta": meta, "rows": [clean(asdict(r)) for r in rows], "targets": targets(rows)}
