@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 from numpy.typing import NDArray
-from onnx import numpy_helper
 
 from bn_export.checkpoint import Checkpoint, Trajectory, load_checkpoint
 from bn_export.errors import InvalidInputError, MissingDependencyError, ModelFileError
+from bn_export.verify import find_statistics
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -130,17 +130,23 @@ def source_from_checkpoint(checkpoint: Checkpoint, name: str = "checkpoint") -> 
 
 
 def source_from_model(model: onnx.ModelProto, name: str = "model") -> ReportSource:
-    """The report's view of an exported model: statistics from its BatchNormalization node or metadata.
+    """The report's view of an exported model, its statistics read as `bn-export verify` reads them.
 
-    A `batchnorm` graph holds them as the initializers of its one BatchNormalization node; a `folded` graph
-    holds only `scale` and `shift`, so the statistics come from its `statistics` metadata (exact JSON).
+    A `batchnorm` graph holds them as the constant inputs of its one BatchNormalization node; a `folded`
+    graph holds only `scale` and `shift`, so they come from its `statistics` metadata (exact JSON).
     """
     props = {p.key: p.value for p in model.metadata_props}
-    params, eps = _model_statistics(model, props, name)
+    stats = find_statistics(model)
+    if isinstance(stats, str):
+        raise ModelFileError(f"{name}: not a frozen-bn model: {stats}")
+    # The epsilon attribute is a float32; the metadata, when there, keeps the exact value.
+    eps = float(props.get("eps", stats.eps))
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
     rows: list[tuple[str, str]] = [
         ("source", f"{name} (ONNX model)"),
-        ("channels", str(params["gamma"].shape[0])),
+        ("channels", str(stats.gamma.shape[0])),
+        ("channel axis", str(stats.axis)),
+        ("statistics read from", stats.source),
         ("producer", f"{model.producer_name} {model.producer_version}".strip()),
         ("IR version", str(model.ir_version)),
         ("opset", opsets),
@@ -152,10 +158,10 @@ def source_from_model(model: onnx.ModelProto, name: str = "model") -> ReportSour
     return ReportSource(
         name=name,
         kind="onnx",
-        gamma=params["gamma"],
-        beta=params["beta"],
-        moving_mean=params["moving_mean"],
-        moving_var=params["moving_var"],
+        gamma=stats.gamma,
+        beta=stats.beta,
+        moving_mean=stats.mean,
+        moving_var=stats.var,
         eps=eps,
         stats_kind=props.get("statistics_kind"),
         metadata=tuple(rows),
@@ -207,43 +213,6 @@ def _matplotlib() -> tuple[Any, Any]:
             "the report needs matplotlib, the optional extra 'plot': pip install 'frozen-bn[plot]'"
         ) from exc
     return Figure, FigureCanvasAgg
-
-
-def _model_statistics(
-    model: onnx.ModelProto, props: dict[str, str], name: str
-) -> tuple[dict[str, NDArray[np.float64]], float]:
-    initializers = {t.name: t for t in model.graph.initializer}
-    nodes = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    if len(nodes) > 1:
-        raise ModelFileError(f"{name}: {len(nodes)} BatchNormalization nodes, the report shows one layer")
-    if nodes:
-        node = nodes[0]
-        missing = [i for i in node.input[1:5] if i not in initializers]
-        if len(node.input) < 5 or missing:
-            raise ModelFileError(
-                f"{name}: BatchNormalization {node.name!r} must read scale, B, input_mean and input_var from "
-                f"initializers; not initializers: {', '.join(missing) or 'too few inputs'}"
-            )
-        params = {
-            p: numpy_helper.to_array(initializers[i]).astype(np.float64).ravel()
-            for p, i in zip(_PARAMETERS, node.input[1:5], strict=True)
-        }
-        attribute = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        # The attribute is a float32; the metadata, when there, keeps the exact value.
-        return params, float(props.get("eps", attribute))
-    if "statistics" in props and "eps" in props:
-        try:
-            stats = json.loads(props["statistics"])
-            params = {p: np.asarray(stats[p], dtype=np.float64) for p in _PARAMETERS}
-            eps = float(props["eps"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise ModelFileError(f"{name}: malformed 'statistics' metadata: {exc!r}") from exc
-        if len({p.shape for p in params.values()}) != 1 or params["gamma"].ndim != 1:
-            raise ModelFileError(f"{name}: 'statistics' metadata arrays must share one (C,) shape")
-        return params, eps
-    raise ModelFileError(
-        f"{name}: no BatchNormalization node and no 'statistics' metadata: not a frozen-bn model"
-    )
 
 
 def _describe_head(checkpoint: Checkpoint) -> str:

@@ -174,7 +174,7 @@ def test_an_onnx_model_without_frozen_statistics_is_refused(tmp_path: Path) -> N
     graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [x])
     path = tmp_path / "relu.onnx"
     onnx.save(onnx.helper.make_model(graph), path)
-    with pytest.raises(ModelFileError, match="not a frozen-bn model"):
+    with pytest.raises(ModelFileError, match="not a frozen-bn model: no BatchNormalization node"):
         load_report_source(path)
 
 
