@@ -40,9 +40,9 @@ from bn_export.errors import DataError
 SHUFFLE_BLOCK_BYTES = 8 << 20
 #: Data up to this many bytes is fingerprinted whole; beyond it, `FINGERPRINT_BLOCKS` blocks of
 #: `FINGERPRINT_BLOCK_BYTES` at evenly spaced sample positions are.
-FINGERPRINT_FULL_BYTES = 64 << 20
+FINGERPRINT_FULL_BYTES = 4 << 20
 FINGERPRINT_BLOCKS = 64
-FINGERPRINT_BLOCK_BYTES = 1 << 20
+FINGERPRINT_BLOCK_BYTES = 64 << 10
 #: CSV rows parsed at a time (and the granularity of the row-offset index).
 CSV_BLOCK_ROWS = 4096
 #: Rank of the full data array (batch axis included) the fit supports.

@@ -1,0 +1,114 @@
+"""Fitting throughput of `bn-export fit` in GB/s against a memory-bandwidth floor measured in the same run.
+
+    python benchmarks/fit.py [--total-mb 256] [--batch-size 256] [--repeats 3] [--out PATH.json]
+
+Writes a float32 NCHW array of (n, 16, 32, 32) samples totalling `--total-mb` to a temporary `.npy`, reads
+it once so the page cache is warm, then times, best of `--repeats`:
+
+- the floor: one `np.add.reduce` over the whole array held in memory (a single read pass, no statistics);
+- `fit(path, stats="population")`: exact float64 moments in one pass over the memory-mapped file;
+- `fit(path, stats="ema")`: one shuffled pass of per-batch moments folded into the moving averages.
+
+Prints GB/s and the ratio to the floor (targets: population >= 0.5x, EMA >= 0.4x) and writes the figures
+as JSON under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bn_export.fit import fit
+
+SAMPLE_SHAPE = (16, 32, 32)
+TARGETS = {"population": 0.5, "ema": 0.4}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _best(run: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--total-mb", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    sample_bytes = int(np.prod(SAMPLE_SHAPE)) * 4
+    n = args.total_mb * (1 << 20) // sample_bytes
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.npy"
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, *SAMPLE_SHAPE))
+        rng = np.random.default_rng(0)
+        for start in range(0, n, 1024):
+            stop = min(n, start + 1024)
+            array[start:stop] = rng.normal(3.0, 2.0, size=(stop - start, *SAMPLE_SHAPE))
+        array.flush()
+        del array
+        in_memory = np.load(path)  # also warms the page cache for the memory-mapped fits
+        nbytes = in_memory.nbytes
+        floor = _best(lambda a=in_memory: np.add.reduce(a, axis=None), args.repeats)
+        rows.append(("floor: np.add.reduce in memory", nbytes / floor / 1e9, 1.0, None))
+        for stats in ("population", "ema"):
+            seconds = _best(lambda s=stats: fit(path, stats=s, batch_size=args.batch_size), args.repeats)  # type: ignore[misc]
+            rows.append((f"fit --stats {stats}", nbytes / seconds / 1e9, floor / seconds, TARGETS[stats]))
+        del in_memory
+
+    print(
+        f"{n} samples of {SAMPLE_SHAPE} float32, {nbytes / 2**20:.0f} MiB, batch {args.batch_size}, "
+        f"best of {args.repeats}; {os.cpu_count()} CPUs, {_cpu_model()}"
+    )
+    print(f"{'run':<34}{'GB/s':>8}{'x floor':>10}{'target':>9}")
+    for name, rate, ratio, target in rows:
+        mark = "" if target is None else f">={target}x {'ok' if ratio >= target else 'MISS'}"
+        print(f"{name:<34}{rate:>8.2f}{ratio:>10.2f}{mark:>9}")
+
+    results = {
+        "benchmark": "fit",
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"nproc": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version()},
+        "numpy": np.__version__,
+        "bytes": nbytes,
+        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "rows": [{"run": r[0], "gb_per_s": r[1], "ratio_to_floor": r[2], "target": r[3]} for r in rows],
+    }
+    out = args.out or Path(__file__).parent / "results" / f"fit-{int(time.time())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
