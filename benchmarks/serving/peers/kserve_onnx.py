@@ -15,6 +15,7 @@ from pathlib import Path
 import kserve
 import onnxruntime as ort
 from kserve import InferOutput, InferRequest, InferResponse
+from kserve.utils.utils import generate_uuid
 
 
 class OnnxModel(kserve.Model):
@@ -37,10 +38,11 @@ class OnnxModel(kserve.Model):
         outputs = []
         for name, y in zip(self._outputs, results, strict=True):
             output = InferOutput(name=name, shape=list(y.shape), datatype="FP32")
-            output.set_data_from_numpy(y, binary_data=False)
+            # Raw bytes here; KServe's encoder turns them into JSON or binary as the request asks.
+            output.set_data_from_numpy(y, binary_data=True)
             outputs.append(output)
         return InferResponse(
-            response_id=payload.id,
+            response_id=payload.id or generate_uuid(),
             model_name=self.name,
             infer_outputs=outputs,
             use_binary_outputs=payload.use_binary_outputs,
