@@ -63,7 +63,9 @@ def reduction_axes(rank: int, axis: int) -> tuple[int, ...]:
     return tuple(a for a in range(rank) if a != channel)
 
 
-def check_input(x: ArrayLike, axis: int, num_channels: int | None = None) -> tuple[FloatArray, int]:
+def check_input(
+    x: ArrayLike, axis: int, num_channels: int | None = None, *, check_finite: bool = True
+) -> tuple[FloatArray, int]:
     """Validate a batch and return it as a float array with its non-negative channel axis.
 
     Float arrays pass through without a copy; integer arrays become float64. Raises `InvalidInputError` for
@@ -85,7 +87,8 @@ def check_input(x: ArrayLike, axis: int, num_channels: int | None = None) -> tup
         )
     if data.size == 0:
         raise InvalidInputError(f"input of shape {data.shape} is empty")
-    require_finite(data, "input")
+    if check_finite:
+        require_finite(data, "input")
     return data, channel
 
 
