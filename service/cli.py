@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -74,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": settings.graceful_shutdown_s,
     }
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler found at start; a
+    # no-op handler there makes the end of a graceful shutdown exit 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, _shut_down)
     try:
         if settings.workers == 1:
             uvicorn.run(create_app(settings), **common)
@@ -86,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bn-serve: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _shut_down(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM after uvicorn's graceful shutdown: nothing left to do."""
 
 
 def _environment(settings: Settings) -> dict[str, str]:

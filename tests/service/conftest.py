@@ -280,6 +280,20 @@ def stop_server(server: Server, timeout: float = 20.0) -> int:
     return int(server.process.returncode)
 
 
+@pytest.fixture
+def launch() -> Iterator[Callable[..., Server]]:
+    """Start `bn-serve` processes with given arguments; each is stopped at the end of the test."""
+    started: list[Server] = []
+
+    def run(*args: str) -> Server:
+        started.append(start_server(*args))
+        return started[-1]
+
+    yield run
+    for running in started:
+        stop_server(running)
+
+
 @pytest.fixture(scope="session")
 def server(repository: Repository) -> Iterator[Server]:
     """A real `bn-serve` process on a free loopback port, serving the test repository."""
