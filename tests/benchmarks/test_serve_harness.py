@@ -1,0 +1,278 @@
+"""The serving benchmark's parts that can be proven fast: its models, the exact bytes it sends, the wrk
+script, the baseline server's answers and the report's arithmetic. Load runs are benchmarks, not tests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tritonclient.http as triton
+from fastapi import FastAPI
+from numpy.typing import NDArray
+from onnx.reference import ReferenceEvaluator
+
+from benchmarks.serving import baseline_app, floor_app, load, report, workloads
+from benchmarks.serving.models import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    BatchNormModel,
+    build_graph,
+    make_model,
+    write_repository,
+)
+
+
+def closed_form(model: BatchNormModel, x: NDArray[np.float32]) -> NDArray[np.float64]:
+    """gamma*(x - mean)/sqrt(var + eps) + beta on axis 1, in float64, written out independently."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    g, b = model.gamma.astype(np.float64).reshape(shape), model.beta.astype(np.float64).reshape(shape)
+    m, v = (
+        model.moving_mean.astype(np.float64).reshape(shape),
+        model.moving_var.astype(np.float64).reshape(shape),
+    )
+    return g * (x.astype(np.float64) - m) / np.sqrt(v + model.eps) + b
+
+
+def call(app: FastAPI, requests: Sequence[tuple[str, str, dict[str, Any]]]) -> list[httpx.Response]:
+    """Send each `(method, url, httpx keyword arguments)` to `app` in-process, in order (ASGI transport)."""
+
+    async def send() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return [await client.request(method, url, **kwargs) for method, url, kwargs in requests]
+
+    return asyncio.run(send())
+
+
+@pytest.fixture(scope="module")
+def small_models() -> dict[str, BatchNormModel]:
+    return {
+        "bn_features": make_model("bn_features", (6,), seed=3),
+        "bn_images": make_model("bn_images", (3, 4, 5), seed=4),
+    }
+
+
+@pytest.mark.parametrize("name", ["bn_features", "bn_images"])
+def test_benchmark_graph_computes_the_closed_form_in_reference_evaluator_and_onnxruntime(
+    small_models: dict[str, BatchNormModel], name: str
+) -> None:
+    model = small_models[name]
+    graph = build_graph(model)
+    x = workloads.sample_input(model, batch=7)
+    expected = closed_form(model, x)
+    (by_reference,) = np.asarray(ReferenceEvaluator(graph).run(None, {INPUT_NAME: x}))
+    (by_onnxruntime,) = ort.InferenceSession(graph.SerializeToString()).run(None, {INPUT_NAME: x})
+    np.testing.assert_allclose(by_reference, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(by_onnxruntime, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.reference(x), expected, rtol=1e-6, atol=1e-6)
+    assert graph.opset_import[0].version == 15
+    assert graph.ir_version == 8
+
+
+def test_benchmark_graph_has_a_dynamic_batch_axis(small_models: dict[str, BatchNormModel]) -> None:
+    session = ort.InferenceSession(build_graph(small_models["bn_features"]).SerializeToString())
+    for batch in (1, 33):
+        (y,) = session.run(None, {INPUT_NAME: np.zeros((batch, 6), np.float32)})
+        assert y.shape == (batch, 6)
+
+
+def test_json_request_carries_the_input_bit_exactly() -> None:
+    x = np.random.default_rng(5).standard_normal((3, 4), dtype=np.float32)
+    document = json.loads(workloads.json_request(x))
+    (tensor,) = document["inputs"]
+    assert (tensor["name"], tensor["shape"], tensor["datatype"]) == (INPUT_NAME, [3, 4], "FP32")
+    decoded = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+    assert decoded.tobytes() == x.tobytes()
+
+
+def test_binary_request_is_what_tritonclient_sends() -> None:
+    x = np.random.default_rng(6).standard_normal((2, 3, 4, 5), dtype=np.float32)
+    body, header_length = workloads.binary_request(x)
+    tensor = triton.InferInput(INPUT_NAME, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    theirs, their_header_length = triton.InferenceServerClient.generate_request_body(
+        [tensor], outputs=[triton.InferRequestedOutput(OUTPUT_NAME, binary_data=True)]
+    )
+    assert json.loads(body[:header_length]) == json.loads(theirs[:their_header_length])
+    assert body[header_length:] == theirs[their_header_length:] == x.tobytes()
+
+
+def test_decode_response_reads_a_binary_response_built_by_the_canned_writer() -> None:
+    y = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    body, header_length = workloads.binary_response("m", y)
+    outputs = workloads.decode_response({"inference-header-content-length": str(header_length)}, body)
+    np.testing.assert_array_equal(outputs[OUTPUT_NAME], y)
+
+
+def test_check_response_rejects_an_answer_from_the_wrong_statistics(
+    small_models: dict[str, BatchNormModel],
+) -> None:
+    model = small_models["bn_features"]
+    x = workloads.sample_input(model, 4)
+    right = model.reference(x)
+    workloads.check_response(200, {}, workloads.json_response(model.name, right), right)
+    wrong = right + np.float32(1e-3)
+    with pytest.raises(workloads.ResponseMismatchError, match="reference"):
+        workloads.check_response(200, {}, workloads.json_response(model.name, wrong), right)
+    with pytest.raises(workloads.ResponseMismatchError, match="status 500"):
+        workloads.check_response(500, {}, b'{"error": "x"}', right)
+
+
+def test_select_workloads_takes_groups_and_names_and_refuses_unknown_ones() -> None:
+    assert [w.name for w in workloads.select_workloads("W3,W1-c32")] == ["W1-c32", "W3-json", "W3-binary"]
+    with pytest.raises(ValueError, match="W4"):
+        workloads.select_workloads("W1,W4")
+
+
+def test_bodies_and_canned_responses_agree(tmp_path: Path, small_models: dict[str, BatchNormModel]) -> None:
+    selected = workloads.WORKLOADS[1:]  # W1 at 1 and 32 connections send one and the same request
+    requests, manifest = workloads.write_bodies(tmp_path, selected, small_models)
+    canned = json.loads(manifest.read_text())
+    for workload in selected:
+        model = small_models[workload.model]
+        request = requests[workload.name]
+        entry = canned[str(request.body.stat().st_size)]
+        headers = (
+            {}
+            if entry["header_length"] is None
+            else {"inference-header-content-length": str(entry["header_length"])}
+        )
+        expected = closed_form(model, workloads.sample_input(model, workload.batch)).astype(np.float32)
+        workloads.check_response(200, headers, Path(entry["file"]).read_bytes(), expected)
+
+
+def test_baseline_app_answers_a_v2_json_request_correctly(
+    tmp_path: Path, small_models: dict[str, BatchNormModel]
+) -> None:
+    write_repository(tmp_path, tuple(small_models.values()))
+    model = small_models["bn_images"]
+    x = workloads.sample_input(model, 2)
+    ready, response = call(
+        baseline_app.create_app(tmp_path),
+        [
+            ("GET", "/v2/health/ready", {}),
+            ("POST", f"/v2/models/{model.name}/infer", {"content": workloads.json_request(x)}),
+        ],
+    )
+    assert (ready.status_code, response.status_code) == (200, 200)
+    (output,) = response.json()["outputs"]
+    assert (output["name"], output["shape"], output["datatype"]) == (OUTPUT_NAME, [2, 3, 4, 5], "FP32")
+    got = np.asarray(output["data"], dtype=np.float64).reshape(output["shape"])
+    np.testing.assert_allclose(got, closed_form(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_floor_app_returns_the_canned_answer_for_each_workload(
+    tmp_path: Path, small_models: dict[str, BatchNormModel]
+) -> None:
+    requests, manifest = workloads.write_bodies(tmp_path, workloads.WORKLOADS, small_models)
+    sent = [
+        ("POST", "/v2/models/any/infer", {"content": r.body.read_bytes(), "headers": r.headers()})
+        for r in (requests[w.name] for w in workloads.WORKLOADS)
+    ]
+    responses = call(floor_app.create_app(manifest), sent)
+    for workload, response in zip(workloads.WORKLOADS, responses, strict=True):
+        model = small_models[workload.model]
+        expected = closed_form(model, workloads.sample_input(model, workload.batch)).astype(np.float32)
+        workloads.check_response(response.status_code, dict(response.headers), response.content, expected)
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Keeps every request it receives and answers each with an empty 200, over keep-alive connections."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[tuple[dict[str, str], bytes]]
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if len(self.seen) < 50:
+            self.seen.append((dict(self.headers), body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[int, list[tuple[dict[str, str], bytes]]]]:
+    seen: list[tuple[dict[str, str], bytes]] = []
+    handler = type("Recorder", (_Recorder,), {"seen": seen})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], seen
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)")
+@pytest.mark.parametrize("workload_name", ["W1-c1", "W3-binary"])
+def test_lua_script_posts_the_request_file_verbatim_with_its_headers(
+    tmp_path: Path,
+    small_models: dict[str, BatchNormModel],
+    recorder: tuple[int, list[tuple[dict[str, str], bytes]]],
+    workload_name: str,
+) -> None:
+    port, seen = recorder
+    (workload,) = workloads.select_workloads(workload_name)
+    requests, _ = workloads.write_bodies(tmp_path, (workload,), small_models)
+    request = requests[workload.name]
+    cpu = min(os.sched_getaffinity(0))
+    result = load.run_wrk(load.ensure_wrk(), f"http://127.0.0.1:{port}/v2/models/m/infer", request, 1, 1, cpu)
+    assert result.requests >= len(seen) > 0
+    assert result.errors == 0
+    for headers, body in seen:
+        assert body == request.body.read_bytes()
+        assert headers["Content-Type"] == request.content_type
+        assert headers.get("Inference-Header-Content-Length") == (
+            None if request.header_length is None else str(request.header_length)
+        )
+
+
+def test_wrk_summary_line_becomes_a_load_result() -> None:
+    line = (
+        'WRK_JSON {"requests":2000,"duration_us":2000000,"bytes":1,"errors_connect":1,"errors_read":2,'
+        '"errors_write":0,"errors_status":3,"errors_timeout":4,"latency_p50_us":1500,"latency_p90_us":2000,'
+        '"latency_p99_us":9000,"latency_mean_us":1600.5,"latency_max_us":12000}'
+    )
+    result = load.parse_summary(f"Running 2s test\n{line}\n")
+    assert result.requests_per_s == 1000.0
+    assert (result.p50_ms, result.p99_ms) == (1.5, 9.0)
+    assert (result.errors_status, result.errors_socket, result.errors) == (3, 7, 10)
+    with pytest.raises(load.LoadGeneratorError):
+        load.parse_summary("Running 2s test\n")
+
+
+def test_ratios_compare_with_the_reference_servers_on_the_same_workload() -> None:
+    def row(server: str, role: str, workload: str, rps: float) -> report.Row:
+        return report.Row(
+            server, role, workload, "ok", requests_per_s=rps, p50_ms=1.0, p99_ms=2.0, rss_mib=100.0
+        )
+
+    rows = [
+        row("baseline", "baseline", "W1-c1", 100.0),
+        row("floor", "floor", "W1-c1", 400.0),
+        row("baseline", "baseline", "W2", 10.0),
+        row("bn-serve", "subject", "W1-c1", 300.0),
+        row("bn-serve", "subject", "W2", 50.0),
+    ]
+    report.add_ratios(rows)
+    assert rows[3].ratios["baseline"]["requests_per_s"] == 3.0
+    assert rows[3].ratios["floor"]["requests_per_s"] == 0.75
+    assert rows[4].ratios["baseline"]["requests_per_s"] == 5.0
+    assert "floor" not in rows[4].ratios  # no floor measured on W2 in this run
