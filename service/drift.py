@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,7 +111,8 @@ class DriftMonitor:
     """Streaming drift of one model's inputs against its frozen statistics; safe to update from any thread.
 
     `update(x)` takes a batch `x: (N, ..., C at axis, ...)` as served (any float dtype) and costs one pass
-    over it outside the lock plus O(C) under it. Batches holding NaN or ±Inf are skipped and counted.
+    over it outside the lock plus O(C) under it. Batches holding NaN or ±Inf are skipped and counted
+    (the server refuses them by default; this covers its `allow_non_finite` setting).
 
     `window`: None keeps every sample since the monitor was built (or `reset`); an integer W keeps the
     recent traffic only -- two blocks of W samples, the full previous one and the filling current one, so
@@ -191,10 +193,12 @@ class DriftMonitor:
         samples = int(batch.shape[0])
         if samples == 0:
             return self.snapshot()
-        try:
-            moments: Moments | None = Moments.from_batch(batch, self.axis)
-        except InvalidInputError:  # NaN, ±Inf or float64 overflow: the batch says nothing about drift
-            moments = None
+        # A float64 sum is NaN/±Inf exactly when a value is (or the values overflow): such a batch says
+        # nothing about drift, and would poison every later figure.
+        moments: Moments | None = None
+        if np.isfinite(np.add.reduce(batch, axis=None, dtype=np.float64)):
+            with suppress(InvalidInputError):  # squares overflowing float64: as unusable as a NaN
+                moments = Moments.from_batch(batch, self.axis)
         with self._lock:
             if moments is None:
                 self._skipped += 1
