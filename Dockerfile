@@ -38,10 +38,12 @@ RUN pip wheel --no-deps --wheel-dir /tmp/wheels . \
     && pip install --no-deps /tmp/wheels/*.whl
 
 # The demo model, fitted and exported at build time so that a bare `docker run` serves at once.
+# The export writes owner-only files (atomically, via a temporary file); the server runs as another user.
 RUN bn-export fit bn_export/demo_data/digits.npz --targets bn_export/demo_data/digits.npz \
         --head linear --loss cross-entropy --stats population --epochs 3 --seed 0 --out /tmp/digits.ckpt.npz \
     && bn-export export /tmp/digits.ckpt.npz --with-head --out /models/digits/1/model.onnx \
-    && bn-export verify /models/digits/1/model.onnx
+    && bn-export verify /models/digits/1/model.onnx \
+    && chmod -R a+rX /models
 
 # pip is not needed to serve; nothing in the runtime image should install packages.
 RUN pip uninstall --yes pip
