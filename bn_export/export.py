@@ -75,7 +75,7 @@ def export_onnx(
     variance), the options are invalid, the checker rejects the graph, or onnxruntime's outputs on generated
     inputs (batch sizes 1 and 7, the fitted and another spatial size) are past the tolerance.
     """
-    _validate(checkpoint, with_head)
+    _validate(checkpoint, dtype, with_head)
     metadata = checkpoint_metadata(checkpoint, form, dtype)
     model = build_model(
         checkpoint, form=form, opset=opset, dtype=dtype, with_head=with_head, metadata=metadata
@@ -111,7 +111,7 @@ def export_onnx(
     )
 
 
-def _validate(checkpoint: Checkpoint, with_head: bool) -> None:
+def _validate(checkpoint: Checkpoint, dtype: Dtype, with_head: bool) -> None:
     """Refuse statistics no graph should freeze: the message names the array and what was expected."""
     eps = float(checkpoint.eps)
     if not (np.isfinite(eps) and eps >= 0):
@@ -126,6 +126,15 @@ def _validate(checkpoint: Checkpoint, with_head: bool) -> None:
         raise ExportError(
             f"moving_var has values < 0 or moving_var + eps <= 0 (min {var.min():.3g}, eps {eps:.3g})"
         )
+    if np.dtype(dtype) == np.float16:
+        # Samples within a few standard deviations of the mean must be float16 numbers, or the model is moot.
+        reach = np.abs(np.asarray(checkpoint.moving_mean, np.float64)) + 4 * np.sqrt(var + eps)
+        limit = float(np.finfo(np.float16).max)
+        if np.any(reach > limit):
+            raise ExportError(
+                f"the data's range (|mean| + 4 std up to {reach.max():.3g}) exceeds float16's {limit:.0f}; "
+                "export as float32"
+            )
     if with_head and checkpoint.head is not None:
         for name in ("weight", "bias"):
             if not np.all(np.isfinite(getattr(checkpoint.head, name))):

@@ -125,7 +125,8 @@ def compare(
     a = np.asarray(actual, dtype=np.float64)
     if a.shape != expected.shape:
         return float("inf"), float("inf")
-    error = np.abs(a - expected)
+    with np.errstate(all="ignore"):  # Inf - Inf is a mismatch like any other, reported as an infinite error
+        error = np.abs(a - expected)
     error = np.where(np.isfinite(error), error, np.inf)
     bound = rtol * magnitude + float(np.finfo(dtype).smallest_normal)
     if error.size == 0:
