@@ -38,7 +38,7 @@ install_tools() {
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    apt-get install -y -q "${missing[@]}" >/dev/null
 }
 
 # A subshell, so that its EXIT trap removes the scratch root filesystem however the function ends.
