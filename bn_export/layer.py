@@ -95,8 +95,9 @@ def check_input(
 def require_finite(x: FloatArray, name: str) -> None:
     """Raise `InvalidInputError` naming `name` and how many values are NaN or Inf, if any."""
     # A float64 sum is NaN/Inf exactly when some value is (overflow aside), without allocating a mask.
-    if np.isfinite(np.add.reduce(x, axis=None, dtype=np.float64)):
-        return
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is told apart below
+        if np.isfinite(np.add.reduce(x, axis=None, dtype=np.float64)):
+            return
     bad = x.size - int(np.count_nonzero(np.isfinite(x)))
     if bad:
         raise InvalidInputError(f"{name} holds {bad} NaN or Inf value(s) of {x.size}")
@@ -137,8 +138,15 @@ def batch_statistics(x: ArrayLike, axis: int) -> tuple[NDArray[np.float64], NDAr
     axes = reduction_axes(data.ndim, channel)
     mean: NDArray[np.float64] = np.asarray(np.mean(data, axis=axes, dtype=np.float64))
     deviation = data - mean.reshape(_channel_shape(data.ndim, channel, mean.shape[0]))
-    var = np.mean(np.square(deviation, dtype=np.float64), axis=axes)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused just below
+        var = np.mean(np.square(deviation, dtype=np.float64), axis=axes)
+    _require_finite_variance(var)
     return mean, var
+
+
+def _require_finite_variance(var: NDArray[np.float64]) -> None:
+    if not np.all(np.isfinite(var)):
+        raise InvalidInputError("the batch variance overflows float64; the input values are too large")
 
 
 def inference_forward(
@@ -220,7 +228,9 @@ def training_forward(
     axes = reduction_axes(data.ndim, channel)
     mean: NDArray[np.float64] = np.asarray(np.mean(data, axis=axes, dtype=np.float64))
     x_hat = np.subtract(data, mean.reshape(shape), dtype=np.float64)
-    var = np.mean(np.square(x_hat), axis=axes)
+    with np.errstate(over="ignore", invalid="ignore"):  # refused just below
+        var = np.mean(np.square(x_hat), axis=axes)
+    _require_finite_variance(var)
     inv_std = 1.0 / np.sqrt(var + eps)
     x_hat *= inv_std.reshape(shape)
     out_dtype = np.dtype(data.dtype if dtype is None else dtype)
@@ -380,20 +390,23 @@ class BatchNorm:
         if self.unbiased_moving_var:
             var = var * (count / (count - 1))
         batches = self.batches_seen + 1
-        if self.momentum is None:
-            factor = 1.0 / batches  # weight of the new batch: a running average of all batches
-            new_mean = self.moving_mean + (mean - self.moving_mean) * factor
-            new_var = self.moving_var + (var - self.moving_var) * factor
-        else:
-            new_mean = self.moving_mean * self.momentum + mean * (1.0 - self.momentum)
-            new_var = self.moving_var * self.momentum + var * (1.0 - self.momentum)
-        if not (np.all(np.isfinite(new_mean)) and np.all(np.isfinite(new_var))):
+        old_mean = self.moving_mean.astype(np.float64)
+        old_var = self.moving_var.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+            if self.momentum is None:
+                factor = 1.0 / batches  # weight of the new batch: a running average of all batches
+                new_mean = old_mean + (mean - old_mean) * factor
+                new_var = old_var + (var - old_var) * factor
+            else:
+                new_mean = old_mean * self.momentum + mean * (1.0 - self.momentum)
+                new_var = old_var * self.momentum + var * (1.0 - self.momentum)
+            stored_mean, stored_var = new_mean.astype(self.dtype), new_var.astype(self.dtype)
+        if not (np.all(np.isfinite(stored_mean)) and np.all(np.isfinite(stored_var))):
             raise InvalidInputError(
-                "the updated moving statistics overflow; the batch statistics are too large"
+                f"the updated moving statistics overflow {self.dtype}; the batch statistics are too large"
             )
         # Everything is validated: commit the new state together.
-        self.moving_mean = np.asarray(new_mean, dtype=np.float64).astype(self.dtype)
-        self.moving_var = np.asarray(new_var, dtype=np.float64).astype(self.dtype)
+        self.moving_mean, self.moving_var = stored_mean, stored_var
         self.batches_seen = batches
         self.samples_seen += int(n_samples)
 

@@ -185,11 +185,12 @@ def _blocked_moments(data: NDArray[np.floating[Any]], channel: int, workers: int
         bounds = np.linspace(0, A, workers + 1).astype(int)
         chunks = [view[lo:hi] for lo, hi in itertools.pairwise(bounds) if hi > lo]
         parts = list(_thread_pool().map(_moments_of_rows, chunks))
-    _, mean, m2 = _tree_merge(
-        np.concatenate([p[0] for p in parts]),
-        np.concatenate([p[1] for p in parts]),
-        np.concatenate([p[2] for p in parts]),
-    )
+    with np.errstate(invalid="ignore", over="ignore"):
+        _, mean, m2 = _tree_merge(
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]),
+        )
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(m2))):
         require_finite(data, "input")  # names the NaN/Inf count when there are some
         raise InvalidInputError("the statistics overflow float64; the input values are too large")
@@ -200,6 +201,14 @@ def _moments_of_rows(
     view: NDArray[np.floating[Any]],
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     """Per-block `(counts (P,), means (P, C), m2s (P, C))` of an (A, C, B) array, blocks over A (and B)."""
+    # NaN/Inf in the data make the sums non-finite, which the caller turns into an error; no warnings.
+    with np.errstate(invalid="ignore", over="ignore"):
+        return _moments_of_rows_unchecked(view)
+
+
+def _moments_of_rows_unchecked(
+    view: NDArray[np.floating[Any]],
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
     A, C, B = view.shape
     counts: list[int] = []
     sums: list[tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]] = []

@@ -508,3 +508,20 @@ def test_checkpoint_round_trip_keeps_parameters_conventions_and_counters() -> No
     assert (restored.batches_seen, restored.samples_seen) == (1, 10)
     x = _data((2, 4, 3), seed=9)
     np.testing.assert_array_equal(restored.forward(x, training=False), layer.forward(x, training=False))
+
+
+@pytest.mark.parametrize(
+    ("x", "words"),
+    [
+        (np.full((3, 2), 1e200), "overflow float32"),  # fine in float64, not as a float32 moving mean
+        (np.array([[1e300, 1.0], [-1e300, 2.0], [1e308, 3.0]]), "overflows float64"),
+    ],
+)
+def test_statistics_that_overflow_are_refused_without_state_change(
+    x: NDArray[np.float64], words: str
+) -> None:
+    layer = BatchNorm(2)
+    before = _state(layer)
+    with pytest.raises(InvalidInputError, match=words):
+        layer.forward(x, training=True)
+    _assert_same_state(before, _state(layer))
