@@ -4,6 +4,7 @@
 #   scripts/container-tools.sh install        install podman, runc and debootstrap with apt if missing (root)
 #   scripts/container-tools.sh base           build the registry-free base image once: $BASE_IMAGE
 #   scripts/container-tools.sh build [TAG]    build ./Dockerfile FROM $BASE_IMAGE as TAG (default $IMAGE)
+#   scripts/container-tools.sh run [OPTS...]  run $IMAGE in the foreground on the host network (podman run OPTS)
 #   scripts/container-tools.sh ci             install + base, never failing: the container tests skip instead
 #
 # With a Docker engine and a registry none of this is needed: `docker build -t frozen-bn .` uses the
@@ -88,10 +89,18 @@ build_image() {
     podman build "${args[@]}" "${pip_args[@]}" "$ROOT"
 }
 
+# runc, because this kernel's cgroup setup rejects crun; explicit ulimits, because podman's default open-files
+# limit is above the hard limit a CI sandbox allows, and the container would fail to start.
+run_image() {
+    podman --runtime runc --cgroup-manager cgroupfs run --rm --network=host \
+        --ulimit nofile=4096:4096 --ulimit nproc=4096:4096 "$@" "$IMAGE"
+}
+
 case ${1:-} in
     install) install_tools ;;
     base) build_base ;;
     build) build_image "${2:-}" ;;
+    run) run_image "${@:2}" ;;
     ci)
         # CI must still run the rest of the suite when this machine cannot run containers.
         if install_tools && build_base; then
@@ -101,7 +110,7 @@ case ${1:-} in
         fi
         ;;
     *)
-        sed -n '2,8p' "$0" >&2
+        sed -n '2,9p' "$0" >&2
         exit 64
         ;;
 esac
