@@ -70,7 +70,8 @@ def check_input(
 
     Float arrays pass through without a copy; integer arrays become float64. Raises `InvalidInputError` for
     a rank outside 2..5, a bad channel axis, a channel count other than `num_channels`, an empty batch, a
-    dtype that is not a real number (bool, complex, strings, objects) or a NaN/Inf value.
+    dtype that is not a real number (bool, complex, strings, objects) or, with `check_finite`, a NaN/Inf
+    value (callers whose sums reveal NaN/Inf anyway skip that pass).
     """
     array = np.asarray(x)
     if array.dtype.kind == "f":
