@@ -41,6 +41,14 @@ def cuda_usable() -> tuple[bool, str]:
     """
     if CUDA not in ort.get_available_providers():
         return False, f"this onnxruntime has no {CUDA} (install the 'gpu' extra: onnxruntime-gpu)"
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        # onnxruntime-gpu finds CUDA/cuDNN from the nvidia-* pip packages only once they are preloaded;
+        # without this a machine whose CUDA comes from pip (not the system) looks like it has none.
+        try:
+            preload()
+        except Exception as exc:
+            log.debug("onnxruntime.preload_dlls failed: %s", exc)
     try:
         session = ort.InferenceSession(_probe_model(), providers=[CUDA, CPU])
         if CUDA not in session.get_providers():
