@@ -2,9 +2,9 @@
 # Container tooling for machines with no Docker engine and no image registry (CI, the test suite).
 #
 #   scripts/container-tools.sh install        install podman, runc and debootstrap with apt if missing (root)
-#   scripts/container-tools.sh base           build the registry-free base image once: $BASE_IMAGE
-#   scripts/container-tools.sh build [TAG]    build ./Dockerfile FROM $BASE_IMAGE as TAG (default $IMAGE)
-#   scripts/container-tools.sh run [OPTS...]  run $IMAGE in the foreground on the host network (podman run OPTS)
+#   scripts/container-tools.sh base           build the registry-free base image once: $FROZEN_BN_BASE_IMAGE
+#   scripts/container-tools.sh build [TAG]    build ./Dockerfile FROM the base as TAG (default $FROZEN_BN_IMAGE)
+#   scripts/container-tools.sh run [OPTS...]  run the image in the foreground on the host network (podman run OPTS)
 #   scripts/container-tools.sh ci             install + base, never failing: the container tests skip instead
 #
 # With a Docker engine and a registry none of this is needed: `docker build -t frozen-bn .` uses the
@@ -13,12 +13,13 @@
 # The base is Debian bookworm made by debootstrap (its python3 is 3.11, as in python:3.11-slim) and
 # imported into podman's local store, where it stays between runs; rebuilding the application image then
 # reuses every cached layer that its inputs did not change.
+# Defaults: FROZEN_BN_BASE_IMAGE=localhost/py-base:bookworm, FROZEN_BN_IMAGE=localhost/frozen-bn:test.
 set -euo pipefail
 
-BASE_IMAGE=${BASE_IMAGE:-localhost/py-base:bookworm}
-IMAGE=${IMAGE:-localhost/frozen-bn:test}
-DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
-CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+BASE_IMAGE=${FROZEN_BN_BASE_IMAGE:-localhost/py-base:bookworm}
+IMAGE=${FROZEN_BN_IMAGE:-localhost/frozen-bn:test}
+DEBIAN_MIRROR=${FROZEN_BN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+CA_BUNDLE=${FROZEN_BN_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
 log() { printf 'container-tools: %s\n' "$*" >&2; }
@@ -110,7 +111,7 @@ case ${1:-} in
         fi
         ;;
     *)
-        sed -n '2,9p' "$0" >&2
+        sed -n '2,16p' "$0" >&2
         exit 64
         ;;
 esac

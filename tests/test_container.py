@@ -39,8 +39,8 @@ pytestmark = [pytest.mark.container, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ROOT / "scripts" / "container-tools.sh"
 DIGITS = ROOT / "bn_export" / "demo_data" / "digits.npz"
-IMAGE = os.environ.get("IMAGE", "localhost/frozen-bn:test")
-BASE_IMAGE = os.environ.get("BASE_IMAGE", "localhost/py-base:bookworm")
+IMAGE = os.environ.get("FROZEN_BN_IMAGE", "localhost/frozen-bn:test")
+BASE_IMAGE = os.environ.get("FROZEN_BN_BASE_IMAGE", "localhost/py-base:bookworm")
 # The runtimes this machine's kernel accepts (crun's cgroup setup is refused); see container-tools.sh.
 PODMAN = ("podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs")
 # The uid the Dockerfile's USER names.
@@ -69,7 +69,7 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 
 def tools(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "IMAGE": IMAGE, "BASE_IMAGE": BASE_IMAGE}
+    env = {**os.environ, "FROZEN_BN_IMAGE": IMAGE, "FROZEN_BN_BASE_IMAGE": BASE_IMAGE}
     return subprocess.run(
         ["bash", str(TOOLS), *args], capture_output=True, text=True, timeout=timeout, env=env, check=False
     )
