@@ -18,7 +18,7 @@ import functools
 import itertools
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +36,8 @@ _MIN_ROW = 64
 # Batches from this many values on are split over threads, at most this many.
 _PARALLEL_VALUES = 1 << 22
 _MAX_WORKERS = 8
+# Unshifted sums while Σx² <= this × M2 (at most 6 bits lost to cancellation, ~1e-14 relative).
+_CANCELLATION = 64.0
 
 
 @dataclass(frozen=True)
@@ -167,10 +169,11 @@ def _tree_merge(
 def _blocked_moments(data: NDArray[np.floating[Any]], channel: int, workers: int | None) -> Moments:
     """Moments of `data` per channel from its (A, C, B) view: A before the channel axis, B after it.
 
-    Each cache-sized block is copied to float64, shifted by one of its own values per channel `k` (for
-    float32 data `x - k` is exact in float64, and a shift inside the data's range keeps
-    `M2 = Σd² - (Σd)²/n` free of cancellation), summed with BLAS, and the blocks merge pairwise. Large
-    batches are split over `workers` threads (numpy releases the GIL in these kernels).
+    Each cache-sized block is copied to float64 and summed with BLAS (`Σd`, `Σd²`); the blocks merge
+    pairwise. Centred data is summed as it is; once `Σx²` dwarfs `M2` (cancellation in
+    `M2 = Σd² - (Σd)²/n`), blocks are first shifted by one of their own values per channel `k` (for
+    float32 data `x - k` is exact in float64, and a shift inside the data's range keeps the cancellation
+    small). Large batches are split over `workers` threads (numpy releases the GIL in these kernels).
     """
     C = data.shape[channel]
     A = math.prod(data.shape[:channel])
@@ -209,50 +212,88 @@ def _moments_of_rows(
 def _moments_of_rows_unchecked(
     view: NDArray[np.floating[Any]],
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-    A, C, B = view.shape
+    _, C, B = view.shape
     counts: list[int] = []
     sums: list[tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]] = []
-    if B >= _MIN_ROW:
-        # Channel rows of B contiguous values: the sums are row dot products (BLAS).
-        cols = min(B, max(_MIN_ROW, _BLOCK_VALUES // C))
-        rows = max(1, _BLOCK_VALUES // (C * cols))
-        buffer = np.empty((rows, C, cols))
-        ones = np.ones(cols)
-        for a in range(0, A, rows):
-            for b in range(0, B, cols):
-                block = view[a : a + rows, :, b : b + cols]
-                r, _, w = block.shape
-                shift = block[0, :, 0].astype(np.float64)
-                d = buffer[:r, :, :w]
-                np.copyto(d, block)
-                d -= shift[:, None]
-                flat = d.reshape(r * C, w)
-                s1 = (flat @ ones[:w]).reshape(r, C).sum(axis=0)
-                s2 = (flat[:, None, :] @ flat[:, :, None]).reshape(r, C).sum(axis=0)
-                counts.append(r * w)
-                sums.append((shift, s1, s2))
-    else:
-        # Channels last (or few values after them): (rows, C) blocks with the channel innermost.
-        a_rows = max(1, _BLOCK_VALUES // (C * B))
-        buffer = np.empty((a_rows, B, C))
-        ones = np.ones(a_rows * B)
-        for a in range(0, A, a_rows):
-            block = view[a : a + a_rows].transpose(0, 2, 1)
-            r = block.shape[0]
-            shift = block[0, 0, :].astype(np.float64)
-            d = buffer[:r]
-            np.copyto(d, block)
-            d -= shift
-            flat = d.reshape(r * B, C)
-            s1 = ones[: r * B] @ flat
-            s2 = np.einsum("ac,ac->c", flat, flat)
-            counts.append(r * B)
-            sums.append((shift, s1, s2))
-    n = np.array(counts, dtype=np.float64)
-    shift, s1, s2 = (np.stack(column) for column in zip(*sums, strict=True))
+    layout = _RowBlocks(view) if B >= _MIN_ROW else _ChannelsLastBlocks(view)
+    # Unshifted sums are exact enough while Σx² stays within a factor `_CANCELLATION` of M2 (it loses
+    # log2 of that factor in bits); past it, this block and the rest shift by one of their own values.
+    shifting = False
+    zero = np.zeros(C)
+    for block, d in layout.blocks():
+        n = d.size // C
+        np.copyto(d, block)
+        shift = zero
+        if shifting:
+            shift = layout.shift(block, d)
+        s1, s2 = layout.sums(d)
+        if not shifting and np.any(s2 > _CANCELLATION * (s2 - s1 * s1 / n)):
+            shifting = True
+            shift = layout.shift(block, d)
+            s1, s2 = layout.sums(d)
+        counts.append(n)
+        sums.append((shift, s1, s2))
+    n_blocks = np.array(counts, dtype=np.float64)[:, None]
+    shifts, s1s, s2s = (np.stack(column) for column in zip(*sums, strict=True))
     # Rounding can push a constant channel's M2 just below 0.
-    m2 = np.maximum(s2 - s1 * s1 / n[:, None], 0.0)
-    return n, shift + s1 / n[:, None], m2
+    m2 = np.maximum(s2s - s1s * s1s / n_blocks, 0.0)
+    return n_blocks[:, 0], shifts + s1s / n_blocks, m2
+
+
+class _RowBlocks:
+    """(A, C, B) with long channel rows (B >= _MIN_ROW): blocks (r, C, w); sums are row dot products."""
+
+    def __init__(self, view: NDArray[np.floating[Any]]) -> None:
+        _, C, B = view.shape
+        self.view = view
+        self.cols = min(B, max(_MIN_ROW, _BLOCK_VALUES // C))
+        self.rows = max(1, _BLOCK_VALUES // (C * self.cols))
+        self.buffer = np.empty((self.rows, C, self.cols))
+        self.ones = np.ones(self.cols)
+
+    def blocks(self) -> Iterator[tuple[NDArray[np.floating[Any]], NDArray[np.float64]]]:
+        A, _, B = self.view.shape
+        for a in range(0, A, self.rows):
+            for b in range(0, B, self.cols):
+                block = self.view[a : a + self.rows, :, b : b + self.cols]
+                yield block, self.buffer[: block.shape[0], :, : block.shape[2]]
+
+    def shift(self, block: NDArray[np.floating[Any]], d: NDArray[np.float64]) -> NDArray[np.float64]:
+        shift = block[0, :, 0].astype(np.float64)
+        d -= shift[:, None]
+        return shift
+
+    def sums(self, d: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        r, C, w = d.shape
+        flat = d.reshape(r * C, w)
+        s1 = (flat @ self.ones[:w]).reshape(r, C).sum(axis=0)
+        s2 = (flat[:, None, :] @ flat[:, :, None]).reshape(r, C).sum(axis=0)
+        return s1, s2
+
+
+class _ChannelsLastBlocks:
+    """(A, C, B) with short rows: blocks copied to (r, B, C), channel innermost; sums run down columns."""
+
+    def __init__(self, view: NDArray[np.floating[Any]]) -> None:
+        _, C, B = view.shape
+        self.view = view
+        self.rows = max(1, _BLOCK_VALUES // (C * B))
+        self.buffer = np.empty((self.rows, B, C))
+        self.ones = np.ones(self.rows * B)
+
+    def blocks(self) -> Iterator[tuple[NDArray[np.floating[Any]], NDArray[np.float64]]]:
+        for a in range(0, self.view.shape[0], self.rows):
+            block = self.view[a : a + self.rows].transpose(0, 2, 1)
+            yield block, self.buffer[: block.shape[0]]
+
+    def shift(self, block: NDArray[np.floating[Any]], d: NDArray[np.float64]) -> NDArray[np.float64]:
+        shift = block[0, 0, :].astype(np.float64)
+        d -= shift
+        return shift
+
+    def sums(self, d: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        flat = d.reshape(-1, d.shape[2])
+        return self.ones[: flat.shape[0]] @ flat, np.einsum("ac,ac->c", flat, flat)
 
 
 @functools.cache

@@ -70,6 +70,18 @@ def test_a_large_offset_costs_no_accuracy() -> None:
     _assert_moments(Moments.from_batch(x, 1), *_two_pass(x, 1), rtol=1e-9)
 
 
+@pytest.mark.parametrize(("shape", "axis"), [((400, 2, 1000), 1), ((400_000, 2), 1)])
+def test_a_batch_whose_later_blocks_drift_far_off_centre_keeps_full_accuracy(
+    shape: tuple[int, ...], axis: int
+) -> None:
+    # Centred blocks are summed unshifted; blocks far from zero must switch to shifted sums.
+    x = _data(shape, seed=6, offset=0.0)
+    x[shape[0] // 2 :] += np.float32(3e4)
+    _assert_moments(Moments.from_batch(x, axis, workers=1), *_two_pass(x, axis))
+    x[: shape[0] // 2] = x[shape[0] // 2 :]  # every block far off centre
+    _assert_moments(Moments.from_batch(x, axis, workers=1), *_two_pass(x, axis))
+
+
 def test_a_constant_channel_has_zero_variance() -> None:
     x = np.full((100, 3, 7), 0.1, dtype=np.float32)
     moments = Moments.from_batch(x, 1)
