@@ -109,7 +109,7 @@ def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
     """bn-serve's targets, each {"target", "met": True/False/None (not measurable here), "detail"}.
 
     W3's "best peer" is the peer's best W3 throughput in any encoding it supports (MLServer has no binary
-    extension, so its W3-json counts); memory compares each server's RSS after its last workload.
+    extension, so its W3-json counts); memory compares each server's peak RSS measured after its workloads.
     """
     subject = [r for r in rows if r.role == "subject" and r.status == "ok"]
     out: list[dict[str, Any]] = []
@@ -167,15 +167,18 @@ def targets(rows: Sequence[Row]) -> list[dict[str, Any]]:
             me.p99_ms <= worst.p99_ms,
             f"{me.p99_ms:.2f} ms vs {worst.p99_ms:.2f} ms ({worst.server})",
         )
-    memory = {r.server: r.rss_mib for r in rows if r.status == "ok" and r.role in ("peer", "subject")}
+    memory: dict[str, float] = {}
+    for r in rows:
+        if r.status == "ok" and r.role in ("peer", "subject"):
+            memory[r.server] = max(memory.get(r.server, 0.0), r.rss_mib)
     peer_memory = {s: m for s, m in memory.items() if any(r.server == s and r.role == "peer" for r in rows)}
     if not subject or not peer_memory:
-        record("RSS <= leanest peer's", None, "needs bn-serve and a peer")
+        record("peak RSS <= leanest peer's", None, "needs bn-serve and a peer")
     else:
         leanest = min(peer_memory, key=lambda s: peer_memory[s])
         mine = memory[subject[0].server]
         record(
-            "RSS <= leanest peer's",
+            "peak RSS <= leanest peer's",
             mine <= peer_memory[leanest],
             f"{mine:.0f} MiB vs {peer_memory[leanest]:.0f} MiB ({leanest})",
         )

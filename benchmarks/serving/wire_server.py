@@ -1,21 +1,25 @@
-"""The loopback floor: a bare HTTP/1.1 keep-alive server on asyncio streams, no framework, no parsing.
+"""The loopback floor: a bare HTTP/1.1 keep-alive server on blocking sockets, no framework, no parsing.
 
     python benchmarks/serving/wire_server.py --canned MANIFEST --port P
 
-It reads each request's head and `Content-Length` bytes of body and writes back the canned V2 response for a
-request of that length (the manifest of `benchmarks.serving.workloads.write_bodies`). Under the same wrk
-load, its latency is the time to move a workload's bytes both ways over loopback: W3-binary's physical floor.
+One thread per connection reads each request's head and `Content-Length` bytes of body straight into a
+reused buffer (`recv_into`, no copies in Python) and sends back the canned V2 response for a request of that
+length (the manifest of `benchmarks.serving.workloads.write_bodies`). Under the same wrk load, its latency is
+the time to move a workload's bytes both ways over loopback: W3-binary's physical floor.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
+import socket
+import threading
 from pathlib import Path
 
 HEADER_LENGTH = b"Inference-Header-Content-Length"
+NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+READY = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{"ready": true}'
 
 
 def load_canned(manifest: Path) -> dict[int, bytes]:
@@ -32,31 +36,48 @@ def load_canned(manifest: Path) -> dict[int, bytes]:
     return responses
 
 
-async def serve(canned: dict[int, bytes], port: int) -> None:
-    not_found = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-    ready = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n{"ready": true}'
+def _serve_connection(connection: socket.socket, canned: dict[int, bytes]) -> None:
+    largest = max(canned, default=0)
+    buffer = bytearray(1 << 16)
+    pending = b""
+    with connection, contextlib.suppress(ConnectionError):
+        while True:
+            while b"\r\n\r\n" not in pending:
+                chunk = connection.recv(1 << 16)
+                if not chunk:
+                    return
+                pending += chunk
+            head, _, pending = pending.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length > largest:
+                return  # not one of the workloads' requests
+            if length > len(buffer):
+                buffer = bytearray(length)  # grown once per connection to the largest request it carries
+            view = memoryview(buffer)
+            received = min(len(pending), length)
+            view[:received] = pending[:received]
+            pending = pending[received:]
+            while received < length:
+                count = connection.recv_into(view[received:length])
+                if count == 0:
+                    return
+                received += count
+            if head.startswith(b"GET /v2/health/ready "):
+                connection.sendall(READY)
+            else:
+                connection.sendall(canned.get(length, NOT_FOUND))
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n")[1:]:
-                    name, _, value = line.partition(b":")
-                    if name.strip().lower() == b"content-length":
-                        length = int(value)
-                if length:
-                    await reader.readexactly(length)
-                if head.startswith(b"GET /v2/health/ready "):
-                    writer.write(ready)
-                else:
-                    writer.write(canned.get(length, not_found))
-                await writer.drain()
-        writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", port, limit=1 << 20)
-    async with server:
-        await server.serve_forever()
+def serve(canned: dict[int, bytes], port: int) -> None:
+    with socket.create_server(("127.0.0.1", port), backlog=128) as listener:
+        while True:
+            connection, _ = listener.accept()
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=_serve_connection, args=(connection, canned), daemon=True).start()
 
 
 def main() -> None:
@@ -64,12 +85,7 @@ def main() -> None:
     parser.add_argument("--canned", type=Path, required=True)
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    try:
-        import uvloop  # the fastest loop available is the fairest floor
-
-        uvloop.run(serve(load_canned(args.canned), args.port))
-    except ImportError:
-        asyncio.run(serve(load_canned(args.canned), args.port))
+    serve(load_canned(args.canned), args.port)
 
 
 if __name__ == "__main__":
