@@ -11,9 +11,9 @@ Layout of the file (all plain numeric arrays, so `np.load(..., allow_pickle=Fals
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bn_export.errors import CheckpointError
+from bn_export.files import write_atomically
 
 FORMAT_VERSION = 1
 StatsKind = Literal["ema", "population"]
@@ -126,15 +127,9 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Pat
         arrays["trace_var"] = checkpoint.trajectory.var
     text = json.dumps(checkpoint.metadata(), sort_keys=True)
     arrays["metadata"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    write_atomically(path, buffer.getvalue())
     return path
 
 

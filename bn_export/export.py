@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from onnx import helper
 
 from bn_export.checkpoint import Checkpoint
 from bn_export.errors import ExportError
+from bn_export.files import write_atomically
 from bn_export.onnx_graph import (
     DEFAULT_OPSET,
     LOGITS_NAME,
@@ -96,7 +96,7 @@ def export_onnx(
     )
     helper.set_model_props(model, metadata)
     data = model.SerializeToString(deterministic=True)
-    written = _write_atomically(Path(path), data)
+    written = write_atomically(Path(path), data)
     return ExportResult(
         path=written,
         form=form,
@@ -196,17 +196,3 @@ def _measure(
             error, ratio = compare(outputs[LOGITS_NAME], logits, lmag, rtol, io_dtype)
             worst_error, worst_ratio = max(worst_error, error), max(worst_ratio, ratio)
     return worst_error, worst_ratio
-
-
-def _write_atomically(path: Path, data: bytes) -> Path:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a model."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path

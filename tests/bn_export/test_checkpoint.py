@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 import zipfile
 from pathlib import Path
 
@@ -149,3 +151,12 @@ def test_cli_reports_a_bad_checkpoint_in_one_line_without_traceback(
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
     assert str(path) in err
+
+
+def test_saved_checkpoint_gets_the_mode_open_would_give_it(checkpoint: Checkpoint, tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        path = save_checkpoint(checkpoint, tmp_path / "ckpt.npz")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

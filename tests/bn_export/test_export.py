@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +223,13 @@ def test_torch_batchnorm2d_and_export_give_the_same_outputs(tmp_path: Path) -> N
         export_onnx(checkpoint, tmp_path / f"{form}.onnx", form=form)  # type: ignore[arg-type]
         session = ort.InferenceSession(str(tmp_path / f"{form}.onnx"), providers=["CPUExecutionProvider"])
         np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_exported_file_is_readable_by_other_users_as_open_would_make_it(tmp_path: Path) -> None:
+    """A model exported by one user must be readable by a server running as another (0666 less umask)."""
+    previous = os.umask(0o022)
+    try:
+        result = export_onnx(make_checkpoint(), tmp_path / "m" / "model.onnx")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(result.path.stat().st_mode) == 0o644
