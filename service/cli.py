@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -18,6 +17,7 @@ from bn_export import __version__
 from service.app import create_app
 from service.codec import describe
 from service.errors import ServiceError
+from service.log import configure_logging
 from service.runtime import resolve_providers
 from service.settings import Settings
 
@@ -67,14 +67,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"bn-serve: error: invalid settings: {describe(exc)}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    configure_logging(settings.log_level)
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": settings.graceful_shutdown_s,
+        # Our JSON handler (configure_logging) formats uvicorn's records too; the app writes its own
+        # access records, with the request id, so uvicorn's are off.
+        "log_config": None,
+        "access_log": False,
     }
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler found at start; a
     # no-op handler there makes the end of a graceful shutdown exit 0, as orchestrators expect.

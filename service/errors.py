@@ -41,3 +41,27 @@ class ModelLoadError(ServiceError):
 
 class ConfigurationError(ServiceError):
     """The server cannot start as configured (no model given, CUDA requested but unusable, bad directory)."""
+
+
+class Unauthorized(ServiceError):
+    """A protected route was called without a bearer token."""
+
+
+class Forbidden(ServiceError):
+    """The bearer token matches none of the configured API keys."""
+
+
+class Overloaded(ServiceError):
+    """Every inference slot and queue place is taken; the client should retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(ServiceError):
+    """The request did not finish within the configured `request_timeout_s`."""
+
+
+class LoadRefused(ServiceError):
+    """A repository load was refused (missing, corrupt or non-frozen model); the old version serves on."""

@@ -61,6 +61,9 @@ class ModelRepository:
         self._models: dict[str, dict[int, ModelVersion]] = {}
         for entry in versions:
             self._models.setdefault(entry.name, {})[entry.version] = entry
+        # Where the models came from, for reloads: a repository directory, or one file.
+        self.root: Path | None = None
+        self.file: Path | None = None
 
     @classmethod
     def scan(cls, root: Path) -> ModelRepository:
@@ -72,15 +75,12 @@ class ModelRepository:
             if not is_valid_name(model_dir.name):
                 log.warning("skipping %s: not a valid model name", model_dir)
                 continue
-            for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
-                number = parse_version(version_dir.name)
-                if number is None:
-                    log.warning("skipping %s: version directories are named by integers", version_dir)
-                    continue
-                versions.append(ModelVersion(model_dir.name, number, version_dir / MODEL_FILE))
+            versions.extend(scan_model(model_dir))
         if not versions:
             raise ConfigurationError(f"model repository {root} holds no <name>/<version>/ directories")
-        return cls(versions)
+        repository = cls(versions)
+        repository.root = root
+        return repository
 
     @classmethod
     def single(cls, path: Path) -> ModelRepository:
@@ -89,11 +89,26 @@ class ModelRepository:
             raise ConfigurationError(f"model file {path} does not exist")
         if not is_valid_name(path.stem):
             raise ConfigurationError(f"model file name {path.name!r}: its stem must match {_NAME.pattern}")
-        return cls([ModelVersion(path.stem, 1, path)])
+        repository = cls([ModelVersion(path.stem, 1, path)])
+        repository.file = path
+        return repository
+
+    def names(self) -> list[str]:
+        """The names of the models held, sorted."""
+        return sorted(self._models)
+
+    def replace(self, name: str, versions: list[ModelVersion]) -> None:
+        """Serve `versions` as model `name` from now on, all at once.
+
+        One dict assignment, so a lookup sees either every old version or every new one; requests that
+        already hold an old version's session finish on it.
+        """
+        self._models[name] = {entry.version: entry for entry in versions}
 
     def __iter__(self) -> Iterator[ModelVersion]:
-        for versions in self._models.values():
-            yield from versions.values()
+        # A snapshot: a reload may replace a model while the caller iterates.
+        for versions in list(self._models.values()):
+            yield from list(versions.values())
 
     def versions(self, name: str) -> list[int]:
         """The version numbers of model `name`, ascending; raises `ModelNotFound`."""
@@ -117,3 +132,15 @@ class ModelRepository:
             raise ModelNotFound(
                 f"no model named {name!r}; models: {', '.join(sorted(self._models))}"
             ) from None
+
+
+def scan_model(model_dir: Path) -> list[ModelVersion]:
+    """The versions under `model_dir`: `<version>/model.onnx` with integer names, others skipped (warned)."""
+    versions = []
+    for version_dir in sorted(p for p in model_dir.iterdir() if p.is_dir()):
+        number = parse_version(version_dir.name)
+        if number is None:
+            log.warning("skipping %s: version directories are named by integers", version_dir)
+            continue
+        versions.append(ModelVersion(model_dir.name, number, version_dir / MODEL_FILE))
+    return versions

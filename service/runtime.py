@@ -90,16 +90,24 @@ class TensorSpec:
 
 
 class Session:
-    """One loaded ONNX model on onnxruntime. `run` is thread-safe and releases the GIL."""
+    """One loaded ONNX model on onnxruntime. `run` is thread-safe and releases the GIL.
 
-    def __init__(self, path: Path, providers: Sequence[str], intra_op_threads: int) -> None:
+    Built from `data`, the file's bytes when given (so the graph served is the graph verified, whatever
+    happens to the file later), else from `path`; `path` names the model in errors.
+    """
+
+    def __init__(
+        self, path: Path, providers: Sequence[str], intra_op_threads: int, data: bytes | None = None
+    ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         # Inter-op parallelism does nothing for these single-chain graphs and would add threads.
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+            self._session = ort.InferenceSession(
+                str(path) if data is None else data, sess_options=options, providers=list(providers)
+            )
         except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
             raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
         self.providers: list[str] = list(self._session.get_providers())

@@ -10,8 +10,11 @@ from typing import Any
 from service.errors import ModelLoadError
 
 
-def verify_frozen(path: Path, providers: Sequence[str]) -> dict[str, Any]:
+def verify_frozen(path: Path, providers: Sequence[str], data: bytes | None = None) -> dict[str, Any]:
     """Run `bn_export.verify.verify_model` on the model at `path`; its report as a dict when it passed.
+
+    `data`, when given, is the model's bytes already read from `path`: that is what gets verified, so the
+    check and the session built from the same bytes cannot see two different files.
 
     Raises `ModelLoadError` with the failed checks when the graph normalizes with batch statistics (or fails
     any other check), when the file is not ONNX, or when the check itself is not installed: a model is never
@@ -28,7 +31,8 @@ def verify_frozen(path: Path, providers: Sequence[str]) -> dict[str, Any]:
     from bn_export.errors import BnExportError
 
     try:
-        report = verify_model(path, providers=list(providers))
+        model: Any = path if data is None else _parse(path, data)
+        report = verify_model(model, providers=list(providers))
     except BnExportError as exc:
         raise ModelLoadError(f"{path} failed verification: {exc}") from None
     if not report.passed:
@@ -36,3 +40,13 @@ def verify_frozen(path: Path, providers: Sequence[str]) -> dict[str, Any]:
         raise ModelLoadError(f"refused: the graph does not pass the frozen-statistics checks ({failed})")
     result: dict[str, Any] = report.to_dict()
     return result
+
+
+def _parse(path: Path, data: bytes) -> Any:
+    """The ONNX ModelProto in `data`; `ModelLoadError` when it is not one."""
+    import onnx
+
+    try:
+        return onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors: all mean "not ONNX"
+        raise ModelLoadError(f"{path} is not an ONNX model: {exc}") from None
