@@ -8,8 +8,10 @@ route, wrong method, request validation) are rewritten to the same V2 body `{"er
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -33,6 +35,7 @@ from service.errors import (
     UnsupportedMediaType,
 )
 from service.inference import InferenceCore
+from service.observability import Observability
 from service.protocol import ServerMetadata
 from service.repository import ModelRepository, ModelState
 from service.runtime import resolve_providers
@@ -73,7 +76,7 @@ def json_response(content: Any, status_code: int = 200, headers: Mapping[str, st
     return Response(codec.dumps(content), status_code=status_code, media_type=JSON, headers=headers)
 
 
-def build_core(settings: Settings) -> InferenceCore:
+def build_core(settings: Settings, observability: Observability | None = None) -> InferenceCore:
     """The core for `settings`: providers resolved (raises `ConfigurationError`), models found, not loaded."""
     if settings.model_repository is not None:
         repository = ModelRepository.scan(settings.model_repository)
@@ -87,12 +90,17 @@ def build_core(settings: Settings) -> InferenceCore:
         intra_op_threads=settings.resolved_intra_op_threads(),
         allow_non_finite=settings.allow_non_finite,
         warmup=settings.warmup,
+        observability=observability,
     )
 
 
 def create_app(settings: Settings) -> FastAPI:
     """The V2 REST app. Models load in the background once it starts; `/v2/health/ready` turns 200 after."""
-    core = build_core(settings)
+    observability = Observability(
+        drift=settings.drift, drift_threshold=settings.drift_threshold, drift_window=settings.drift_window
+    )
+    metrics = observability.metrics
+    core = build_core(settings, observability)
     executor = ThreadPoolExecutor(settings.resolved_inference_threads(), thread_name_prefix="bn-serve")
 
     async def in_pool(function: Callable[..., T], *args: Any) -> T:
@@ -101,15 +109,48 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading runs beside the server so that liveness answers while models load and warm up.
+        observability.start()
         loading = asyncio.get_running_loop().run_in_executor(None, core.load_all)
         try:
             yield
         finally:
             await loading
+            observability.close()
             executor.shutdown(wait=True)
 
     app = FastAPI(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.core = core
+    app.state.observability = observability
+
+    def observed(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
+        """Count each request by model, version and status, time it, and hold it as in flight meanwhile.
+
+        Labels come from the repository, never from the URL: an unknown model or version counts as
+        `UNKNOWN_MODEL`. A request whose client went away before the answer counts as 499.
+        """
+
+        @functools.wraps(route)
+        async def counted(*args: Any, **kwargs: Any) -> Response:
+            started = time.perf_counter()
+            status = 500
+            with metrics.track_in_flight():
+                try:
+                    response = await route(*args, **kwargs)
+                    status = response.status_code
+                    return response
+                except ServiceError as exc:
+                    status = status_for(exc)
+                    raise
+                except asyncio.CancelledError:
+                    status = 499
+                    raise
+                finally:
+                    model, version = observability.labels(
+                        core.repository, kwargs["model_name"], kwargs.get("model_version")
+                    )
+                    metrics.observe_request(model, version, status, time.perf_counter() - started)
+
+        return counted
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
@@ -149,6 +190,19 @@ def create_app(settings: Settings) -> FastAPI:
     async def model_metadata(model_name: str, model_version: str | None = None) -> Response:
         return json_response(core.metadata(model_name, model_version).model_dump())
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        # Queued drift inputs are applied first, so a scrape sees every request answered before it.
+        body, content_type = await asyncio.to_thread(_flushed_render, observability)
+        return Response(body, media_type=content_type)
+
+    @app.get("/v2/models/{model_name}/stats")
+    @app.get("/v2/models/{model_name}/versions/{model_version}/stats")
+    async def model_stats(model_name: str, model_version: str | None = None) -> Response:
+        entry = core.model(model_name, model_version)
+        await asyncio.to_thread(observability.flush)
+        return json_response(observability.drift_stats(entry))
+
     @app.get("/v2/models/{model_name}/ready")
     @app.get("/v2/models/{model_name}/versions/{model_version}/ready")
     async def model_ready(model_name: str, model_version: str | None = None) -> Response:
@@ -161,6 +215,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v2/models/{model_name}/infer")
     @app.post("/v2/models/{model_name}/versions/{model_version}/infer")
+    @observed
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
         header_length = _framing(request)
         body = await read_body(request, settings.max_request_bytes)
@@ -176,6 +231,11 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(encoded.body, media_type=OCTET_STREAM, headers=headers)
 
     return app
+
+
+def _flushed_render(observability: Observability) -> tuple[bytes, str]:
+    observability.flush()
+    return observability.metrics.render()
 
 
 def app_from_environment() -> FastAPI:

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from service.datatypes import convert_lossless, numpy_dtype
 from service.errors import InferenceFailed, InvalidInput, ModelLoadError, ModelNotReady, ServiceError
 from service.protocol import MetadataTensor, ModelMetadata
+from service.observability import Observability
 from service.repository import ModelRepository, ModelState, ModelVersion
 from service.runtime import Session, TensorSpec, is_invalid_argument
 from service.verification import verify_frozen
@@ -63,12 +64,14 @@ class InferenceCore:
         intra_op_threads: int,
         allow_non_finite: bool = False,
         warmup: bool = True,
+        observability: Observability | None = None,
     ) -> None:
         self.repository = repository
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.allow_non_finite = allow_non_finite
         self.warmup = warmup
+        self.observability = observability
         self._loaded = threading.Event()
 
     @property
@@ -84,6 +87,14 @@ class InferenceCore:
 
     def load(self, entry: ModelVersion) -> None:
         """Load, verify and warm up one model version, recording READY or UNAVAILABLE with the reason."""
+        started = time.perf_counter()
+        if self.observability is not None:
+            self.observability.model_loading(entry)
+        self._load(entry)
+        if self.observability is not None:
+            self.observability.model_state(entry, time.perf_counter() - started)
+
+    def _load(self, entry: ModelVersion) -> None:
         started = time.perf_counter()
         entry.state, entry.reason = ModelState.LOADING, None
         try:
@@ -155,12 +166,16 @@ class InferenceCore:
             raise ModelNotReady(f"model {entry.name!r} version {entry.version} is not ready: {detail}")
         feeds = self._feeds(session, request.inputs)
         output_names = self._output_names(session, request.outputs)
+        started = time.perf_counter()
         try:
             results = session.run(output_names, feeds)
         except Exception as exc:  # onnxruntime's own exception types; classified below
             if is_invalid_argument(exc):
                 raise InvalidInput(f"the model rejected the inputs: {exc}") from None
             raise InferenceFailed(f"model {entry.name!r} failed to run: {exc}") from None
+        if self.observability is not None:
+            self.observability.ran(entry, time.perf_counter() - started, _batch_size(feeds))
+            self.observability.served(entry, feeds)
         return InferResponse(
             model_name=entry.name,
             model_version=str(entry.version),
@@ -219,6 +234,12 @@ class InferenceCore:
         if len(set(requested)) != len(requested):
             raise InvalidInput("an output is requested more than once")
         return requested
+
+
+def _batch_size(feeds: dict[str, NDArray[Any]]) -> int:
+    """Samples in a run: the leading (batch) dimension of its inputs, 1 for scalar inputs."""
+    first = next(iter(feeds.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 def _warm_up(session: Session) -> None:

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.drift import DEFAULT_THRESHOLD
+
 Device = Literal["auto", "cpu", "cuda"]
 
 
@@ -45,6 +47,16 @@ class Settings(BaseSettings):
     warmup: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
+
+    drift: bool = Field(
+        default=True, description="track how far the served inputs drift from each model's frozen statistics"
+    )
+    drift_threshold: float = Field(
+        default=DEFAULT_THRESHOLD, gt=0, description="drift score above which a warning is logged"
+    )
+    drift_window: int | None = Field(
+        default=100_000, ge=1, description="recent samples behind the drift figures (between W and 2W)"
+    )
 
     @model_validator(mode="after")
     def _one_model_source(self) -> Settings:

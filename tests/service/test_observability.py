@@ -1,0 +1,338 @@
+"""Metrics and live drift, end to end: real requests through the app and a real bn-serve process, the
+Prometheus text parsed with prometheus_client's parser, drift figures against float64 numpy."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.metrics import UNKNOWN_MODEL
+from service.observability import Observability
+from service.repository import ModelState, ModelVersion
+from tests.service.conftest import CHANNELS, FrozenParams, InProcess, Repository
+
+# The layer's epsilon as the graph stores it (a float32 attribute), which is what the monitor reads.
+EPS = float(np.float32(1e-5))
+THRESHOLD = 0.25
+
+
+def infer_body(x: NDArray[Any]) -> dict[str, Any]:
+    return {
+        "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+    }
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One series of the exposition: name (with `_total`, `_bucket`... suffix), labels, value."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+def scrape(get: Callable[[str], Any]) -> list[Sample]:
+    response = get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return [
+        Sample(s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    ]
+
+
+def values(samples: list[Sample], name: str, **labels: str) -> list[float]:
+    return [s.value for s in samples if s.name == name and labels.items() <= s.labels.items()]
+
+
+def value(samples: list[Sample], name: str, **labels: str) -> float:
+    found = values(samples, name, **labels)
+    assert len(found) == 1, f"{name} {labels}: {found}"
+    return found[0]
+
+
+def request_counts(samples: list[Sample]) -> dict[tuple[str, str, str], float]:
+    return {
+        (s.labels["model"], s.labels["version"], s.labels["status"]): s.value
+        for s in samples
+        if s.name == "bn_serve_requests_total"
+    }
+
+
+def served_inputs(params: FrozenParams, rng: np.random.Generator, n: int, shift_std: float) -> NDArray[Any]:
+    """(n, C) float32 drawn from the frozen Gaussian per channel, every channel shifted by `shift_std` std."""
+    std = np.sqrt(params.var.astype(np.float64) + EPS)
+    z = rng.standard_normal((n, CHANNELS))
+    return (params.mean + (z + shift_std) * std).astype(np.float32)
+
+
+def expected_drift(x: NDArray[Any], params: FrozenParams) -> dict[str, Any]:
+    """The drift figures written out from the definitions, in float64, from every served row."""
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=0), x64.var(axis=0)  # population variance, like moving_var
+    frozen = params.var.astype(np.float64) + EPS
+    d = (mean - params.mean.astype(np.float64)) / np.sqrt(frozen)
+    r = (var + EPS) / frozen
+    kl_live_frozen = 0.5 * (r - 1 - np.log(r) + d**2)
+    kl_frozen_live = 0.5 * (1 / r - 1 + np.log(r) + d**2 / r)
+    return {
+        "mean": mean,
+        "var": var,
+        "d": d,
+        "r": r,
+        "score": float((kl_live_frozen + kl_frozen_live).mean()),
+    }
+
+
+def post_in_batches(server: Any, url: str, x: NDArray[Any], sizes: list[int]) -> None:
+    """Post the rows of `x` split into requests of the given sizes (cycled), each answered 200."""
+    start, i = 0, 0
+    while start < len(x):
+        stop = min(len(x), start + sizes[i % len(sizes)])
+        response = server.post(url, json=infer_body(x[start:stop]))
+        assert response.status_code == 200, response.text
+        start, i = stop, i + 1
+
+
+@pytest.fixture
+def fresh(serve_in_process: Callable[..., InProcess]) -> Iterator[InProcess]:
+    """A server of its own, so that its counters start at zero."""
+    server = serve_in_process()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+# -- requests, statuses and labels --------------------------------------------------------------------------
+
+
+def test_requests_are_counted_by_model_version_and_status_for_200_400_404_and_503(fresh: InProcess) -> None:
+    x = np.zeros((2, CHANNELS), dtype=np.float32)
+    assert fresh.post("/v2/models/frozen/infer", json=infer_body(x)).status_code == 200
+    assert fresh.post("/v2/models/frozen/versions/1/infer", json=infer_body(x)).status_code == 200
+    assert fresh.post("/v2/models/frozen/versions/1/infer", json=infer_body(x)).status_code == 200
+    wrong_shape = infer_body(np.zeros((2, CHANNELS + 1), dtype=np.float32))
+    assert fresh.post("/v2/models/frozen/infer", json=wrong_shape).status_code == 400
+    assert fresh.post("/v2/models/frozen/infer", content=b"{not json").status_code == 400
+    assert fresh.post("/v2/models/frozen/versions/7/infer", json=infer_body(x)).status_code == 404
+    assert fresh.post("/v2/models/batchstat/infer", json=infer_body(x)).status_code == 503
+
+    counts = request_counts(scrape(fresh.get))
+    assert counts == {
+        ("frozen", "2", "200"): 1,
+        ("frozen", "1", "200"): 2,
+        ("frozen", "2", "400"): 2,
+        ("frozen", UNKNOWN_MODEL, "404"): 1,
+        ("batchstat", "1", "503"): 1,
+    }
+
+
+def test_unknown_model_names_share_one_bounded_label_value(fresh: InProcess) -> None:
+    x = np.zeros((1, CHANNELS), dtype=np.float32)
+    names = [f"made-up-{uuid.uuid4().hex}" for _ in range(3)]
+    for name in names:
+        response = fresh.post(f"/v2/models/{name}/infer", json=infer_body(x))
+        assert response.status_code == 404
+        assert name in response.json()["error"]
+
+    samples = scrape(fresh.get)
+    exposed = {s.labels.get("model") for s in samples} | {s.labels.get("version") for s in samples}
+    assert not any(name in str(label) for name in names for label in exposed)
+    assert request_counts(samples) == {(UNKNOWN_MODEL, UNKNOWN_MODEL, "404"): 3}
+
+
+def test_histograms_count_every_request_and_every_run_with_its_samples(fresh: InProcess) -> None:
+    sizes = [1, 3, 8, 3]
+    for n in sizes:
+        x = np.ones((n, CHANNELS), dtype=np.float32)
+        assert fresh.post("/v2/models/frozen/infer", json=infer_body(x)).status_code == 200
+    assert fresh.post("/v2/models/frozen/infer", content=b"[]").status_code == 400  # counted, never run
+
+    samples = scrape(fresh.get)
+    frozen = {"model": "frozen", "version": "2"}
+    assert value(samples, "bn_serve_request_seconds_count", **frozen) == len(sizes) + 1
+    assert value(samples, "bn_serve_inference_seconds_count", **frozen) == len(sizes)
+    assert value(samples, "bn_serve_batch_size_samples_count", **frozen) == len(sizes)
+    assert value(samples, "bn_serve_batch_size_samples_sum", **frozen) == sum(sizes)
+    # Cumulative buckets: 1 sample <= 1, three runs <= 4, all four <= 8 and +Inf.
+    buckets = {
+        s.labels["le"]: s.value
+        for s in samples
+        if s.name == "bn_serve_batch_size_samples_bucket" and frozen.items() <= s.labels.items()
+    }
+    assert (buckets["1.0"], buckets["2.0"], buckets["4.0"], buckets["8.0"], buckets["+Inf"]) == (
+        1,
+        1,
+        3,
+        4,
+        4,
+    )
+    for name in ("bn_serve_request_seconds", "bn_serve_inference_seconds"):
+        assert value(samples, f"{name}_bucket", le="+Inf", **frozen) == value(
+            samples, f"{name}_count", **frozen
+        )
+        assert value(samples, f"{name}_sum", **frozen) > 0
+    assert value(samples, "bn_serve_requests_in_flight") == 0
+
+
+def test_model_gauges_say_which_versions_are_ready_and_how_long_they_took_to_load(fresh: InProcess) -> None:
+    samples = scrape(fresh.get)
+    ready = {
+        (s.labels["model"], s.labels["version"]): s.value for s in samples if s.name == "bn_serve_model_ready"
+    }
+    assert ready == {("frozen", "1"): 1, ("frozen", "2"): 1, ("batchstat", "1"): 0, ("corrupt", "1"): 0}
+    for model, version in ready:
+        assert value(samples, "bn_serve_model_load_seconds", model=model, version=version) > 0
+
+
+# -- drift ---------------------------------------------------------------------------------------------------
+
+
+def test_stats_match_float64_moments_of_every_served_row(fresh: InProcess, repository: Repository) -> None:
+    params = repository.params[1]
+    x = served_inputs(params, np.random.default_rng(0), 150, shift_std=0.7)
+    post_in_batches(fresh, "/v2/models/frozen/versions/1/infer", x, [1, 7, 32, 5])
+
+    response = fresh.get("/v2/models/frozen/versions/1/stats")
+    assert response.status_code == 200
+    stats = response.json()
+    assert (stats["name"], stats["version"], stats["state"]) == ("frozen", "1", "READY")
+    assert (stats["input"], stats["channel_axis"], stats["dropped_batches"]) == ("input", 1, 0)
+    drift, want = stats["drift"], expected_drift(x, params)
+    assert (drift["samples"], drift["values"], drift["threshold"]) == (150, 150, THRESHOLD)
+    np.testing.assert_allclose(drift["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(drift["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(drift["channels"]["mean_shift"], want["d"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(drift["channels"]["var_ratio"], want["r"], rtol=1e-10)
+    assert drift["score"] == pytest.approx(want["score"], rel=1e-10)
+    assert drift["max_abs_mean_shift"] == pytest.approx(np.abs(want["d"]).max(), rel=1e-10)
+    # Version 2 served nothing: its monitor is its own.
+    assert fresh.get("/v2/models/frozen/stats").json()["drift"]["samples"] == 0
+
+
+def test_drift_gauges_repeat_the_stats_figures(fresh: InProcess, repository: Repository) -> None:
+    x = served_inputs(repository.params[2], np.random.default_rng(1), 64, shift_std=0.3)
+    post_in_batches(fresh, "/v2/models/frozen/infer", x, [16])
+    drift = fresh.get("/v2/models/frozen/stats").json()["drift"]
+    samples = scrape(fresh.get)
+    labels = {"model": "frozen", "version": "2"}
+    assert value(samples, "bn_serve_drift_score", **labels) == pytest.approx(drift["score"], rel=1e-12)
+    assert value(samples, "bn_serve_drift_samples", **labels) == 64
+    assert value(samples, "bn_serve_drift_max_abs_mean_shift", **labels) == pytest.approx(
+        drift["max_abs_mean_shift"], rel=1e-12
+    )
+    assert value(samples, "bn_serve_drift_alerting", **labels) == 0  # under 100 samples: never alerts
+
+
+def test_unshifted_inputs_stay_quiet_and_shifted_inputs_alert_once(
+    serve_in_process: Callable[..., InProcess], repository: Repository, caplog: pytest.LogCaptureFixture
+) -> None:
+    params = repository.params[2]
+    rng = np.random.default_rng(2)
+    quiet, drifting = serve_in_process(), serve_in_process()
+    try:
+        with caplog.at_level(logging.WARNING, logger="service.drift"):
+            post_in_batches(quiet, "/v2/models/frozen/infer", served_inputs(params, rng, 400, 0.0), [50])
+            calm = quiet.get("/v2/models/frozen/stats").json()["drift"]
+            # Two standard deviations in every channel: J = d²(1 + 1/r)/2 ≈ 4, far above 0.25.
+            shifted = served_inputs(params, rng, 400, 2.0)
+            post_in_batches(drifting, "/v2/models/frozen/infer", shifted[:200], [50])
+            drifting.get("/v2/models/frozen/stats")  # applies the first half: the crossing happens here
+            post_in_batches(drifting, "/v2/models/frozen/infer", shifted[200:], [50])
+            alarm = drifting.get("/v2/models/frozen/stats").json()["drift"]
+            gauges = scrape(drifting.get)
+    finally:
+        quiet.close()
+        drifting.close()
+
+    assert calm["score"] < 0.05
+    assert calm["alerting"] is False
+    assert alarm["score"] == pytest.approx(expected_drift(shifted, params)["score"], rel=1e-10)
+    assert alarm["score"] > THRESHOLD
+    assert alarm["alerting"] is True
+    assert value(gauges, "bn_serve_drift_alerting", model="frozen", version="2") == 1
+    warnings = [r for r in caplog.records if r.name == "service.drift" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "'frozen' version 2" in warnings[0].getMessage()
+
+
+def test_stats_of_an_unknown_model_is_a_v2_404_and_of_a_refused_model_says_why(fresh: InProcess) -> None:
+    response = fresh.get(f"/v2/models/{uuid.uuid4().hex}/stats")
+    assert response.status_code == 404
+    assert set(response.json()) == {"error"}
+    assert fresh.get("/v2/models/frozen/versions/9/stats").status_code == 404
+
+    refused = fresh.get("/v2/models/batchstat/stats")
+    assert refused.status_code == 200
+    assert refused.json()["drift"] is None
+    assert refused.json()["state"] == "UNAVAILABLE"
+
+
+def test_drift_off_by_environment_leaves_no_drift_figures(
+    serve_in_process: Callable[..., InProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BN_SERVE_DRIFT", "false")
+    server = serve_in_process()
+    try:
+        x = np.ones((4, CHANNELS), dtype=np.float32)
+        assert server.post("/v2/models/frozen/infer", json=infer_body(x)).status_code == 200
+        stats = server.get("/v2/models/frozen/stats").json()
+        samples = scrape(server.get)
+    finally:
+        server.close()
+    assert stats["drift"] is None
+    assert "BN_SERVE_DRIFT" in stats["reason"]
+    assert not [s for s in samples if s.name.startswith("bn_serve_drift_")]
+    assert request_counts(samples) == {("frozen", "2", "200"): 1}
+
+
+def test_a_full_drift_queue_drops_inputs_and_counts_them(repository: Repository) -> None:
+    entry = ModelVersion("frozen", 1, repository.root / "frozen" / "1" / "model.onnx", ModelState.READY)
+    x = np.ones((8, CHANNELS), dtype=np.float32)  # 128 bytes
+    observability = Observability(max_pending_bytes=3 * x.nbytes)
+    observability.model_state(entry, load_seconds=0.5)
+    for _ in range(5):
+        observability.served(entry, {"input": x})
+    observability.flush()
+    stats = observability.drift_stats(entry)
+    assert (stats["drift"]["samples"], stats["dropped_batches"]) == (24, 2)
+
+
+# -- a real process ------------------------------------------------------------------------------------------
+
+
+def test_a_real_bn_serve_process_exports_counts_and_drift(launch: Any, repository: Repository) -> None:
+    server = launch("--model-repository", str(repository.root), "--device", "cpu", "--intra-op-threads", "1")
+    params = repository.params[2]
+    x = served_inputs(params, np.random.default_rng(3), 120, shift_std=1.0)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        post_in_batches(http, "/v2/models/frozen/infer", x, [40])
+        assert http.post(f"/v2/models/{uuid.uuid4().hex}/infer", json=infer_body(x[:1])).status_code == 404
+        assert http.post("/v2/models/frozen/infer", json={"inputs": []}).status_code == 400
+        stats = http.get("/v2/models/frozen/stats").json()["drift"]
+        samples = scrape(http.get)
+
+    assert request_counts(samples) == {
+        ("frozen", "2", "200"): 3,
+        (UNKNOWN_MODEL, UNKNOWN_MODEL, "404"): 1,
+        ("frozen", "2", "400"): 1,
+    }
+    want = expected_drift(x, params)
+    assert stats["samples"] == 120
+    np.testing.assert_allclose(stats["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
+    assert stats["score"] == pytest.approx(want["score"], rel=1e-10)
+    assert value(samples, "bn_serve_drift_score", model="frozen", version="2") == pytest.approx(
+        want["score"], rel=1e-10
+    )
+    assert value(samples, "bn_serve_drift_alerting", model="frozen", version="2") == 1
