@@ -213,6 +213,10 @@ class Observability:
 
     # -- runs --------------------------------------------------------------------------------------------
 
+    def queued(self, entry: ModelVersion, seconds: float) -> None:
+        """Record how long one request waited in the batch queue before the run that carried it began."""
+        self.metrics.observe_queue(entry.name, str(entry.version), seconds)
+
     def ran(self, entry: ModelVersion, seconds: float, batch_size: int) -> None:
         """Record one onnxruntime run of `batch_size` samples that took `seconds`."""
         self.metrics.observe_inference(entry.name, str(entry.version), seconds, batch_size)
