@@ -17,8 +17,8 @@ from numpy.typing import NDArray
 
 from service.datatypes import convert_lossless, numpy_dtype
 from service.errors import InferenceFailed, InvalidInput, ModelLoadError, ModelNotReady, ServiceError
-from service.protocol import MetadataTensor, ModelMetadata
 from service.observability import Observability
+from service.protocol import MetadataTensor, ModelMetadata
 from service.repository import ModelRepository, ModelState, ModelVersion
 from service.runtime import Session, TensorSpec, is_invalid_argument
 from service.verification import verify_frozen
@@ -46,6 +46,29 @@ class InferResponse:
     model_version: str
     id: str | None
     outputs: list[tuple[str, NDArray[Any]]]
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request validated against one loaded version of its model, ready to run alone or merged.
+
+    `session` is the one validated against: a reload that swaps the model does not change what this runs on.
+    """
+
+    entry: ModelVersion
+    session: Session
+    id: str | None
+    feeds: dict[str, NDArray[Any]]
+    output_names: list[str]
+
+    def response(self, outputs: list[NDArray[Any]]) -> InferResponse:
+        """The response carrying `outputs`, one per name in `output_names`."""
+        return InferResponse(
+            model_name=self.entry.name,
+            model_version=str(self.entry.version),
+            id=self.id,
+            outputs=list(zip(self.output_names, outputs, strict=True)),
+        )
 
 
 class InferenceCore:
@@ -159,6 +182,15 @@ class InferenceCore:
         Raises `InvalidInput` for anything the client can fix, `ModelNotReady` (with the load's reason),
         `ModelNotFound`, and `InferenceFailed` only for a runtime fault on a valid request.
         """
+        prepared = self.prepare(name, version, request)
+        outputs = self.run(prepared.entry, prepared.session, prepared.output_names, prepared.feeds)
+        return prepared.response(outputs)
+
+    def prepare(self, name: str, version: str | None, request: InferRequest) -> PreparedRequest:
+        """Everything of `infer` short of running: the model resolved, the inputs validated and converted.
+
+        Raises as `infer` does, so a request that fails here never reaches a run (nor a merged batch).
+        """
         entry = self.repository.get(name, version)
         session = entry.session
         if entry.state is not ModelState.READY or session is None:
@@ -166,6 +198,19 @@ class InferenceCore:
             raise ModelNotReady(f"model {entry.name!r} version {entry.version} is not ready: {detail}")
         feeds = self._feeds(session, request.inputs)
         output_names = self._output_names(session, request.outputs)
+        return PreparedRequest(entry, session, request.id, feeds, output_names)
+
+    def run(
+        self,
+        entry: ModelVersion,
+        session: Session,
+        output_names: list[str],
+        feeds: dict[str, NDArray[Any]],
+    ) -> list[NDArray[Any]]:
+        """One onnxruntime run of validated `feeds` (one request's, or several merged); blocking.
+
+        Raises `InvalidInput` when onnxruntime refuses the inputs, `InferenceFailed` for any other fault.
+        """
         started = time.perf_counter()
         try:
             results = session.run(output_names, feeds)
@@ -176,12 +221,7 @@ class InferenceCore:
         if self.observability is not None:
             self.observability.ran(entry, time.perf_counter() - started, _batch_size(feeds))
             self.observability.served(entry, feeds)
-        return InferResponse(
-            model_name=entry.name,
-            model_version=str(entry.version),
-            id=request.id,
-            outputs=list(zip(output_names, results, strict=True)),
-        )
+        return results
 
     def _feeds(self, session: Session, inputs: list[tuple[str, NDArray[Any]]]) -> dict[str, NDArray[Any]]:
         specs = {spec.name: spec for spec in session.inputs}

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     warmup: bool = True
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
+    max_batch_size: int = Field(
+        default=1, ge=1, description="samples merged into one run from concurrent requests; 1 is off"
+    )
+    max_batch_delay_us: int = Field(
+        default=0, ge=0, description="longest wait for a batch to fill once requests queue; 0 never waits"
+    )
 
     drift: bool = Field(
         default=True, description="track how far the served inputs drift from each model's frozen statistics"

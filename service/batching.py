@@ -1,0 +1,344 @@
+"""Adaptive batching: concurrent requests for one model version are merged into one onnxruntime run.
+
+Why it is exact. The graphs served normalize with frozen statistics, `y = gamma*(x - moving_mean)/
+sqrt(moving_var + eps) + beta`, so each sample's output depends on that sample alone: running requests
+`x1: (n1, *s)`, `x2: (n2, *s)`, ... as one `concatenate([x1, x2, ...]): (n1 + n2 + ..., *s)` and slicing the
+outputs back at the offsets `0, n1, n1 + n2, ...` gives every request what it would have got alone (the
+service's tests check it bit for bit). A model that normalized with batch statistics would mix its requests'
+samples, which is why such models are refused at load.
+
+How. One queue per model version, shape signature and outputs asked for, on the event loop. A request
+joins the queue of its `merge_key`; a collector task takes what is queued, at most `max_batch_size`
+samples, runs it once and resolves each request's future with its slice. No latency is added at low load:
+a lone request runs at once (the collector yields to the event loop once, so requests that arrived together
+share the run). Under concurrent load the collector waits for the batch to fill for at most
+`max_batch_delay_us` after the oldest request arrived; meanwhile, requests arriving during a run queue up
+and go in the next one, so batches grow with the load by themselves.
+
+Errors stay with their request. Invalid requests are refused by `InferenceCore.prepare` before they queue.
+When a merged run fails, each of its requests is run again alone, so each gets its own answer or error.
+
+Per-model settings. `DIR/<name>/config.json` beside the version directories overrides the server's
+defaults for that model, e.g. `{"max_batch_size": 64, "max_batch_delay_us": 500}`; either key may be left
+out. `max_batch_size` 1 turns merging off for the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from service.errors import ModelLoadError, ServiceError
+from service.repository import MODEL_FILE, ModelVersion
+
+if TYPE_CHECKING:
+    from service.inference import InferenceCore, InferResponse, PreparedRequest
+
+log = logging.getLogger("bn_serve")
+
+CONFIG_FILE = "config.json"
+# Runs on at most this many input elements go on the event loop itself: for them, handing the run to a
+# thread and back (two context switches, ~50-100 µs under load) costs more than the run.
+INLINE_MAX_ELEMENTS = 16 * 1024
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How requests for one model are merged: at most `max_batch_size` samples (axis 0) per run, waiting
+    at most `max_batch_delay_us` for a batch to fill once more than one request is queued."""
+
+    max_batch_size: int = 1
+    max_batch_delay_us: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int):
+            raise TypeError(f"max_batch_size must be an integer, got {self.max_batch_size!r}")
+        if isinstance(self.max_batch_delay_us, bool) or not isinstance(self.max_batch_delay_us, int):
+            raise TypeError(f"max_batch_delay_us must be an integer, got {self.max_batch_delay_us!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(
+                f"max_batch_size must be at least 1 (1 turns batching off), got {self.max_batch_size}"
+            )
+        if self.max_batch_delay_us < 0:
+            raise ValueError(f"max_batch_delay_us must be at least 0, got {self.max_batch_delay_us}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+
+def model_directory(entry: ModelVersion) -> Path | None:
+    """`DIR/<name>` of a repository entry (`DIR/<name>/<version>/model.onnx`); None for a single file."""
+    path = entry.path
+    if (
+        path.name == MODEL_FILE
+        and path.parent.name == str(entry.version)
+        and path.parent.parent.name == entry.name
+    ):
+        return path.parent.parent
+    return None
+
+
+def read_policy(model_dir: Path | None, default: BatchPolicy) -> BatchPolicy:
+    """The policy of the model in `model_dir`: `default` overridden by its `config.json`, if any.
+
+    Raises `ModelLoadError` for a file that is not a JSON object of known, valid keys: a typo must not
+    silently leave batching at the server's default.
+    """
+    if model_dir is None:
+        return default
+    path = model_dir / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return default
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+    known = ("max_batch_size", "max_batch_delay_us")
+    if not isinstance(document, dict) or set(document) - set(known):
+        raise ModelLoadError(
+            f"{path} must be a JSON object with keys among {', '.join(known)}, got {text.strip()[:200]!r}"
+        )
+    values = {key: document.get(key, getattr(default, key)) for key in known}
+    try:
+        return BatchPolicy(**values)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: {exc}") from None
+
+
+def merge_key(prepared: PreparedRequest) -> Hashable | None:
+    """What requests must share to run together, or None when this one cannot be merged.
+
+    Mergeable: every model input has a dynamic axis 0 and every fed array the same size on it. The key is
+    the session, the outputs asked for, and each input's name, dtype and non-batch dimensions.
+    """
+    specs = prepared.session.inputs
+    if not specs or any(not spec.shape or spec.shape[0] is not None for spec in specs):
+        return None
+    signature = []
+    batch = None
+    for name, array in prepared.feeds.items():
+        if array.ndim == 0 or (batch is not None and array.shape[0] != batch):
+            return None
+        batch = array.shape[0]
+        signature.append((name, array.dtype.str, array.shape[1:]))
+    return id(prepared.session), tuple(prepared.output_names), tuple(signature)
+
+
+def batch_size(prepared: PreparedRequest) -> int:
+    """Samples in the request: axis 0 of its inputs (they agree once `merge_key` is not None)."""
+    return int(next(iter(prepared.feeds.values())).shape[0])
+
+
+@dataclass
+class _Pending:
+    prepared: PreparedRequest
+    samples: int
+    future: asyncio.Future[InferResponse]
+    arrived: float
+
+
+@dataclass
+class _Queue:
+    policy: BatchPolicy
+    items: deque[_Pending] = field(default_factory=deque)
+    samples: int = 0
+    collecting: bool = False
+    filled: asyncio.Event | None = None  # set while the collector waits for the batch to fill
+
+
+class Batcher:
+    """Runs prepared requests on `core`: merged per `merge_key` where the model's policy allows, else alone.
+
+    `default` is the server's policy, overridden per model by its `config.json` (`read_policy`). Used from
+    the event loop's thread only. Runs of more than `inline_max_elements` input elements go to
+    `executor` (onnxruntime releases the GIL there); smaller ones run on the loop.
+    """
+
+    def __init__(
+        self,
+        core: InferenceCore,
+        executor: Executor,
+        default: BatchPolicy,
+        *,
+        inline_max_elements: int = INLINE_MAX_ELEMENTS,
+    ) -> None:
+        self._core = core
+        self._executor = executor
+        self._default = default
+        # id(entry) -> (entry, its policy); the entry is held so that its id is not reused while cached.
+        self._policies: dict[int, tuple[ModelVersion, BatchPolicy]] = {}
+        self._inline_max_elements = inline_max_elements
+        self._queues: dict[Hashable, _Queue] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+        self.runs = 0  # onnxruntime runs made, merged or alone: requests / runs is the mean merge
+
+    async def infer(self, prepared: PreparedRequest) -> InferResponse:
+        """`prepared`'s response, from a merged run when one is possible; raises as `InferenceCore.run`."""
+        policy = self.policy(prepared.entry)
+        key = merge_key(prepared) if policy.enabled else None
+        if key is None:
+            return await self._alone(prepared)
+        samples = batch_size(prepared)
+        if samples >= policy.max_batch_size:
+            return await self._alone(prepared)
+        loop = asyncio.get_running_loop()
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = _Queue(policy)
+        pending = _Pending(prepared, samples, loop.create_future(), loop.time())
+        queue.items.append(pending)
+        queue.samples += samples
+        if not queue.collecting:
+            queue.collecting = True
+            task = loop.create_task(self._collect(key, queue))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif queue.filled is not None and queue.samples >= policy.max_batch_size:
+            queue.filled.set()
+        return await pending.future
+
+    def policy(self, entry: ModelVersion) -> BatchPolicy:
+        """The policy of `entry`, its model's `config.json` read once per loaded version."""
+        cached = self._policies.get(id(entry))
+        if cached is not None and cached[0] is entry:
+            return cached[1]
+        policy = read_policy(model_directory(entry), self._default)
+        self._policies[id(entry)] = (entry, policy)
+        return policy
+
+    async def _collect(self, key: Hashable, queue: _Queue) -> None:
+        policy = queue.policy
+        try:
+            # One turn of the loop: requests that arrived in the same read share the first run.
+            await asyncio.sleep(0)
+            while queue.items:
+                if (
+                    len(queue.items) > 1
+                    and queue.samples < policy.max_batch_size
+                    and policy.max_batch_delay_us
+                ):
+                    await self._wait_to_fill(queue)
+                batch = self._take(queue)
+                await self._run_batch(batch)
+        except BaseException as exc:  # the collector itself failed: no queued request may hang on it
+            for pending in queue.items:
+                if pending.future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    pending.future.set_exception(exc)
+                else:
+                    pending.future.cancel()
+            queue.items.clear()
+            raise
+        finally:
+            queue.collecting = False
+            if self._queues.get(key) is queue and not queue.items:
+                del self._queues[key]
+
+    async def _wait_to_fill(self, queue: _Queue) -> None:
+        loop = asyncio.get_running_loop()
+        remaining = queue.items[0].arrived + queue.policy.max_batch_delay_us * 1e-6 - loop.time()
+        if remaining <= 0:
+            return
+        queue.filled = asyncio.Event()
+        try:
+            await asyncio.wait_for(queue.filled.wait(), remaining)
+        except TimeoutError:
+            pass
+        finally:
+            queue.filled = None
+
+    @staticmethod
+    def _take(queue: _Queue) -> list[_Pending]:
+        """The oldest requests whose samples fit in one run (always at least one), in arrival order."""
+        batch = [queue.items.popleft()]
+        total = batch[0].samples
+        while queue.items and total + queue.items[0].samples <= queue.policy.max_batch_size:
+            batch.append(queue.items.popleft())
+            total += batch[-1].samples
+        queue.samples -= total
+        return batch
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        # A client that went away cancelled its future: its samples are not computed for nobody.
+        live = [p for p in batch if not p.future.done()]
+        if len(live) == 1:
+            await self._settle(live[0])
+            return
+        if not live:
+            return
+        first = live[0].prepared
+        feeds = {name: np.concatenate([p.prepared.feeds[name] for p in live]) for name in first.feeds}
+        try:
+            outputs = await self._call(
+                sum(a.size for a in feeds.values()),
+                self._core.run,
+                first.entry,
+                first.session,
+                first.output_names,
+                feeds,
+            )
+            parts = _split(outputs, [p.samples for p in live])
+        except Exception as exc:  # any failure of the merged run: each request is retried alone
+            log.warning("a merged run of %d requests failed (%s); running each alone", len(live), exc)
+            for pending in live:
+                await self._settle(pending)
+            return
+        for pending, part in zip(live, parts, strict=True):
+            if not pending.future.done():
+                pending.future.set_result(pending.prepared.response(part))
+
+    async def _settle(self, pending: _Pending) -> None:
+        try:
+            response = await self._alone(pending.prepared)
+        except Exception as exc:  # handed to the one request it concerns
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+            return
+        if not pending.future.done():
+            pending.future.set_result(response)
+
+    async def _alone(self, prepared: PreparedRequest) -> InferResponse:
+        elements = sum(a.size for a in prepared.feeds.values())
+        outputs = await self._call(
+            elements, self._core.run, prepared.entry, prepared.session, prepared.output_names, prepared.feeds
+        )
+        return prepared.response(outputs)
+
+    async def _call(self, elements: int, function: Callable[..., T], *args: Any) -> T:
+        self.runs += 1
+        if elements <= self._inline_max_elements:
+            return function(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+
+def _split(outputs: list[NDArray[Any]], sizes: list[int]) -> list[list[NDArray[Any]]]:
+    """Each request's slice of every output, at the offsets of `sizes` along axis 0.
+
+    Raises `ServiceError` when an output does not have one row per merged sample (a model whose outputs are
+    not per-sample cannot be split; its requests are then run alone).
+    """
+    total = sum(sizes)
+    for array in outputs:
+        if array.ndim == 0 or array.shape[0] != total:
+            raise ServiceError(f"an output of shape {list(array.shape)} has no row per sample of {total}")
+    offsets = np.cumsum([0, *sizes]).tolist()
+    return [[array[start:stop] for array in outputs] for start, stop in itertools.pairwise(offsets)]

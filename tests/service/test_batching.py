@@ -1,0 +1,284 @@
+"""Adaptive batching: merged runs answer every request bit for bit as a run alone, and errors stay put."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from numpy.typing import NDArray
+from onnx import TensorProto, helper, numpy_helper
+
+from service.batching import Batcher, BatchPolicy, model_directory, read_policy
+from service.errors import InvalidInput, ModelLoadError
+from service.inference import InferenceCore, InferRequest, InferResponse
+from service.repository import ModelRepository, ModelState, ModelVersion
+from service.runtime import CPU, Session
+from tests.service.conftest import EPS, IR_VERSION, OPSET, frozen_params, start_server, stop_server
+
+MERGING = BatchPolicy(max_batch_size=64, max_batch_delay_us=2_000)
+
+
+@pytest.fixture(scope="module")
+def core(repository: Any) -> InferenceCore:
+    loaded = InferenceCore(ModelRepository.scan(repository.root), providers=[CPU], intra_op_threads=1)
+    loaded.load_all()
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def executor() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(2) as pool:
+        yield pool
+
+
+def request(x: NDArray[Any], outputs: list[str] | None = None) -> InferRequest:
+    return InferRequest(id=None, inputs=[("input", x)], outputs=outputs)
+
+
+def samples(seed: int, count: int) -> list[NDArray[np.float32]]:
+    """`count` requests of 1 to 9 rows each, some rows far out of the training range."""
+    rng = np.random.default_rng(seed)
+    batches = [rng.standard_normal((int(rng.integers(1, 10)), 4)).astype(np.float32) for _ in range(count)]
+    batches[0][0] = np.float32(1e6)  # a wild companion must not move anyone else's output
+    return batches
+
+
+def serve_concurrently(batcher: Batcher, core: InferenceCore, requests: list[InferRequest]) -> list[Any]:
+    """Every request submitted at once to `batcher`; its response, or the exception it raised, in order."""
+
+    async def one(item: InferRequest) -> InferResponse:
+        await asyncio.sleep(0)
+        return await batcher.infer(core.prepare("frozen", "1", item))
+
+    async def main() -> list[Any]:
+        return list(await asyncio.gather(*(one(r) for r in requests), return_exceptions=True))
+
+    return asyncio.run(main())
+
+
+def test_merged_runs_equal_runs_alone_bitwise(core: InferenceCore, executor: ThreadPoolExecutor) -> None:
+    batches = samples(seed=1, count=40)
+    # Above the inline limit too, so merged runs go through the thread pool as large requests do.
+    for inline in (0, 1 << 20):
+        batcher = Batcher(core, executor, MERGING, inline_max_elements=inline)
+        responses = serve_concurrently(batcher, core, [request(x) for x in batches])
+        assert batcher.runs < len(batches) / 4, "concurrent requests were not merged"
+        for x, response in zip(batches, responses, strict=True):
+            alone = dict(core.infer("frozen", "1", request(x)).outputs)
+            merged = dict(response.outputs)
+            for name in ("output", "logits"):
+                assert merged[name].shape == alone[name].shape
+                assert merged[name].tobytes() == alone[name].tobytes(), name
+
+
+def test_merged_output_equals_the_float64_formula(
+    core: InferenceCore, executor: ThreadPoolExecutor, repository: Any
+) -> None:
+    batches = samples(seed=2, count=12)
+    responses = serve_concurrently(Batcher(core, executor, MERGING), core, [request(x) for x in batches])
+    for x, response in zip(batches, responses, strict=True):
+        np.testing.assert_allclose(
+            dict(response.outputs)["output"], repository.params[1].output(x), rtol=1e-6, atol=1e-5
+        )
+
+
+def test_requests_asking_for_different_outputs_get_their_own(
+    core: InferenceCore, executor: ThreadPoolExecutor
+) -> None:
+    batches = samples(seed=3, count=12)
+    asked = [["logits"] if i % 3 == 0 else ["output"] if i % 3 == 1 else None for i in range(len(batches))]
+    batcher = Batcher(core, executor, MERGING)
+    responses = serve_concurrently(
+        batcher, core, [request(x, o) for x, o in zip(batches, asked, strict=True)]
+    )
+    for x, names, response in zip(batches, asked, responses, strict=True):
+        alone = core.infer("frozen", "1", request(x, names))
+        assert [n for n, _ in response.outputs] == [n for n, _ in alone.outputs]
+        for (_, got), (_, want) in zip(response.outputs, alone.outputs, strict=True):
+            assert got.tobytes() == want.tobytes()
+
+
+def test_max_batch_size_bounds_every_run(core: InferenceCore, executor: ThreadPoolExecutor) -> None:
+    rows = [np.full((3, 4), i, dtype=np.float32) for i in range(20)]  # 60 rows in all
+    policy = BatchPolicy(max_batch_size=7, max_batch_delay_us=2_000)
+    batcher = Batcher(core, executor, policy)
+    responses = serve_concurrently(batcher, core, [request(x) for x in rows])
+    # At most two 3-row requests fit in 7 rows: at least 10 runs for 20 requests.
+    assert batcher.runs >= 10
+    for x, response in zip(rows, responses, strict=True):
+        assert (
+            dict(response.outputs)["output"].tobytes()
+            == dict(core.infer("frozen", "1", request(x)).outputs)["output"].tobytes()
+        )
+
+
+def test_a_lone_request_is_not_delayed(core: InferenceCore, executor: ThreadPoolExecutor) -> None:
+    batcher = Batcher(core, executor, BatchPolicy(max_batch_size=64, max_batch_delay_us=2_000_000))
+    started = time.perf_counter()
+    serve_concurrently(batcher, core, [request(np.ones((1, 4), np.float32))])
+    assert time.perf_counter() - started < 1.0  # the 2 s delay applies only once requests queue together
+
+
+def test_invalid_requests_are_refused_before_they_join_a_batch(
+    core: InferenceCore, executor: ThreadPoolExecutor
+) -> None:
+    with pytest.raises(InvalidInput, match="3 channels"):
+        core.prepare("frozen", "1", request(np.ones((1, 3), np.float32)))
+    bad = np.ones((2, 4), np.float32)
+    bad[1, 2] = np.nan
+    with pytest.raises(InvalidInput, match="non-finite"):
+        core.prepare("frozen", "1", request(bad))
+
+
+def gather_model(path: Path) -> Session:
+    """input (N, 4) -> frozen BatchNormalization -> output, and `picked = table[int(input)]` with a 10-entry
+    table: a run fails (onnxruntime INVALID_ARGUMENT) when any input value is outside [-10, 9]."""
+    params = frozen_params(5)
+    inits = [numpy_helper.from_array(getattr(params, n), n) for n in ("gamma", "beta", "mean", "var")]
+    inits.append(numpy_helper.from_array(np.arange(10, dtype=np.float32), "table"))
+    nodes = [
+        helper.make_node(
+            "BatchNormalization", ["input", "gamma", "beta", "mean", "var"], ["output"], epsilon=EPS
+        ),
+        helper.make_node("Cast", ["input"], ["index"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "index"], ["picked"], axis=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gather",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4])],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("picked", TensorProto.FLOAT, ["N", 4]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)
+    return Session(path, [CPU], 1)
+
+
+def test_a_failed_merged_run_fails_only_the_request_that_caused_it(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    # The graph fails for some inputs, so verification (which runs random inputs) would refuse it; it is put
+    # in the repository as loaded on purpose, to make a merged run fail at run time.
+    path = tmp_path / "gather" / "1" / "model.onnx"
+    path.parent.mkdir(parents=True)
+    entry = ModelVersion("gather", 1, path, state=ModelState.READY, session=gather_model(path))
+    gather_core = InferenceCore(ModelRepository([entry]), providers=[CPU], intra_op_threads=1)
+    inputs = [np.full((2, 4), i % 10, dtype=np.float32) for i in range(12)]
+    inputs[5][1, 3] = np.float32(40.0)  # out of the table: this request's run fails, alone or merged
+    batcher = Batcher(gather_core, executor, MERGING)
+
+    async def main() -> list[Any]:
+        async def one(x: NDArray[np.float32]) -> InferResponse:
+            await asyncio.sleep(0)
+            return await batcher.infer(gather_core.prepare("gather", None, request(x)))
+
+        return list(await asyncio.gather(*(one(x) for x in inputs), return_exceptions=True))
+
+    results = asyncio.run(main())
+    for i, (x, result) in enumerate(zip(inputs, results, strict=True)):
+        if i == 5:
+            assert isinstance(result, InvalidInput)
+            assert "out of data bounds" in str(result)
+        else:
+            assert isinstance(result, InferResponse), result
+            np.testing.assert_array_equal(dict(result.outputs)["picked"], x)
+
+
+def test_config_json_beside_the_versions_overrides_the_default(tmp_path: Path) -> None:
+    default = BatchPolicy(max_batch_size=8, max_batch_delay_us=100)
+    entry = ModelVersion("m", 3, tmp_path / "m" / "3" / "model.onnx")
+    directory = model_directory(entry)
+    assert directory == tmp_path / "m"
+    assert read_policy(directory, default) == default  # no file: the server's policy
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"max_batch_size": 32}))
+    assert read_policy(directory, default) == BatchPolicy(max_batch_size=32, max_batch_delay_us=100)
+    (directory / "config.json").write_text(json.dumps({"max_batch_size": 1, "max_batch_delay_us": 0}))
+    assert not read_policy(directory, default).enabled
+    # A single model file has no model directory: nothing beside it is read as its configuration.
+    assert model_directory(ModelVersion("m", 1, tmp_path / "m.onnx")) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"max_batch_sise": 4}', "keys among"),
+        ('{"max_batch_size": 0}', "at least 1"),
+        ('{"max_batch_size": "8"}', "integer"),
+        ('{"max_batch_delay_us": -1}', "at least 0"),
+        ("[8]", "JSON object"),
+    ],
+)
+def test_a_bad_config_json_is_refused_with_its_reason(tmp_path: Path, text: str, words: str) -> None:
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=words):
+        read_policy(tmp_path, BatchPolicy())
+
+
+@pytest.mark.slow
+def test_concurrent_clients_over_http_get_bitwise_the_outputs_of_runs_alone(repository: Any) -> None:
+    """Many clients at once against a real bn-serve process with batching on; each response equals a run
+    of that request alone in onnxruntime, bit for bit."""
+    model = repository.root / "frozen" / "2" / "model.onnx"
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    reference = ort.InferenceSession(str(model), options, providers=[CPU])
+    server = start_server(
+        "--model-repository",
+        str(repository.root),
+        "--device",
+        "cpu",
+        "--intra-op-threads",
+        "1",
+        env={"BN_SERVE_MAX_BATCH_SIZE": "32", "BN_SERVE_MAX_BATCH_DELAY_US": "1000"},
+    )
+    try:
+        batches = samples(seed=4, count=96)
+
+        def call(x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+            header = json.dumps(
+                {
+                    "inputs": [
+                        {"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                         "parameters": {"binary_data_size": x.nbytes}}
+                    ],
+                    "parameters": {"binary_data_output": True},
+                }
+            ).encode()  # fmt: skip
+            response = httpx.post(
+                f"{server.url}/v2/models/frozen/infer",
+                content=header + x.tobytes(),
+                headers={"Inference-Header-Content-Length": str(len(header))},
+                timeout=30,
+            )
+            assert response.status_code == 200, response.text
+            length = int(response.headers["inference-header-content-length"])
+            raw = response.content[length:]
+            n = x.shape[0]
+            return np.frombuffer(raw[: n * 16], "<f4").reshape(n, 4), np.frombuffer(raw[n * 16 :], "<f4")
+
+        with concurrent.futures.ThreadPoolExecutor(24) as clients:
+            answers = list(clients.map(call, batches))
+        for x, (output, logits) in zip(batches, answers, strict=True):
+            want_output, want_logits = reference.run(["output", "logits"], {"input": x})
+            assert output.tobytes() == want_output.tobytes()
+            assert logits.tobytes() == want_logits.tobytes()
+    finally:
+        assert stop_server(server) == 0
