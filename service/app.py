@@ -8,6 +8,7 @@ route, wrong method, request validation) are rewritten to the same V2 body `{"er
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -16,26 +17,37 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request, Response
+import orjson
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from bn_export import __version__
 from service import codec
+from service.admission import AdmissionGate, admission_control
+from service.auth import Authenticator, load_api_keys
 from service.batching import INLINE_MAX_ELEMENTS, Batcher, BatchPolicy
 from service.errors import (
     ConfigurationError,
+    Forbidden,
     InferenceFailed,
     InvalidInput,
+    LoadRefused,
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
+    Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     ServerNotReady,
     ServiceError,
+    Unauthorized,
     UnsupportedMediaType,
 )
 from service.inference import InferenceCore, PreparedRequest
+from service.lifecycle import ModelLifecycle
+from service.log import RequestContext, configure_logging
 from service.observability import Observability
 from service.protocol import ServerMetadata
 from service.repository import ModelRepository, ModelState
@@ -53,6 +65,9 @@ INLINE_BODY_BYTES = 64 * 1024  # about 3,000 JSON floats: well under a milliseco
 
 STATUS: dict[type[ServiceError], int] = {
     InvalidInput: 400,
+    LoadRefused: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
     ModelNotFound: 404,
     PayloadTooLarge: 413,
     UnsupportedMediaType: 415,
@@ -61,6 +76,8 @@ STATUS: dict[type[ServiceError], int] = {
     ModelNotReady: 503,
     ModelLoadError: 503,
     ServerNotReady: 503,
+    Overloaded: 503,
+    RequestTimeout: 504,
 }
 
 T = TypeVar("T")
@@ -92,6 +109,7 @@ def build_core(settings: Settings, observability: Observability | None = None) -
         intra_op_threads=settings.resolved_intra_op_threads(),
         allow_non_finite=settings.allow_non_finite,
         warmup=settings.warmup,
+        max_request_elements=settings.max_request_elements,
         observability=observability,
     )
 
@@ -106,8 +124,18 @@ def create_app(settings: Settings) -> FastAPI:
     executor = ThreadPoolExecutor(settings.resolved_inference_threads(), thread_name_prefix="bn-serve")
     batcher = Batcher(core, executor, BatchPolicy(settings.max_batch_size, settings.max_batch_delay_us))
 
+    authenticator = Authenticator(load_api_keys(settings.api_key, settings.api_keys_file))
+    lifecycle = ModelLifecycle(core)
+    # Places for the runs in the pool plus those queued behind them; past that, 503 with Retry-After.
+    gate = AdmissionGate(settings.resolved_inference_threads() + settings.max_queued_requests)
+
     async def in_pool(function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
+        # The context travels into the thread, so that records logged there carry the request id.
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(executor, context.run, function, *args)
+
+    async def authenticate(request: Request) -> None:
+        authenticator.check(request.url.path, request.headers.get("authorization"))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -121,7 +149,16 @@ def create_app(settings: Settings) -> FastAPI:
             observability.close()
             executor.shutdown(wait=True)
 
-    app = FastAPI(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="frozen-bn",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        dependencies=[Depends(authenticate)],
+    )
+    app.state.lifecycle = lifecycle
+    app.add_middleware(RequestContext)
     app.state.core = core
     app.state.observability = observability
 
@@ -158,9 +195,25 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         status = status_for(exc)
-        if status >= 500:
+        if status >= 500 and not isinstance(exc, (Overloaded, RequestTimeout)):
             log.error("%s %s: %s", request.method, request.url.path, exc)
-        return json_response({"error": str(exc)}, status)
+        headers = {}
+        if isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = 'Bearer realm="bn-serve"'
+        if isinstance(exc, Overloaded):
+            headers["Retry-After"] = str(exc.retry_after_s)
+        return json_response({"error": str(exc)}, status, headers=headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody is left to read an answer; 499 (nginx's "client closed request") marks it in the access log.
+        return Response(status_code=499)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> Response:
+        # A bug, not a client's mistake: logged with its traceback, answered with a V2 body, no details.
+        log.error("%s %s: unexpected error", request.method, request.url.path, exc_info=exc)
+        return json_response({"error": "internal server error; the server log has the details"}, 500)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -219,6 +272,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/v2/models/{model_name}/infer")
     @app.post("/v2/models/{model_name}/versions/{model_version}/infer")
     @observed
+    @admission_control(gate, settings.request_timeout_s)
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
         header_length = _framing(request)
         body = await read_body(request, settings.max_request_bytes)
@@ -239,7 +293,51 @@ def create_app(settings: Settings) -> FastAPI:
         headers = {"Inference-Header-Content-Length": str(encoded.header_length)}
         return Response(encoded.body, media_type=OCTET_STREAM, headers=headers)
 
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request) -> Response:
+        document = await _repository_body(request)
+        ready = document.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput(f"'ready' must be true or false, got {ready!r}")
+        return json_response(lifecycle.index(ready_only=ready))
+
+    @app.post("/v2/repository/models/{model_name}/load")
+    async def repository_load(request: Request, model_name: str) -> Response:
+        if (await _repository_body(request)).get("parameters"):
+            raise InvalidInput("load parameters (config overrides, model files) are not supported")
+        await _in_thread(lifecycle.load, model_name)
+        return json_response({})
+
+    @app.post("/v2/repository/models/{model_name}/unload")
+    async def repository_unload(request: Request, model_name: str) -> Response:
+        await _repository_body(request)
+        await _in_thread(lifecycle.unload, model_name)
+        return json_response({})
+
     return app
+
+
+async def _in_thread(function: Callable[..., T], *args: Any) -> T:
+    """`function(*args)` on the default pool (not the inference pool: a reload must not take its threads)."""
+    context = contextvars.copy_context()
+    return await asyncio.get_running_loop().run_in_executor(None, context.run, function, *args)
+
+
+REPOSITORY_BODY_LIMIT = 64 * 1024
+
+
+async def _repository_body(request: Request) -> dict[str, Any]:
+    """The optional JSON object body of a repository request ({} when empty)."""
+    raw = await read_body(request, REPOSITORY_BODY_LIMIT)
+    if not raw.strip():
+        return {}
+    try:
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidInput(f"request body must be a JSON object, got {type(document).__name__}")
+    return document
 
 
 def _flushed_render(observability: Observability) -> tuple[bytes, str]:
@@ -249,7 +347,9 @@ def _flushed_render(observability: Observability) -> tuple[bytes, str]:
 
 def app_from_environment() -> FastAPI:
     """The app for settings read from `BN_SERVE_*` variables: uvicorn's factory when it spawns workers."""
-    return create_app(Settings())
+    settings = Settings()
+    configure_logging(settings.log_level)  # a spawned worker starts with logging unconfigured
+    return create_app(settings)
 
 
 def _framing(request: Request) -> int | None:

@@ -26,6 +26,8 @@ from service.protocol import InferenceRequest, RequestInput
 # The JSON element kinds each V2 datatype accepts: numbers for floats, integers for integer types, booleans
 # for BOOL. Anything else (strings, null, ragged nesting -> object arrays) is a client mistake.
 _JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+# The largest product of dimensions numpy reshapes to for an 8-byte element type: bytes must fit its intp.
+_MAX_SHAPE_PRODUCT = np.iinfo(np.intp).max // 8
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ def _decode_inputs(inputs: list[RequestInput], binary: memoryview) -> list[tuple
     for tensor in inputs:
         if any(d < 0 for d in tensor.shape):
             raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} has a negative dimension")
+        # numpy refuses (ValueError) any shape whose non-zero dimensions multiply past its index range, even
+        # one holding a zero, so such shapes are the client's mistake, said before numpy sees them.
+        if math.prod(max(d, 1) for d in tensor.shape) > _MAX_SHAPE_PRODUCT:
+            raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} is larger than any array can be")
         dtype = numpy_dtype(tensor.datatype)
         size = _binary_size(tensor)
         if size is None:

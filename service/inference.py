@@ -16,7 +16,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.datatypes import convert_lossless, numpy_dtype
-from service.errors import InferenceFailed, InvalidInput, ModelLoadError, ModelNotReady, ServiceError
+from service.errors import (
+    InferenceFailed,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotReady,
+    PayloadTooLarge,
+    ServiceError,
+)
 from service.observability import Observability
 from service.protocol import MetadataTensor, ModelMetadata
 from service.repository import ModelRepository, ModelState, ModelVersion
@@ -88,8 +95,10 @@ class InferenceCore:
         allow_non_finite: bool = False,
         warmup: bool = True,
         observability: Observability | None = None,
+        max_request_elements: int | None = None,
     ) -> None:
         self.repository = repository
+        self.max_request_elements = max_request_elements
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.allow_non_finite = allow_non_finite
@@ -121,11 +130,15 @@ class InferenceCore:
         started = time.perf_counter()
         entry.state, entry.reason = ModelState.LOADING, None
         try:
-            if not entry.path.is_file():
-                raise ModelLoadError(f"{entry.path} does not exist")
-            session = Session(entry.path, self.providers, self.intra_op_threads)
+            # Read once: the session and the check both use these bytes, and later changes to the file
+            # (rewritten, truncated, deleted) cannot reach a loaded model.
+            try:
+                data = entry.path.read_bytes()
+            except OSError as exc:
+                raise ModelLoadError(f"cannot read {entry.path}: {exc.strerror or exc}") from None
+            session = Session(entry.path, self.providers, self.intra_op_threads, data=data)
             entry.session = session
-            entry.verification = verify_frozen(entry.path, session.providers)
+            entry.verification = verify_frozen(entry.path, session.providers, data=data)
             if self.warmup:
                 _warm_up(session)
         except ServiceError as exc:
@@ -196,6 +209,7 @@ class InferenceCore:
         if entry.state is not ModelState.READY or session is None:
             detail = entry.reason or "it is still loading"
             raise ModelNotReady(f"model {entry.name!r} version {entry.version} is not ready: {detail}")
+        self._check_size(request.inputs)
         feeds = self._feeds(session, request.inputs)
         output_names = self._output_names(session, request.outputs)
         return PreparedRequest(entry, session, request.id, feeds, output_names)
@@ -222,6 +236,15 @@ class InferenceCore:
             self.observability.ran(entry, time.perf_counter() - started, _batch_size(feeds))
             self.observability.served(entry, feeds)
         return results
+
+    def _check_size(self, inputs: list[tuple[str, NDArray[Any]]]) -> None:
+        """Refuse requests over `max_request_elements` before any conversion allocates for them."""
+        total = sum(array.size for _, array in inputs)
+        if self.max_request_elements is not None and total > self.max_request_elements:
+            raise PayloadTooLarge(
+                f"the request holds {total} tensor elements, the limit is {self.max_request_elements} "
+                "(max_request_elements); split it into smaller requests"
+            )
 
     def _feeds(self, session: Session, inputs: list[tuple[str, NDArray[Any]]]) -> dict[str, NDArray[Any]]:
         specs = {spec.name: spec for spec in session.inputs}

@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     max_batch_delay_us: int = Field(
         default=0, ge=0, description="longest wait for a batch to fill once requests queue; 0 never waits"
     )
+    max_request_elements: int = Field(
+        default=16 * 1024 * 1024, ge=1, description="tensor elements per request, all inputs together"
+    )
+    request_timeout_s: float = Field(
+        default=30.0, gt=0, description="from the request's arrival to its answer; 504 beyond"
+    )
+    max_queued_requests: int = Field(
+        default=128, ge=0, description="requests waiting for an inference slot; 503 + Retry-After beyond"
+    )
+    # Secrets come from the environment or a file only: a command-line flag would show in `ps`.
+    api_key: str | None = Field(default=None, repr=False)
+    api_keys_file: Path | None = None
 
     drift: bool = Field(
         default=True, description="track how far the served inputs drift from each model's frozen statistics"

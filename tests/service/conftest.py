@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -239,29 +240,41 @@ class Server:
     process: subprocess.Popen[bytes]
     url: str
     host_port: str
+    # The server's output goes to a file, not a pipe: an undrained pipe fills up and blocks the server.
+    log: Any = None
+
+    def output(self) -> str:
+        """Everything the server has written to stdout and stderr so far."""
+        if self.log is None:
+            return ""
+        self.log.flush()
+        with open(self.log.name, encoding="utf-8", errors="replace") as reader:
+            return reader.read()
 
 
 def start_server(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Server:
     """`bn-serve ARGS --port <free>` as a real process, returned once /v2/health/ready answers 200."""
     port = free_port()
     command = [sys.executable, "-m", "service.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
+    log = tempfile.NamedTemporaryFile(prefix="bn-serve-", suffix=".log")  # noqa: SIM115 (closed in stop_server)
     process = subprocess.Popen(
-        command, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        command, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:
         if process.poll() is not None:
-            output = process.stdout.read().decode() if process.stdout else ""
+            output = Server(process, url, "", log).output()
+            log.close()
             raise RuntimeError(f"bn-serve exited with {process.returncode}:\n{output}")
         try:
             with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as response:
                 if response.status == 200:
-                    return Server(process, url, f"127.0.0.1:{port}")
+                    return Server(process, url, f"127.0.0.1:{port}", log)
         except OSError:
             pass
         if time.monotonic() > deadline:
-            stop_server(Server(process, url, f"127.0.0.1:{port}"))
+            stop_server(Server(process, url, f"127.0.0.1:{port}", log))
             raise TimeoutError("bn-serve did not become ready")
         time.sleep(0.1)
 
@@ -275,8 +288,8 @@ def stop_server(server: Server, timeout: float = 20.0) -> int:
         except subprocess.TimeoutExpired:
             server.process.kill()
             server.process.wait()
-    if server.process.stdout:
-        server.process.stdout.close()
+    if server.log is not None:
+        server.log.close()
     return int(server.process.returncode)
 
 
