@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="accept NaN and infinities in inputs (default: refused with 400)",
     )
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        help="samples of concurrent requests merged into one run (default 64; 1 turns batching off)",
+    )
+    parser.add_argument(
+        "--max-batch-delay-us",
+        type=int,
+        help="longest wait for a batch to fill once requests queue (default 0: never wait)",
+    )
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
