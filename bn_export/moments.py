@@ -15,10 +15,9 @@ statistics of the data instead of an EMA (Wu & Johnson 2021, "Rethinking 'Batch'
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +28,10 @@ from numpy.typing import ArrayLike, NDArray
 from bn_export.errors import InvalidInputError
 from bn_export.layer import check_input, require_finite
 
-# Values per block: a block's float64 copy (1 MiB) stays in a core's L2 cache.
-_BLOCK_VALUES = 1 << 17
+# Values per block: a block's float64 copy is 2 MiB, twice a Zen 5 core's L2, yet the float32 -> float64
+# cast from a memory map runs twice as fast as with 1 MiB blocks (fewer, longer streams), which outweighs
+# the sums reading from L3; 4 MiB blocks lose (benchmarks/README.md, "Fitting").
+_BLOCK_VALUES = 1 << 18
 # Channel rows shorter than this are transposed to channels-last blocks, where BLAS works across rows.
 _MIN_ROW = 64
 # Batches from this many values on are split over threads, at most this many: past two, the Python
@@ -39,6 +40,10 @@ _PARALLEL_VALUES = 1 << 22
 _MAX_WORKERS = 2
 # Unshifted sums while Σx² <= this × M2 (at most 6 bits lost to cancellation, ~1e-14 relative).
 _CANCELLATION = 64.0
+# Channels-last blocks with fewer channels sum squares with BLAS instead of einsum.
+_EINSUM_CHANNELS = 32
+# Leading values per channel whose mean and spread decide a batch's pilot shift.
+_PILOT_VALUES = 64
 
 
 @dataclass(frozen=True)
@@ -171,24 +176,29 @@ def _blocked_moments(data: NDArray[np.floating[Any]], channel: int, workers: int
     """Moments of `data` per channel from its (A, C, B) view: A before the channel axis, B after it.
 
     Each cache-sized block is copied to float64 and summed with BLAS (`Σd`, `Σd²`); the blocks merge
-    pairwise. Centred data is summed as it is; once `Σx²` dwarfs `M2` (cancellation in
-    `M2 = Σd² - (Σd)²/n`), blocks are first shifted by one of their own values per channel `k` (for
-    float32 data `x - k` is exact in float64, and a shift inside the data's range keeps the cancellation
-    small). Large batches are split over `workers` threads (numpy releases the GIL in these kernels).
+    pairwise. Centred data is summed as it is; uncentred data (`|mean| > √32·σ` over the first samples)
+    is shifted by that pilot mean `k` as it is copied, and any block whose `Σd²` still dwarfs its `M2`
+    (cancellation in `M2 = Σd² - (Σd)²/n`, e.g. data drifting within the batch) is summed again shifted
+    by its own mean. Large batches are split over `workers` threads (numpy releases the GIL in these
+    kernels) at block boundaries, so the blocks, their merge and the result are the same bits whatever
+    `workers` is.
     """
     C = data.shape[channel]
     A = math.prod(data.shape[:channel])
     B = math.prod(data.shape[channel + 1 :])
     view = data.reshape(A, C, B)
+    layout: type[_Blocks] = _RowBlocks if B >= _MIN_ROW else _ChannelsLastBlocks
+    rows = layout.rows_per_block(C, B)
+    blocks = -(-A // rows)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf surface in the sums, checked below
+        shift = _pilot_shift(view)
     if workers is None:
         workers = _MAX_WORKERS if data.size >= _PARALLEL_VALUES else 1
-    workers = max(1, min(int(workers), A, _available_cpus()))
-    if workers == 1:
-        parts = [_moments_of_rows(view)]
-    else:
-        bounds = np.linspace(0, A, workers + 1).astype(int)
-        chunks = [view[lo:hi] for lo, hi in itertools.pairwise(bounds) if hi > lo]
-        parts = list(_thread_pool().map(_moments_of_rows, chunks))
+    workers = max(1, min(int(workers), blocks, _available_cpus()))
+    step = -(-blocks // workers) * rows
+    chunks = [layout(view[lo : lo + step], shift) for lo in range(0, A, step)]
+    single = len(chunks) == 1
+    parts = [chunks[0].moments()] if single else list(_thread_pool().map(_Blocks.moments, chunks))
     with np.errstate(invalid="ignore", over="ignore"):
         _, mean, m2 = _tree_merge(
             np.concatenate([p[0] for p in parts]),
@@ -201,100 +211,160 @@ def _blocked_moments(data: NDArray[np.floating[Any]], channel: int, workers: int
     return Moments(A * B, mean, m2)
 
 
-def _moments_of_rows(
-    view: NDArray[np.floating[Any]],
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-    """Per-block `(counts (P,), means (P, C), m2s (P, C))` of an (A, C, B) array, blocks over A (and B)."""
-    # NaN/Inf in the data make the sums non-finite, which the caller turns into an error; no warnings.
-    with np.errstate(invalid="ignore", over="ignore"):
-        return _moments_of_rows_unchecked(view)
+def _pilot_shift(view: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
+    """Per-channel shift `(C,)`: the mean of about `_PILOT_VALUES` leading values where it exceeds √32·σ.
+
+    Σx² <= 64·M2 (at most 6 bits lost) holds while mean² <= 63·σ²; the factor 32 leaves room for the
+    pilot's sampling error. Elsewhere 0, so centred data skips the shift pass.
+    """
+    B = view.shape[2]
+    head = view[: -(-_PILOT_VALUES // B), :, :_PILOT_VALUES].astype(np.float64)
+    mean = head.mean(axis=(0, 2))
+    spread = head.std(axis=(0, 2))
+    return _representable(np.where(np.abs(mean) > math.sqrt(32.0) * spread, mean, 0.0), view.dtype)
 
 
-def _moments_of_rows_unchecked(
-    view: NDArray[np.floating[Any]],
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
-    _, C, B = view.shape
-    counts: list[int] = []
-    sums: list[tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]] = []
-    layout = _RowBlocks(view) if B >= _MIN_ROW else _ChannelsLastBlocks(view)
-    # Unshifted sums are exact enough while Σx² stays within a factor `_CANCELLATION` of M2 (it loses
-    # log2 of that factor in bits); past it, this block and the rest shift by one of their own values.
-    shifting = False
-    zero = np.zeros(C)
-    for block, d in layout.blocks():
-        n = d.size // C
-        np.copyto(d, block)
-        shift = zero
-        if shifting:
-            shift = layout.shift(block, d)
-        s1, s2 = layout.sums(d)
-        if not shifting and np.any(s2 > _CANCELLATION * (s2 - s1 * s1 / n)):
-            shifting = True
-            shift = layout.shift(block, d)
-            s1, s2 = layout.sums(d)
-        counts.append(n)
-        sums.append((shift, s1, s2))
-    n_blocks = np.array(counts, dtype=np.float64)[:, None]
-    shifts, s1s, s2s = (np.stack(column) for column in zip(*sums, strict=True))
-    # Rounding can push a constant channel's M2 just below 0.
-    m2 = np.maximum(s2s - s1s * s1s / n_blocks, 0.0)
-    return n_blocks[:, 0], shifts + s1s / n_blocks, m2
+def _representable(shift: NDArray[np.float64], dtype: np.dtype[Any]) -> NDArray[np.float64]:
+    """`shift` rounded to the data's dtype, so the shifted values stay on the data's grid.
+
+    For float32 (float16) data `x - shift` is then exact in float64 and so are its squares (under 2·24
+    bits), which keeps the block sums exact far longer than a shift off that grid would.
+    """
+    return shift.astype(dtype).astype(np.float64)
 
 
-class _RowBlocks:
+class _Blocks:
+    """Cache-sized blocks of an (A, C, B) view, `rows` of A each, summed per channel in float64.
+
+    `block(p, shift, out1, out2)` writes block `p`'s `Σ(x - shift)` and `Σ(x - shift)²` as `width`
+    partial sums (zero-padded) that `reduce` adds up per channel; `counts` are values per channel.
+    """
+
+    rows: int
+    width: int
+    counts: NDArray[np.float64]
+
+    def __init__(self, view: NDArray[np.floating[Any]], shift: NDArray[np.float64]) -> None:
+        self.view = view
+        self.shift = shift
+
+    @staticmethod
+    def rows_per_block(C: int, B: int) -> int:
+        raise NotImplementedError
+
+    def block(
+        self, p: int, shift: NDArray[np.float64], out1: NDArray[np.float64], out2: NDArray[np.float64]
+    ) -> None:
+        raise NotImplementedError
+
+    def reduce(self, partial: NDArray[np.float64]) -> NDArray[np.float64]:
+        return partial
+
+    def moments(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """Per-block `(counts (P,), means (P, C), m2s (P, C))`."""
+        # NaN/Inf in the data make the sums non-finite, which the caller turns into an error; no warnings.
+        with np.errstate(invalid="ignore", over="ignore"):
+            return self._moments()
+
+    def _moments(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        P, n = len(self.counts), self.counts[:, None]
+        partial1, partial2 = np.zeros((P, self.width)), np.zeros((P, self.width))
+        for p in range(P):
+            self.block(p, self.shift, partial1[p], partial2[p])
+        s1, s2 = self.reduce(partial1), self.reduce(partial2)
+        shifts = np.repeat(self.shift[None, :], P, axis=0)
+        # Unshifted (or pilot-shifted) sums are exact enough while Σd² stays within `_CANCELLATION` of
+        # M2 (log2 of it is the bits lost); a block past it is summed again about its own mean.
+        for bad in np.flatnonzero(np.any(s2 > _CANCELLATION * (s2 - s1 * s1 / n), axis=1)):
+            p = int(bad)
+            shifts[p] = _representable(self.shift + s1[p] / n[p], self.view.dtype)
+            partial1[p], partial2[p] = 0.0, 0.0
+            self.block(p, shifts[p], partial1[p], partial2[p])
+            s1[p], s2[p] = self.reduce(partial1[p : p + 1])[0], self.reduce(partial2[p : p + 1])[0]
+        # Rounding can push a constant channel's M2 just below 0.
+        m2 = np.maximum(s2 - s1 * s1 / n, 0.0)
+        return self.counts, shifts + s1 / n, m2
+
+
+class _RowBlocks(_Blocks):
     """(A, C, B) with long channel rows (B >= _MIN_ROW): blocks (r, C, w); sums are row dot products."""
 
-    def __init__(self, view: NDArray[np.floating[Any]]) -> None:
-        _, C, B = view.shape
-        self.view = view
+    def __init__(self, view: NDArray[np.floating[Any]], shift: NDArray[np.float64]) -> None:
+        super().__init__(view, shift)
+        A, C, B = view.shape
         self.cols = min(B, max(_MIN_ROW, _BLOCK_VALUES // C))
-        self.rows = max(1, _BLOCK_VALUES // (C * self.cols))
-        self.buffer = np.empty((self.rows, C, self.cols))
+        self.rows = self.rows_per_block(C, B)
+        self.width = self.rows * C
+        self.starts = [(a, b) for a in range(0, A, self.rows) for b in range(0, B, self.cols)]
+        self.counts = np.array(
+            [min(self.rows, A - a) * min(self.cols, B - b) for a, b in self.starts], dtype=np.float64
+        )
+        self.buffer = np.empty(self.rows * C * self.cols)
         self.ones = np.ones(self.cols)
 
-    def blocks(self) -> Iterator[tuple[NDArray[np.floating[Any]], NDArray[np.float64]]]:
-        A, _, B = self.view.shape
-        for a in range(0, A, self.rows):
-            for b in range(0, B, self.cols):
-                block = self.view[a : a + self.rows, :, b : b + self.cols]
-                yield block, self.buffer[: block.shape[0], :, : block.shape[2]]
+    @staticmethod
+    def rows_per_block(C: int, B: int) -> int:
+        return max(1, _BLOCK_VALUES // (C * min(B, max(_MIN_ROW, _BLOCK_VALUES // C))))
 
-    def shift(self, block: NDArray[np.floating[Any]], d: NDArray[np.float64]) -> NDArray[np.float64]:
-        shift = block[0, :, 0].astype(np.float64)
-        d -= shift[:, None]
-        return shift
-
-    def sums(self, d: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        r, C, w = d.shape
+    def block(
+        self, p: int, shift: NDArray[np.float64], out1: NDArray[np.float64], out2: NDArray[np.float64]
+    ) -> None:
+        a, b = self.starts[p]
+        block = self.view[a : a + self.rows, :, b : b + self.cols]
+        r, C, w = block.shape
+        # A contiguous prefix of the buffer, so the (r·C, w) rows below are a view, not a copy.
+        d = self.buffer[: r * C * w].reshape(r, C, w)
+        if shift.any():
+            np.subtract(block, shift[:, None], out=d)
+        else:
+            np.copyto(d, block)
         flat = d.reshape(r * C, w)
-        s1 = (flat @ self.ones[:w]).reshape(r, C).sum(axis=0)
-        s2 = (flat[:, None, :] @ flat[:, :, None]).reshape(r, C).sum(axis=0)
-        return s1, s2
+        np.matmul(flat, self.ones[:w], out=out1[: r * C])
+        np.matmul(flat[:, None, :], flat[:, :, None], out=out2[: r * C, None, None])
+
+    def reduce(self, partial: NDArray[np.float64]) -> NDArray[np.float64]:
+        summed: NDArray[np.float64] = partial.reshape(partial.shape[0], self.rows, -1).sum(axis=1)
+        return summed
 
 
-class _ChannelsLastBlocks:
+class _ChannelsLastBlocks(_Blocks):
     """(A, C, B) with short rows: blocks copied to (r, B, C), channel innermost; sums run down columns."""
 
-    def __init__(self, view: NDArray[np.floating[Any]]) -> None:
-        _, C, B = view.shape
-        self.view = view
-        self.rows = max(1, _BLOCK_VALUES // (C * B))
-        self.buffer = np.empty((self.rows, B, C))
+    def __init__(self, view: NDArray[np.floating[Any]], shift: NDArray[np.float64]) -> None:
+        super().__init__(view, shift)
+        A, C, B = view.shape
+        self.rows = self.rows_per_block(C, B)
+        self.width = C
+        self.starts = list(range(0, A, self.rows))
+        self.counts = np.array([min(self.rows, A - a) * B for a in self.starts], dtype=np.float64)
+        self.buffer = np.empty(self.rows * B * C)
         self.ones = np.ones(self.rows * B)
+        # einsum sums each channel's column one value after another: with few channels those columns are
+        # long (2^18 / C values) and its rounding grows past 1e-12, and it is slower than BLAS on squares.
+        self.squares = np.empty_like(self.buffer) if C < _EINSUM_CHANNELS else None
 
-    def blocks(self) -> Iterator[tuple[NDArray[np.floating[Any]], NDArray[np.float64]]]:
-        for a in range(0, self.view.shape[0], self.rows):
-            block = self.view[a : a + self.rows].transpose(0, 2, 1)
-            yield block, self.buffer[: block.shape[0]]
+    @staticmethod
+    def rows_per_block(C: int, B: int) -> int:
+        return max(1, _BLOCK_VALUES // (C * B))
 
-    def shift(self, block: NDArray[np.floating[Any]], d: NDArray[np.float64]) -> NDArray[np.float64]:
-        shift = block[0, 0, :].astype(np.float64)
-        d -= shift
-        return shift
-
-    def sums(self, d: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        flat = d.reshape(-1, d.shape[2])
-        return self.ones[: flat.shape[0]] @ flat, np.einsum("ac,ac->c", flat, flat)
+    def block(
+        self, p: int, shift: NDArray[np.float64], out1: NDArray[np.float64], out2: NDArray[np.float64]
+    ) -> None:
+        a = self.starts[p]
+        block = self.view[a : a + self.rows].transpose(0, 2, 1)
+        r, B, C = block.shape
+        d = self.buffer[: r * B * C].reshape(r, B, C)
+        if shift.any():
+            np.subtract(block, shift, out=d)
+        else:
+            np.copyto(d, block)
+        flat = d.reshape(r * B, C)
+        np.matmul(self.ones[: r * B], flat, out=out1)
+        if self.squares is None:
+            np.einsum("ac,ac->c", flat, flat, out=out2)
+        else:
+            squares = self.squares[: r * B * C].reshape(r * B, C)
+            np.matmul(self.ones[: r * B], np.multiply(flat, flat, out=squares), out=out2)
 
 
 @functools.cache

@@ -64,6 +64,19 @@ def test_threads_give_the_single_thread_result(workers: int) -> None:
     _assert_moments(shared, *_two_pass(x, 1))
 
 
+@pytest.mark.parametrize(
+    ("shape", "offset"), [((37, 3, 40, 40), 1e3), ((9, 300, 2000), 0.0), ((90_001, 3), 50.0)]
+)
+def test_threads_give_the_single_thread_result_bit_for_bit(shape: tuple[int, ...], offset: float) -> None:
+    # Threads take whole blocks, so the blocks and their merge tree are the same for any worker count.
+    x = _data(shape, seed=3, offset=offset)
+    alone = Moments.from_batch(x, 1, workers=1)
+    for workers in (2, 3):
+        shared = Moments.from_batch(x, 1, workers=workers)
+        np.testing.assert_array_equal(shared.mean, alone.mean)
+        np.testing.assert_array_equal(shared.m2, alone.m2)
+
+
 def test_a_large_offset_costs_no_accuracy() -> None:
     # mean/std = 1e6: the naive one-pass Σx² - (Σx)²/n would lose every digit of M2 here.
     x = (np.random.default_rng(2).normal(size=(4000, 2)) + 1e6).astype(np.float64)
