@@ -22,7 +22,6 @@ _EXPORTS = {
     "load_checkpoint": "bn_export.checkpoint",
     "save_checkpoint": "bn_export.checkpoint",
     "open_dataset": "bn_export.data",
-    "fit": "bn_export.fit",
     "export_onnx": "bn_export.export",
     "verify_model": "bn_export.verify",
 }
@@ -33,7 +32,6 @@ __all__ = [
     "Moments",
     "__version__",
     "export_onnx",
-    "fit",
     "load_checkpoint",
     "open_dataset",
     "save_checkpoint",
@@ -44,7 +42,6 @@ if TYPE_CHECKING:
     from bn_export.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
     from bn_export.data import open_dataset
     from bn_export.export import export_onnx
-    from bn_export.fit import fit
     from bn_export.layer import BatchNorm
     from bn_export.moments import Moments
     from bn_export.verify import verify_model
