@@ -54,6 +54,7 @@ from numpy.typing import ArrayLike, NDArray
 from onnx import helper, numpy_helper
 
 from bn_export.errors import ModelFileError
+from bn_export.providers import CPU, exact_providers
 
 ROUNDING_BUDGET = 16
 PROBES = 3
@@ -518,7 +519,7 @@ def _open_runtime(g: _Graph, providers: Sequence[str] | None) -> _Runtime | str:
     options.intra_op_num_threads = 1  # small probes: one thread is fastest and reproducible
     try:
         session = ort.InferenceSession(
-            g.model.SerializeToString(), options, providers=list(providers or ["CPUExecutionProvider"])
+            g.model.SerializeToString(), options, providers=exact_providers(providers or [CPU])
         )
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
         return f"onnxruntime cannot load the model: {_one_line(exc)}"

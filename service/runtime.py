@@ -14,6 +14,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
+from bn_export.providers import exact_providers
 from service.datatypes import datatype_from_ort
 from service.errors import ConfigurationError, ModelLoadError
 from service.settings import Device
@@ -106,7 +107,9 @@ class Session:
         options.log_severity_level = 3
         try:
             self._session = ort.InferenceSession(
-                str(path) if data is None else data, sess_options=options, providers=list(providers)
+                str(path) if data is None else data,
+                sess_options=options,
+                providers=exact_providers(providers),
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
             raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
