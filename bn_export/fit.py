@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,7 +38,15 @@ from tqdm import tqdm
 
 import bn_export
 from bn_export.checkpoint import Checkpoint, LinearHead, StatsKind, Trajectory
-from bn_export.data import Batch, Dataset, describe_nonfinite, load_targets, open_dataset
+from bn_export.data import (
+    PREFETCH_BYTES,
+    Batch,
+    Dataset,
+    describe_nonfinite,
+    load_targets,
+    open_dataset,
+    prefetched,
+)
 from bn_export.errors import DataError, InvalidInputError
 from bn_export.head import (
     LOSSES,
@@ -93,9 +102,16 @@ class _Recorder:
 def _moments(batch: Batch, axis: int, path: Path) -> Moments:
     """`Moments.from_batch`, with a NaN/Inf turned into a `DataError` that names the sample."""
     try:
-        return Moments.from_batch(batch.data, axis)
+        # One thread: the second core reads ahead (`prefetched`), which measured faster than splitting
+        # each batch's BLAS sums over both cores (benchmarks/README.md, "Fitting").
+        return Moments.from_batch(batch.data, axis, workers=1)
     except InvalidInputError as exc:
         raise DataError(f"{describe_nonfinite(batch, path)}: {exc}") from exc
+
+
+def _read_ahead(batches: Iterator[Batch], dataset: Dataset, batch_size: int) -> Iterator[Batch]:
+    """`batches`, prefetched on a helper thread when they are large enough for that to pay."""
+    return prefetched(batches) if batch_size * dataset.sample_bytes >= PREFETCH_BYTES else batches
 
 
 def _values_per_channel(batch: Batch, channels: int) -> int:
@@ -166,7 +182,9 @@ def _statistics_pass(
 ) -> Moments:
     """One pass of per-batch `Moments`: each folded into the layer's EMA and merged into the population."""
     total = Moments.empty(layer.num_channels)
-    for batch in dataset.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch):
+    # Per-batch moments depend on which samples share a batch, not on their order within it.
+    batches = dataset.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch, storage_order=True)
+    for batch in _read_ahead(batches, dataset, batch_size):
         part = _moments(batch, channel, dataset.path)
         total = total.merge(part)
         # A batch with one value per channel has no variance to fold into the EMA (the update needs >= 2).
@@ -339,7 +357,7 @@ def fit(
 def _population(data: Dataset, channel: int, channels: int, batch_size: int) -> Moments:
     """Exact population `Moments` in one sequential pass (memory-mapped batches are views, no copies)."""
     total = Moments.empty(channels)
-    for batch in data.batches(batch_size):
+    for batch in _read_ahead(data.batches(batch_size), data, batch_size):
         total = total.merge(_moments(batch, channel, data.path))
     return total
 

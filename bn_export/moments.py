@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ _PARALLEL_VALUES = 1 << 22
 _MAX_WORKERS = 2
 # Unshifted sums while Σx² <= this × M2 (at most 6 bits lost to cancellation, ~1e-14 relative).
 _CANCELLATION = 64.0
+# Per-thread scratch arrays (see `_scratch`).
+_SCRATCH = threading.local()
 # Channels-last blocks with fewer channels sum squares with BLAS instead of einsum.
 _EINSUM_CHANNELS = 32
 # Leading values per channel whose mean and spread decide a batch's pilot shift.
@@ -243,6 +246,11 @@ class _Blocks:
     rows: int
     width: int
     counts: NDArray[np.float64]
+    buffer_size: int
+    squares_size = 0
+    # Scratch of the thread running `moments`, claimed there: chunks are built on one thread, run on others.
+    buffer: NDArray[np.float64]
+    squares: NDArray[np.float64]
 
     def __init__(self, view: NDArray[np.floating[Any]], shift: NDArray[np.float64]) -> None:
         self.view = view
@@ -268,6 +276,8 @@ class _Blocks:
 
     def _moments(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
         P, n = len(self.counts), self.counts[:, None]
+        self.buffer = _scratch("buffer", self.buffer_size)
+        self.squares = _scratch("squares", self.squares_size)
         partial1, partial2 = np.zeros((P, self.width)), np.zeros((P, self.width))
         for p in range(P):
             self.block(p, self.shift, partial1[p], partial2[p])
@@ -299,7 +309,7 @@ class _RowBlocks(_Blocks):
         self.counts = np.array(
             [min(self.rows, A - a) * min(self.cols, B - b) for a, b in self.starts], dtype=np.float64
         )
-        self.buffer = np.empty(self.rows * C * self.cols)
+        self.buffer_size = self.rows * C * self.cols
         self.ones = np.ones(self.cols)
 
     @staticmethod
@@ -337,11 +347,11 @@ class _ChannelsLastBlocks(_Blocks):
         self.width = C
         self.starts = list(range(0, A, self.rows))
         self.counts = np.array([min(self.rows, A - a) * B for a in self.starts], dtype=np.float64)
-        self.buffer = np.empty(self.rows * B * C)
+        self.buffer_size = self.rows * B * C
         self.ones = np.ones(self.rows * B)
         # einsum sums each channel's column one value after another: with few channels those columns are
         # long (2^18 / C values) and its rounding grows past 1e-12, and it is slower than BLAS on squares.
-        self.squares = np.empty_like(self.buffer) if C < _EINSUM_CHANNELS else None
+        self.squares_size = self.buffer_size if C < _EINSUM_CHANNELS else 0
 
     @staticmethod
     def rows_per_block(C: int, B: int) -> int:
@@ -360,11 +370,24 @@ class _ChannelsLastBlocks(_Blocks):
             np.copyto(d, block)
         flat = d.reshape(r * B, C)
         np.matmul(self.ones[: r * B], flat, out=out1)
-        if self.squares is None:
+        if not self.squares_size:
             np.einsum("ac,ac->c", flat, flat, out=out2)
         else:
             squares = self.squares[: r * B * C].reshape(r * B, C)
             np.matmul(self.ones[: r * B], np.multiply(flat, flat, out=squares), out=out2)
+
+
+def _scratch(name: str, size: int) -> NDArray[np.float64]:
+    """This thread's float64 scratch array `name` of at least `size` values, allocated once and reused.
+
+    A fresh multi-MiB array per batch costs a page fault per 4 KiB page (and an unmap) each time; the
+    block loop of one thread never uses the same name twice at once, so one array per thread suffices.
+    """
+    arrays: dict[str, NDArray[np.float64]] = _SCRATCH.__dict__.setdefault("arrays", {})
+    array = arrays.get(name)
+    if array is None or array.size < size:
+        array = arrays[name] = np.empty(size)
+    return array[:size]
 
 
 @functools.cache

@@ -104,6 +104,47 @@ def test_block_shuffle_is_seeded_and_mixes_blocks(tmp_path: Path, monkeypatch: p
     assert first != sorted(first)
 
 
+@pytest.mark.parametrize(("batch_size", "block_samples"), [(16, 64), (64, 64), (50, 64)])
+def test_storage_order_keeps_the_shuffled_batches_and_views_whole_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_size: int, block_samples: int
+) -> None:
+    monkeypatch.setattr(data_module, "SHUFFLE_BLOCK_BYTES", block_samples * 8)
+    np.save(tmp_path / "x.npy", np.arange(1000.0).reshape(1000, 1))
+    dataset = open_dataset(tmp_path / "x.npy")
+    shuffled = list(dataset.batches(batch_size, shuffle=True, seed=7, epoch=2))
+    ordered = list(dataset.batches(batch_size, shuffle=True, seed=7, epoch=2, storage_order=True))
+    assert [b.number for b in ordered] == [b.number for b in shuffled]
+    whole_block = batch_size >= block_samples
+    for plain, sorted_batch in zip(shuffled, ordered, strict=True):
+        np.testing.assert_array_equal(sorted_batch.indices, np.sort(plain.indices))
+        np.testing.assert_array_equal(sorted_batch.data[:, 0], sorted_batch.indices * 1.0)
+        contiguous = int(np.ptp(sorted_batch.indices)) + 1 == len(sorted_batch.indices)
+        # A batch that is a whole block (or any contiguous run) is read in place, not gathered.
+        assert np.shares_memory(sorted_batch.data, dataset.read(0, 1000)) == contiguous
+        if whole_block:
+            assert contiguous
+
+
+def test_prefetched_batches_are_the_same_batches_in_the_same_order(tmp_path: Path) -> None:
+    values = np.random.default_rng(1).normal(size=(300, 2, 700)).astype(np.float32)
+    np.save(tmp_path / "x.npy", values)
+    dataset = open_dataset(tmp_path / "x.npy")
+    plain = list(dataset.batches(32, shuffle=True, seed=3))
+    ahead = list(data_module.prefetched(dataset.batches(32, shuffle=True, seed=3)))
+    assert len(ahead) == len(plain)
+    for a, b in zip(ahead, plain, strict=True):
+        assert a.number == b.number
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_prefetched_passes_on_a_reading_error(tmp_path: Path) -> None:
+    (tmp_path / "x.csv").write_text("1,2\n3,4\n5,x\n")
+    dataset = open_dataset(tmp_path / "x.csv")
+    with pytest.raises(DataError, match="not numeric"):
+        list(data_module.prefetched(dataset.batches(1)))
+
+
 def test_fingerprint_covers_content_shape_and_dtype_not_format(tmp_path: Path, array: np.ndarray) -> None:
     np.save(tmp_path / "x.npy", array)
     np.savez(tmp_path / "x.npz", data=array)
