@@ -237,9 +237,10 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/v2/health/ready")
     async def ready() -> Response:
-        if core.ready:
+        reason = core.unready_reason()
+        if reason is None:
             return json_response({"ready": True})
-        return json_response({"ready": False, "reason": "models are still loading"}, 503)
+        return json_response({"ready": False, "reason": reason}, 503)
 
     @app.get("/v2/models/{model_name}")
     @app.get("/v2/models/{model_name}/versions/{model_version}")

@@ -83,7 +83,7 @@ class InferenceCore:
 
     Loading (`load_all`) verifies each graph's frozen statistics, then warms it up with one run; a model that
     fails any step is marked UNAVAILABLE with the reason and the others carry on. The server is ready once
-    every model has finished loading, whatever the outcome.
+    every model has finished loading and at least one of them serves.
     """
 
     def __init__(
@@ -107,9 +107,31 @@ class InferenceCore:
         self._loaded = threading.Event()
 
     @property
-    def ready(self) -> bool:
-        """Whether every model has been loaded, verified and warmed up (or refused with its reason)."""
+    def loaded(self) -> bool:
+        """Whether the initial load of every model has finished, whatever its outcome."""
         return self._loaded.is_set()
+
+    @property
+    def ready(self) -> bool:
+        """Whether the server can serve: see `unready_reason`."""
+        return self.unready_reason() is None
+
+    def unready_reason(self) -> str | None:
+        """Why the server is not ready, or None once every model has finished loading and one serves.
+
+        A refused model does not make the server unready while another one serves (it must not take the
+        others down); a server none of whose models serves is unready, so that a load balancer's readiness
+        probe sends no traffic to a replica that could only answer 503.
+        """
+        if not self.loaded:
+            return "models are still loading"
+        entries = list(self.repository)
+        if any(entry.state is ModelState.READY for entry in entries):
+            return None
+        if not entries:
+            return "the model repository holds no model"
+        refused = "; ".join(f"{e.name} version {e.version}: {e.reason}" for e in entries)
+        return f"no model is ready ({refused})"
 
     def load_all(self) -> None:
         """Load every model version; never raises for a single model's failure."""

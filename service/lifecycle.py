@@ -87,8 +87,8 @@ class ModelLifecycle:
         log.info("model %s unloaded", name)
 
     def _require_ready(self) -> None:
-        if not self.core.ready:
-            raise ServerNotReady("the models are still loading; retry once /v2/health/ready answers 200")
+        if not self.core.loaded:
+            raise ServerNotReady("the models are still loading; retry once they have loaded")
 
     def _names_on_disk(self) -> list[str]:
         root = self.core.repository.root

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
 import pytest
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service.conftest import InProcess
 
 DATA = Path(__file__).parents[1] / "data"
 INFER = "/v2/models/frozen/infer"
@@ -445,5 +450,28 @@ def test_non_finite_inputs_are_accepted_when_configured(serve_in_process: Any) -
         )
         assert response.status_code == 200, response.text
         assert response.json()["outputs"][0]["data"][0] is None  # JSON has no infinity: null
+    finally:
+        server.close()
+
+
+def test_a_server_whose_only_model_is_refused_is_not_ready_and_says_why(repository: Any) -> None:
+    settings = Settings(
+        model=repository.root / "batchstat" / "1" / "model.onnx",
+        device="cpu",
+        intra_op_threads=1,
+        inference_threads=1,
+    )
+    server = InProcess(create_app(settings))
+    try:
+        deadline = time.monotonic() + 60
+        while (body := server.get("/v2/health/ready").json()).get("reason") == "models are still loading":
+            assert time.monotonic() < deadline, "loading never finished"
+            time.sleep(0.02)
+        response = server.get("/v2/health/ready")
+        assert response.status_code == 503
+        assert body["ready"] is False
+        assert "no model is ready" in body["reason"]
+        assert "batch" in body["reason"]  # the refusal's own reason is passed on
+        assert server.get("/v2/health/live").status_code == 200
     finally:
         server.close()
