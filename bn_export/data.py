@@ -442,7 +442,8 @@ def _next_mapped(batches: Iterator[Batch]) -> Batch | None:
     if batch is not None:
         data = batch.data
         if data.flags.c_contiguous and data.size:
-            np.add.reduce(data.reshape(-1)[:: max(1, PAGE_BYTES // data.itemsize)])
+            # A copy, not a sum: reading the values must not warn about overflow, NaN or Inf in them.
+            data.reshape(-1)[:: max(1, PAGE_BYTES // data.itemsize)].copy()
     return batch
 
 

@@ -138,6 +138,15 @@ def test_prefetched_batches_are_the_same_batches_in_the_same_order(tmp_path: Pat
         np.testing.assert_array_equal(a.data, b.data)
 
 
+def test_prefetched_reads_nan_inf_and_huge_values_without_warning() -> None:
+    values = np.full((4, 2, 600), 6e4, dtype=np.float16)  # sums would overflow float16
+    values[1, 0, :2] = [np.inf, -np.inf]
+    values[2, 1, 5] = np.nan
+    dataset = data_module.Dataset(Path("mem"), [data_module._ArraySource(values)])
+    batches = list(data_module.prefetched(dataset.batches(2)))  # warnings are errors under pytest
+    np.testing.assert_array_equal(np.concatenate([b.data for b in batches]), values)
+
+
 def test_prefetched_passes_on_a_reading_error(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text("1,2\n3,4\n5,x\n")
     dataset = open_dataset(tmp_path / "x.csv")
