@@ -22,6 +22,12 @@ It is 0 without drift, and reads in familiar units: a shift of half a standard d
 (d = 0.5, r = 1) or a doubled or halved variance in every channel (r = 2 or 1/2, d = 0) both give 0.25,
 the default threshold. The snapshot also reports max_c |d_c| and max_c |log r_c| to find one bad channel
 among many good ones.
+
+The live moments come from `shifted_moments`: float64 sums of `x - k` and `(x - k)²` per channel, with `k`
+the frozen moving mean on the data's grid, in cache-sized chunks. It costs about a twentieth of
+`Moments.from_batch` on an 8x3x224x224 request (no BLAS, whose threads would also escape the drift
+worker's CPU budget) and stays exact to float64 rounding: served data sit near the moving mean, and a
+batch that does not (its `Σ(x-k)² > 64·M2`) is summed again about its own mean.
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +48,71 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.25
 DEFAULT_MIN_SAMPLES = 100
+# Values per chunk summed at once: a 2 MiB float64 scratch per thread, reused across batches.
+_CHUNK_VALUES = 1 << 18
+# Sums about the shift are kept while Σ(x-k)² <= this × M2 (at most 6 bits lost to cancellation).
+_CANCELLATION = 64.0
+_SCRATCH = threading.local()
+
+
+def shifted_moments(x: NDArray[Any], axis: int, shift: NDArray[np.float64]) -> Moments | None:
+    """Per-channel moments of `x: (..., C at axis, ...)` over every other axis, or None when x holds NaN/±Inf.
+
+    With `d = x - k`, `k` = `shift: (C,)` rounded to the data's dtype (so `d` is exact in float64):
+
+        n = values per channel,  mean = k + Σd/n,  M2 = Σd² - (Σd)²/n
+
+    Channels where `Σd² > 64·M2` (k far from the batch mean) are summed again about their own mean, so the
+    result agrees with a two-pass float64 computation to rounding, like `Moments.from_batch`.
+    """
+    C = x.shape[axis]
+    A = math.prod(x.shape[:axis])
+    B = math.prod(x.shape[axis + 1 :])
+    view = x.reshape(A, C, B)
+    n = A * B
+    if n == 0:
+        return Moments.empty(C)
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf show in the sums, checked below
+        k = _on_grid(shift, x.dtype)
+        s1, s2 = _sums(view, k)
+        if not (np.isfinite(s1).all() and np.isfinite(s2).all()):
+            return None
+        m2 = s2 - s1 * s1 / n
+        if np.any(s2 > _CANCELLATION * m2):
+            k = _on_grid(k + s1 / n, x.dtype)
+            s1, s2 = _sums(view, k)
+            m2 = s2 - s1 * s1 / n
+    # Rounding can push a constant channel's M2 just below 0.
+    return Moments(n, k + s1 / n, np.maximum(m2, 0.0))
+
+
+def _on_grid(shift: NDArray[np.float64], dtype: np.dtype[Any]) -> NDArray[np.float64]:
+    """`shift` rounded to float data's dtype, or 0 where that is not finite (a float16 grid is small)."""
+    if dtype.kind != "f":
+        return shift
+    rounded = shift.astype(dtype).astype(np.float64)
+    return np.where(np.isfinite(rounded), rounded, 0.0)
+
+
+def _sums(view: NDArray[Any], k: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """`Σ(x-k)` and `Σ(x-k)²` per channel of the (A, C, B) `view`, chunk by chunk in a float64 scratch."""
+    A, C, B = view.shape
+    cols = min(B, max(1, _CHUNK_VALUES // C))
+    rows = max(1, _CHUNK_VALUES // (C * cols))
+    scratch: NDArray[np.float64] | None = getattr(_SCRATCH, "array", None)
+    if scratch is None or scratch.size < rows * C * cols:
+        scratch = _SCRATCH.array = np.empty(rows * C * cols)
+    s1, s2 = np.zeros(C), np.zeros(C)
+    column = k[:, None]
+    for a in range(0, A, rows):
+        for b in range(0, B, cols):
+            block = view[a : a + rows, :, b : b + cols]
+            r, _, w = block.shape
+            d = scratch[: r * C * w].reshape(r, C, w)
+            np.subtract(block, column, out=d)
+            s1 += np.add.reduce(d, axis=(0, 2))
+            s2 += np.einsum("rcw,rcw->c", d, d)
+    return s1, s2
 
 
 def drift_figures(
@@ -180,8 +250,10 @@ class DriftMonitor:
         with self._lock:
             self._reset_locked()
 
-    def update(self, x: ArrayLike) -> DriftSnapshot:
-        """Add one served batch `x: (N, ..., C at axis, ...)` to the live statistics; return the figures."""
+    def moments_of(self, x: ArrayLike) -> Moments | None:
+        """The moments of one batch `x: (N, ..., C at axis, ...)`, or None when it holds NaN/±Inf or its
+        float64 sums overflow (such a batch says nothing about drift and would poison every later figure).
+        Raises `InvalidInputError` for the wrong channel count or non-numbers. Takes no lock."""
         batch = np.asarray(x)
         if batch.ndim <= self.axis or batch.shape[self.axis] != self.num_channels:
             raise InvalidInputError(
@@ -190,25 +262,34 @@ class DriftMonitor:
             )
         if batch.dtype.kind not in "fiu":
             raise InvalidInputError(f"{self.name}: expected real numbers, got dtype {batch.dtype}")
-        samples = int(batch.shape[0])
-        if samples == 0:
+        return shifted_moments(batch, self.axis, self.moving_mean)
+
+    def update(self, x: ArrayLike) -> DriftSnapshot:
+        """Add one served batch `x: (N, ..., C at axis, ...)` to the live statistics; return the figures."""
+        batch = np.asarray(x)
+        moments = self.moments_of(batch)
+        if moments is None:
+            return self.add(Moments.empty(self.num_channels), 0, skipped_batches=1)
+        return self.add(moments, int(batch.shape[0]))
+
+    def add(self, moments: Moments, samples: int, *, skipped_batches: int = 0) -> DriftSnapshot:
+        """Merge `moments` of `samples` served samples (from `moments_of`, possibly several batches merged)
+        and count `skipped_batches` left out for NaN/±Inf; check the threshold; return the figures."""
+        if moments.num_channels != self.num_channels:
+            raise InvalidInputError(
+                f"{self.name}: expected moments of {self.num_channels} channels, got {moments.num_channels}"
+            )
+        if samples == 0 and skipped_batches == 0:
             return self.snapshot()
-        # A float64 sum is NaN/±Inf exactly when a value is (or the values overflow): such a batch says
-        # nothing about drift, and would poison every later figure.
-        moments: Moments | None = None
-        if np.isfinite(np.add.reduce(batch, axis=None, dtype=np.float64)):
-            with suppress(InvalidInputError):  # squares overflowing float64: as unusable as a NaN
-                moments = Moments.from_batch(batch, self.axis)
         with self._lock:
-            if moments is None:
-                self._skipped += 1
-            else:
+            self._skipped += skipped_batches
+            if samples:
                 self._current = self._current.merge(moments)
                 self._current_samples += samples
                 if self.window is not None and self._current_samples >= self.window:
                     self._previous, self._previous_samples = self._current, self._current_samples
                     self._current, self._current_samples = Moments.empty(self.num_channels), 0
-            snapshot, event = self._snapshot_locked(check=moments is not None)
+            snapshot, event = self._snapshot_locked(check=samples > 0)
         if event == "crossed":
             logger.warning(
                 "input drift on %s: score %.4g above threshold %.4g over %d samples "

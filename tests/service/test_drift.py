@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from bn_export.errors import InvalidInputError
-from service.drift import DriftMonitor
+from service.drift import DriftMonitor, shifted_moments
 
 EPS = 1e-3
 C = 6
@@ -233,3 +233,38 @@ def test_invalid_configuration_is_refused_with_what_was_expected(kwargs: dict, m
     arguments = {"moving_mean": np.zeros(C), "moving_var": np.ones(C), "eps": EPS, **kwargs}
     with pytest.raises(InvalidInputError, match=message):
         DriftMonitor(**arguments)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([np.float16, np.float32, np.float64, np.int32]),
+    st.sampled_from([0.0, 3.0, 1e4]),
+    st.sampled_from([(5, C), (3, C, 7), (2, C, 300, 301)]),
+)
+def test_shifted_sums_match_two_pass_float64_numpy_for_any_dtype_offset_and_layout(
+    seed: int, dtype: type, offset: float, shape: tuple[int, ...]
+) -> None:
+    # The offset moves the data `offset` standard deviations away from the shift (the frozen mean), which
+    # forces the second, self-centred pass; 300x301 spatial values span several chunks.
+    rng = np.random.default_rng(seed)
+    moving_mean = rng.normal(0.0, 2.0, C)
+    per_channel = (1, C) + (1,) * (len(shape) - 2)
+    x64 = rng.normal(size=shape) * 2.0 + (moving_mean + offset * 2.0).reshape(per_channel)
+    x = (np.round(x64 * 50) if dtype is np.int32 else x64).astype(dtype)
+    moments = shifted_moments(x, 1, moving_mean)
+    assert moments is not None
+    values = np.moveaxis(x.astype(np.float64), 1, 0).reshape(C, -1)
+    assert moments.count == values.shape[1]
+    np.testing.assert_allclose(moments.mean, values.mean(axis=1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(moments.variance(), values.var(axis=1), rtol=1e-10)
+
+
+def test_shifted_sums_of_a_batch_holding_nan_or_inf_are_none() -> None:
+    x = np.ones((4, C), dtype=np.float32)
+    x[1, 2] = np.inf
+    assert shifted_moments(x, 1, np.zeros(C)) is None
+    x[1, 2] = np.nan
+    assert shifted_moments(x, 1, np.zeros(C)) is None
+    # Finite float64 values whose squares overflow are as unusable.
+    assert shifted_moments(np.full((2, C), 1e300), 1, np.zeros(C)) is None
