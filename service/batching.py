@@ -295,6 +295,7 @@ class Batcher:
                 first.session,
                 first.output_names,
                 feeds,
+                len(live),
             )
             parts = _split(outputs, [p.samples for p in live])
         except Exception as exc:  # any failure of the merged run: each request is retried alone

@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.25
 DEFAULT_MIN_SAMPLES = 100
+# The share of one core the server's drift work may take (`BN_SERVE_DRIFT_MAX_FRACTION`): a twentieth covers
+# every request up to ~60 8x3x224x224 requests/s (~0.8 ms each) and any rate of small ones.
+DEFAULT_MAX_CPU_FRACTION = 0.05
 # Values per chunk summed at once: a 2 MiB float64 scratch per thread, reused across batches.
 _CHUNK_VALUES = 1 << 18
 # Sums about the shift are kept while Σ(x-k)² <= this × M2 (at most 6 bits lost to cancellation).

@@ -242,8 +242,9 @@ class InferenceCore:
         session: Session,
         output_names: list[str],
         feeds: dict[str, NDArray[Any]],
+        requests: int = 1,
     ) -> list[NDArray[Any]]:
-        """One onnxruntime run of validated `feeds` (one request's, or several merged); blocking.
+        """One onnxruntime run of validated `feeds` (one request's, or `requests` merged); blocking.
 
         Raises `InvalidInput` when onnxruntime refuses the inputs, `InferenceFailed` for any other fault.
         """
@@ -256,7 +257,7 @@ class InferenceCore:
             raise InferenceFailed(f"model {entry.name!r} failed to run: {exc}") from None
         if self.observability is not None:
             self.observability.ran(entry, time.perf_counter() - started, _batch_size(feeds))
-            self.observability.served(entry, feeds)
+            self.observability.served(entry, feeds, requests)
         return results
 
     def _check_size(self, inputs: list[tuple[str, NDArray[Any]]]) -> None:

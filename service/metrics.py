@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -63,6 +63,11 @@ LATENCY_BUCKETS_SECONDS = (
 )
 # Samples per executed batch: powers of two up to the largest batch worth running at once.
 BATCH_SIZE_BUCKETS = tuple(float(2**k) for k in range(13))  # 1 .. 4096
+
+# What the drift monitor did with a served request: in its figures, over its CPU budget, over its queue's
+# bytes, or holding NaN/Inf or a shape it cannot read.
+DriftOutcome = Literal["covered", "skipped", "dropped", "unusable"]
+DRIFT_OUTCOMES: tuple[DriftOutcome, ...] = get_args(DriftOutcome)
 
 # Label value for requests that name no known model. Passing the requested name instead would let any
 # client create unbounded series (one per made-up name).
@@ -180,6 +185,21 @@ class ServiceMetrics:
             multiprocess_mode="liveall",
             registry=reg,
         )
+        self.drift_requests = Counter(
+            "drift_requests",
+            "Requests served, by what the drift monitor did with them (outcome): covered (in the figures), "
+            "skipped (over its CPU budget), dropped (its queue full) or unusable (NaN/Inf, wrong shape).",
+            (*drift_labels, "outcome"),
+            namespace=NAMESPACE,
+            registry=reg,
+        )
+        self.drift_request_samples = Counter(
+            "drift_request_samples",
+            "Samples (batch rows) of the requests counted in bn_serve_drift_requests_total, by outcome.",
+            (*drift_labels, "outcome"),
+            namespace=NAMESPACE,
+            registry=reg,
+        )
         self.drift_alerting = Gauge(
             "drift_alerting",
             "1 while the drift score is above its threshold, else 0.",
@@ -237,6 +257,10 @@ class ServiceMetrics:
         ):
             with suppress(KeyError):  # never set for this version: nothing to drop
                 gauge.remove(model, version)
+        for counter in (self.drift_requests, self.drift_request_samples):
+            for outcome in DRIFT_OUTCOMES:
+                with suppress(KeyError):  # never counted for this version
+                    counter.remove(model, version, outcome)
 
     def observe_drift(self, model: str, version: str, snapshot: DriftSnapshot) -> None:
         """Export a drift monitor's latest figures; figures not yet defined (no samples) are left unset."""
@@ -248,6 +272,14 @@ class ServiceMetrics:
             self.drift_mean_shift.labels(model, version).set(snapshot.max_abs_mean_shift)
         if snapshot.max_abs_log_var_ratio is not None:
             self.drift_log_var_ratio.labels(model, version).set(snapshot.max_abs_log_var_ratio)
+
+    def observe_drift_coverage(
+        self, model: str, version: str, outcome: DriftOutcome, requests: int, samples: int
+    ) -> None:
+        """Count `requests` served requests of `samples` samples by what drift did with them."""
+        if requests:
+            self.drift_requests.labels(model, version, outcome).inc(requests)
+            self.drift_request_samples.labels(model, version, outcome).inc(samples)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type, for `GET /metrics`.

@@ -4,19 +4,31 @@
 served; the HTTP layer counts requests and serves `/metrics` and `/v2/models/{name}/stats` from it.
 
 Drift stays off the request's critical path: a request only appends a reference to its input array to a
-bounded queue (about a microsecond); a background thread wakes every `interval_s`, concatenates what
-arrived per model and adds it to the model's `DriftMonitor` in one update. Coalescing matters more than the
-thread: an update of a 1x64 batch costs ~60 µs of Python, as much as a tenth of a small request, but one
-update of a few hundred queued rows costs about the same. When the queue holds more than `max_pending_bytes`
-(the worker is starved of CPU), new inputs are dropped from the drift figures, never delayed, and counted.
+bounded queue (about a microsecond); a background thread wakes every `interval_s`, sums what arrived per
+model (small inputs concatenated first: one update of a few hundred 1x64 rows costs about what one row
+does, ~50 µs) and adds it to the model's `DriftMonitor` in one merge.
+
+Its cost is bounded twice, and whatever is left out is counted, per model version, in the stats body and
+the `bn_serve_drift_requests_total` / `bn_serve_drift_request_samples_total` counters:
+
+- CPU: the drift work may take `max_cpu_fraction` of one core, measured with the applying thread's own CPU
+  time (`time.thread_time`). A `CpuBudget` refills at that rate; while it is spent, whole runs (each one
+  request, or several merged by adaptive batching) are `skipped`, never part of one, so the figures stay
+  exact over the requests `covered`;
+- memory: past `max_pending_bytes` queued (the worker is starved of CPU), inputs are `dropped`.
+
+Inputs holding NaN/±Inf (served with `allow_non_finite`) or of a shape the monitor cannot read are
+`unusable`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,15 +36,73 @@ import onnx
 from numpy.typing import NDArray
 
 from bn_export.errors import InvalidInputError
-from service.drift import DEFAULT_THRESHOLD, DriftMonitor, DriftSnapshot
+from bn_export.moments import Moments, merge_all
+from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD, DriftMonitor, DriftSnapshot
 from service.errors import ModelNotFound
-from service.metrics import UNKNOWN_MODEL, ServiceMetrics
+from service.metrics import DRIFT_OUTCOMES, UNKNOWN_MODEL, DriftOutcome, ServiceMetrics
 from service.repository import ModelRepository, ModelState, ModelVersion
 
 log = logging.getLogger("bn_serve")
 
 DEFAULT_INTERVAL_S = 0.1
-DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+# Three 8x3x224x224 FP32 requests: the queue only has to bridge one interval of a worker within budget.
+DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
+# Inputs up to this size are concatenated with others of their model and sample shape before summing.
+_CONCATENATE_BYTES = 256 * 1024
+
+
+class CpuBudget:
+    """A token bucket of CPU seconds: refills at `fraction` per second of `clock`, holds `burst_s` of it.
+
+    `admit(nbytes)` says whether work on `nbytes` more bytes fits and, if so, charges an estimate from the
+    cost per byte measured so far; `settle` replaces the estimates of the work done by what it cost and
+    learns the cost per byte. The work admitted while the bucket still held credit may overdraw it; later
+    work waits until the refill has paid that back, so the long-run share of CPU stays at `fraction`.
+    Not thread-safe: the caller holds a lock.
+    """
+
+    def __init__(
+        self, fraction: float, *, burst_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if not fraction > 0:
+            raise ValueError(f"the CPU fraction must be > 0, got {fraction}")
+        self.fraction = fraction
+        self.capacity = fraction * burst_s
+        self.credit = self.capacity
+        self.cost_per_byte = 0.0
+        self._clock = clock
+        self._refilled_at = clock()
+
+    def admit(self, nbytes: int) -> float | None:
+        """The estimate charged for `nbytes` of work, or None (nothing charged) while the credit is spent."""
+        now = self._clock()
+        self.credit = min(self.capacity, self.credit + (now - self._refilled_at) * self.fraction)
+        self._refilled_at = now
+        if self.credit <= 0:
+            return None
+        estimate = nbytes * self.cost_per_byte
+        self.credit -= estimate
+        return estimate
+
+    def settle(self, nbytes: int, estimated: float, spent: float) -> None:
+        """Work on `nbytes` bytes, charged `estimated` when admitted, took `spent` CPU seconds."""
+        self.credit += estimated - spent
+        if nbytes > 0:
+            measured = spent / nbytes
+            self.cost_per_byte = (
+                measured if self.cost_per_byte == 0 else 0.5 * (self.cost_per_byte + measured)
+            )
+
+
+@dataclass
+class Coverage:
+    """Requests served and their samples, by what the drift monitor did with them (`DRIFT_OUTCOMES`)."""
+
+    requests: dict[DriftOutcome, int] = field(default_factory=lambda: dict.fromkeys(DRIFT_OUTCOMES, 0))
+    samples: dict[DriftOutcome, int] = field(default_factory=lambda: dict.fromkeys(DRIFT_OUTCOMES, 0))
+
+    def to_json(self) -> dict[str, dict[str, int]]:
+        return {o: {"requests": self.requests[o], "samples": self.samples[o]} for o in DRIFT_OUTCOMES}
 
 
 @dataclass(frozen=True)
@@ -108,6 +178,7 @@ class Observability:
         drift_window: int | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
+        max_cpu_fraction: float = DEFAULT_MAX_CPU_FRACTION,
     ) -> None:
         self.metrics = ServiceMetrics()
         self.drift = drift
@@ -117,10 +188,12 @@ class Observability:
         self.max_pending_bytes = max_pending_bytes
         self._watches: dict[tuple[str, int], DriftWatch] = {}
         self._no_drift: dict[tuple[str, int], str] = {}
-        # The queue: (model key, input array); deque appends and pops are atomic, the byte count needs a lock.
-        self._pending: deque[tuple[tuple[str, int], NDArray[Any]]] = deque()
+        # The queue: (model key, input array, requests in it); the counts and the budget need the lock.
+        self._pending: deque[tuple[tuple[str, int], NDArray[Any], int]] = deque()
         self._pending_bytes = 0
-        self._dropped: dict[tuple[str, int], int] = {}
+        self._pending_estimate = 0.0
+        self._budget = CpuBudget(max_cpu_fraction)
+        self._coverage: dict[tuple[str, int], Coverage] = {}
         self._queue_lock = threading.Lock()
         # Held by whoever drains and applies, so a flush returns only after every earlier input is applied.
         self._apply_lock = threading.Lock()
@@ -166,6 +239,8 @@ class Observability:
         self.metrics.set_model_state(entry.name, str(entry.version), ready=ready, load_seconds=load_seconds)
         self._watches.pop(key, None)
         self._no_drift.pop(key, None)
+        with self._queue_lock:  # the stats' coverage is that of the loaded version's monitor
+            self._coverage.pop(key, None)
         if not ready:
             return
         if not self.drift:
@@ -192,6 +267,8 @@ class Observability:
         key = (entry.name, entry.version)
         self._watches.pop(key, None)
         self._no_drift.pop(key, None)
+        with self._queue_lock:
+            self._coverage.pop(key, None)
         self.metrics.forget_model(entry.name, str(entry.version))
 
     @staticmethod
@@ -221,8 +298,9 @@ class Observability:
         """Record one onnxruntime run of `batch_size` samples that took `seconds`."""
         self.metrics.observe_inference(entry.name, str(entry.version), seconds, batch_size)
 
-    def served(self, entry: ModelVersion, feeds: dict[str, NDArray[Any]]) -> None:
-        """Queue the watched input of a served request for the drift worker; O(1), never blocks on it.
+    def served(self, entry: ModelVersion, feeds: dict[str, NDArray[Any]], requests: int = 1) -> None:
+        """Queue the watched input of a run of `requests` served requests for the drift worker; O(1), never
+        blocks on it. Left out (and counted) while the CPU budget is spent or the queue is full.
 
         The array is kept by reference: callers must not write into it afterwards (decoded request arrays
         are never reused).
@@ -234,11 +312,11 @@ class Observability:
         array = feeds.get(watch.input_name)
         if array is None:
             return
+        samples = int(array.shape[0]) if array.ndim else 1
         with self._queue_lock:
             if self._pending_bytes + array.nbytes > self.max_pending_bytes:
-                dropped = self._dropped.get(key, 0)
-                self._dropped[key] = dropped + 1
-                if dropped == 0:
+                outcome: DriftOutcome = "dropped"
+                if self._coverage_locked(key).requests["dropped"] == 0:
                     log.warning(
                         "drift of model %s version %d: the worker is behind; inputs beyond %d queued bytes "
                         "are left out of the drift figures",
@@ -246,32 +324,81 @@ class Observability:
                         entry.version,
                         self.max_pending_bytes,
                     )
-                return
-            self._pending_bytes += array.nbytes
-            self._pending.append((key, array))
+            else:
+                estimate = self._budget.admit(array.nbytes)
+                if estimate is not None:
+                    self._pending_bytes += array.nbytes
+                    self._pending_estimate += estimate
+                    self._pending.append((key, array, requests))
+                    return
+                outcome = "skipped"
+            self._count_locked(key, outcome, requests, samples)
+        self.metrics.observe_drift_coverage(entry.name, str(entry.version), outcome, requests, samples)
+
+    def _coverage_locked(self, key: tuple[str, int]) -> Coverage:
+        coverage = self._coverage.get(key)
+        if coverage is None:
+            coverage = self._coverage[key] = Coverage()
+        return coverage
+
+    def _count_locked(self, key: tuple[str, int], outcome: DriftOutcome, requests: int, samples: int) -> None:
+        coverage = self._coverage_locked(key)
+        coverage.requests[outcome] += requests
+        coverage.samples[outcome] += samples
 
     def flush(self) -> None:
-        """Apply every queued input to its monitor, one concatenated update per model and sample shape."""
+        """Apply every queued input to its monitor, one merged update per model; charge the CPU it took."""
         with self._apply_lock:
+            started = time.thread_time()
             with self._queue_lock:
                 batches, self._pending = list(self._pending), deque()
-                self._pending_bytes = 0
-            groups: dict[tuple[tuple[str, int], tuple[int, ...], np.dtype[Any]], list[NDArray[Any]]] = {}
-            for key, array in batches:
-                groups.setdefault((key, array.shape[1:], array.dtype), []).append(array)
-            for (key, _, _), arrays in groups.items():
+                nbytes, self._pending_bytes = self._pending_bytes, 0
+                estimated, self._pending_estimate = self._pending_estimate, 0.0
+            if not batches:
+                return
+            by_model: dict[tuple[str, int], list[tuple[NDArray[Any], int]]] = {}
+            for key, array, requests in batches:
+                by_model.setdefault(key, []).append((array, requests))
+            for key, runs in by_model.items():
                 watch = self._watches.get(key)
                 if watch is None:  # unloaded or reloaded since: these inputs belong to no monitor
                     continue
-                batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
-                try:
-                    snapshot = watch.monitor.update(batch)
-                except InvalidInputError as exc:  # e.g. a dynamic channel axis of another size
-                    log.warning(
-                        "drift of %s: input of shape %s skipped: %s", watch.monitor.name, batch.shape, exc
-                    )
-                    continue
-                self.metrics.observe_drift(key[0], str(key[1]), snapshot)
+                self._apply(key, watch.monitor, runs)
+            spent = time.thread_time() - started
+            with self._queue_lock:
+                self._budget.settle(nbytes, estimated, spent)
+
+    def _apply(
+        self, key: tuple[str, int], monitor: DriftMonitor, runs: list[tuple[NDArray[Any], int]]
+    ) -> None:
+        """Add `runs` (input array, requests in it) of one model version to its monitor in one merge."""
+        parts: list[Moments] = []
+        counts: dict[DriftOutcome, list[int]] = {"covered": [0, 0], "unusable": [0, 0]}
+        non_finite = 0
+        for unit in _units(runs):
+            arrays = [array for array, _ in unit]
+            batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+            try:
+                moments = monitor.moments_of(batch)
+            except InvalidInputError as exc:  # e.g. a dynamic channel axis of another size
+                log.warning("drift of %s: input of shape %s skipped: %s", monitor.name, batch.shape, exc)
+                moments = None
+            else:
+                non_finite += moments is None
+            outcome: DriftOutcome = "unusable" if moments is None else "covered"
+            if moments is not None:
+                parts.append(moments)
+            counts[outcome][0] += sum(requests for _, requests in unit)
+            counts[outcome][1] += int(batch.shape[0]) if batch.ndim else 1
+        merged = merge_all(parts) if parts else Moments.empty(monitor.num_channels)
+        snapshot = monitor.add(merged, counts["covered"][1], skipped_batches=non_finite)
+        model, version = key[0], str(key[1])
+        self.metrics.observe_drift(model, version, snapshot)
+        with self._queue_lock:
+            for outcome, (requests, samples) in counts.items():
+                self._count_locked(key, outcome, requests, samples)
+        for outcome, (requests, samples) in counts.items():
+            self.metrics.observe_drift_coverage(model, version, outcome, requests, samples)
 
     def drift_stats(self, entry: ModelVersion) -> dict[str, Any]:
         """The JSON body of `GET /v2/models/{name}[/versions/{v}]/stats` (after a `flush`)."""
@@ -283,11 +410,27 @@ class Observability:
             return {**body, "drift": None, "reason": reason}
         snapshot: DriftSnapshot = watch.monitor.snapshot()
         with self._queue_lock:
-            dropped = self._dropped.get(key, 0)
+            coverage = self._coverage_locked(key).to_json()
         return {
             **body,
             "input": watch.input_name,
             "channel_axis": watch.monitor.axis,
-            "dropped_batches": dropped,
+            "dropped_batches": coverage["dropped"]["requests"],
+            "max_cpu_fraction": self._budget.fraction,
+            "coverage": coverage,
             "drift": snapshot.to_json(),
         }
+
+
+def _units(runs: list[tuple[NDArray[Any], int]]) -> list[list[tuple[NDArray[Any], int]]]:
+    """`runs` in summing units: small inputs grouped by sample shape and dtype (concatenated, one pass for
+    many), each large one alone (a concatenated copy would cost memory and time for nothing)."""
+    small: dict[tuple[tuple[int, ...], np.dtype[Any]], list[tuple[NDArray[Any], int]]] = {}
+    units: list[list[tuple[NDArray[Any], int]]] = []
+    for run in runs:
+        array = run[0]
+        if array.nbytes > _CONCATENATE_BYTES or array.ndim == 0:
+            units.append([run])
+        else:
+            small.setdefault((array.shape[1:], array.dtype), []).append(run)
+    return [*small.values(), *units]

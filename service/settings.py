@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.drift import DEFAULT_THRESHOLD
+from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     )
     drift_window: int | None = Field(
         default=100_000, ge=1, description="recent samples behind the drift figures (between W and 2W)"
+    )
+    drift_max_fraction: float = Field(
+        default=DEFAULT_MAX_CPU_FRACTION,
+        gt=0,
+        description="share of one core the drift figures may take; whole requests beyond it are skipped",
     )
 
     @model_validator(mode="after")

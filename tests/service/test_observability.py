@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import UNKNOWN_MODEL
-from service.observability import Observability
+from service.observability import CpuBudget, Observability
 from service.repository import ModelState, ModelVersion
 from tests.service.conftest import CHANNELS, FrozenParams, InProcess, Repository
 
@@ -336,3 +336,114 @@ def test_a_real_bn_serve_process_exports_counts_and_drift(launch: Any, repositor
         want["score"], rel=1e-10
     )
     assert value(samples, "bn_serve_drift_alerting", model="frozen", version="2") == 1
+
+
+# -- the drift CPU budget ------------------------------------------------------------------------------------
+
+
+def test_cpu_budget_refills_at_its_fraction_up_to_one_second_of_it() -> None:
+    now = [0.0]
+    budget = CpuBudget(0.1, clock=lambda: now[0])
+    assert budget.admit(1000) == 0.0  # nothing measured yet: admitted, nothing charged
+    budget.settle(1000, 0.0, 0.25)  # that work took 0.25 s of CPU: 0.15 s overdrawn
+    assert budget.credit == pytest.approx(-0.15)
+    assert budget.cost_per_byte == pytest.approx(0.25 / 1000)
+    now[0] = 1.0  # +0.1 s of credit: still overdrawn
+    assert budget.admit(1000) is None
+    now[0] = 2.0  # paid back
+    assert budget.admit(400) == pytest.approx(0.1)
+    assert budget.credit == pytest.approx(0.05 - 0.1)
+    now[0] = 1000.0  # a long idle time refills no more than one second's worth
+    budget.admit(0)
+    assert budget.credit == pytest.approx(0.1)
+
+
+def _entry(repository: Repository) -> ModelVersion:
+    return ModelVersion("frozen", 1, repository.root / "frozen" / "1" / "model.onnx", ModelState.READY)
+
+
+def _serve_one_by_one(
+    observability: Observability, entry: ModelVersion, runs: list[NDArray[Any]]
+) -> list[str]:
+    """Serve each run and flush; the outcome of each, read from the coverage counts it moved."""
+    outcomes = []
+    for x in runs:
+        before = observability.drift_stats(entry)["coverage"]
+        observability.served(entry, {"input": x})
+        observability.flush()
+        after = observability.drift_stats(entry)["coverage"]
+        (moved,) = [o for o in after if after[o]["requests"] != before[o]["requests"]]
+        assert after[moved]["samples"] - before[moved]["samples"] == len(x)
+        outcomes.append(moved)
+    return outcomes
+
+
+def test_over_budget_whole_requests_are_skipped_and_counted(repository: Repository) -> None:
+    # A millionth of a core: the first request is admitted on the initial credit, its cost overdraws the
+    # budget for far longer than this test, so every later one is skipped whole.
+    entry = _entry(repository)
+    observability = Observability(max_cpu_fraction=1e-6)
+    observability.model_state(entry, load_seconds=0.5)
+    rng = np.random.default_rng(8)
+    runs = [served_inputs(repository.params[1], rng, n, shift_std=0.5) for n in (5, 3, 9, 1)]
+    assert _serve_one_by_one(observability, entry, runs) == ["covered", "skipped", "skipped", "skipped"]
+
+    stats = observability.drift_stats(entry)
+    assert stats["coverage"]["covered"] == {"requests": 1, "samples": 5}
+    assert stats["coverage"]["skipped"] == {"requests": 3, "samples": 13}
+    assert stats["max_cpu_fraction"] == 1e-6
+    drift, want = stats["drift"], expected_drift(runs[0], repository.params[1])
+    assert drift["samples"] == 5
+    np.testing.assert_allclose(drift["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(drift["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
+
+
+def test_the_figures_are_exact_over_the_covered_requests_whichever_the_budget_covers(
+    repository: Repository,
+) -> None:
+    # Two thousandths of a core covers some of these requests and skips others, depending on the machine:
+    # whichever they are, the figures are those of exactly the covered ones.
+    entry = _entry(repository)
+    observability = Observability(max_cpu_fraction=2e-3)
+    observability.model_state(entry, load_seconds=0.5)
+    rng = np.random.default_rng(9)
+    params = repository.params[1]
+    runs = [served_inputs(params, rng, int(n), shift_std=0.3) for n in rng.integers(1, 200, size=40)]
+    outcomes = _serve_one_by_one(observability, entry, runs)
+    covered = [x for x, outcome in zip(runs, outcomes, strict=True) if outcome == "covered"]
+    assert set(outcomes) <= {"covered", "skipped"}
+    assert covered
+
+    stats = observability.drift_stats(entry)
+    assert stats["coverage"]["covered"]["requests"] == len(covered)
+    assert stats["coverage"]["skipped"]["requests"] == len(runs) - len(covered)
+    drift, want = stats["drift"], expected_drift(np.concatenate(covered), params)
+    assert drift["samples"] == sum(len(x) for x in covered)
+    np.testing.assert_allclose(drift["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(drift["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
+    assert drift["score"] == pytest.approx(want["score"], rel=1e-10)
+
+
+def test_coverage_counters_repeat_the_stats_per_outcome(
+    serve_in_process: Callable[..., InProcess], repository: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BN_SERVE_DRIFT_MAX_FRACTION", "1e-9")
+    server = serve_in_process()
+    try:
+        x = served_inputs(repository.params[2], np.random.default_rng(10), 12, shift_std=0.0)
+        for part in np.split(x, 4):
+            post_in_batches(server, "/v2/models/frozen/infer", part, [3])
+            # The stats route applies what is queued: the first request's cost is measured before the next.
+            coverage = server.get("/v2/models/frozen/stats").json()["coverage"]
+        samples = scrape(server.get)
+    finally:
+        server.close()
+    assert coverage["covered"]["requests"] >= 1
+    assert coverage["skipped"]["requests"] >= 1
+    assert sum(c["samples"] for c in coverage.values()) == 12
+    for outcome, counts in coverage.items():
+        labels = {"model": "frozen", "version": "2", "outcome": outcome}
+        found = values(samples, "bn_serve_drift_requests_total", **labels)
+        assert found == ([counts["requests"]] if counts["requests"] else [])
+        found = values(samples, "bn_serve_drift_request_samples_total", **labels)
+        assert found == ([counts["samples"]] if counts["samples"] else [])
