@@ -117,7 +117,10 @@ def build_core(settings: Settings, observability: Observability | None = None) -
 def create_app(settings: Settings) -> FastAPI:
     """The V2 REST app. Models load in the background once it starts; `/v2/health/ready` turns 200 after."""
     observability = Observability(
-        drift=settings.drift, drift_threshold=settings.drift_threshold, drift_window=settings.drift_window
+        drift=settings.drift,
+        drift_threshold=settings.drift_threshold,
+        drift_window=settings.drift_window,
+        max_cpu_fraction=settings.drift_max_fraction,
     )
     metrics = observability.metrics
     core = build_core(settings, observability)
