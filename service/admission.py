@@ -1,26 +1,23 @@
 """Admission control: a bounded number of inference requests at once, and a deadline for each.
 
-A request holds one place from its arrival until its inference run has finished (not merely until its
-client stopped waiting), so the work queued behind the inference threads never exceeds
-`inference_threads + max_queued_requests` requests, whatever the clients do. Past that, requests are
-refused at once with `Overloaded` (503 and `Retry-After`) instead of queueing without bound. Every request
-also has a deadline, `request_timeout_s` after its arrival: past it the client gets `RequestTimeout` (504),
-and a run that has not started yet is skipped rather than computed for nobody.
+A request holds one place from its arrival until it is answered, so the requests reading, queued or
+running never exceed `inference_threads + max_queued_requests`, whatever the clients do. Past that,
+requests are refused at once with `Overloaded` (503 and `Retry-After`) instead of queueing without bound.
+Every request also has a deadline, `request_timeout_s` after its arrival (its body's reading included): past
+it the client gets `RequestTimeout` (504) and the place is given back; a run that has not started yet is
+skipped rather than computed for nobody, one already in a thread finishes there.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import Awaitable, Callable
-from typing import ParamSpec, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from service.errors import Overloaded, RequestTimeout
 
 T = TypeVar("T")
-R = TypeVar("R")
-P = ParamSpec("P")
 
 
 class AdmissionGate:
@@ -83,22 +80,61 @@ class Deadline:
             raise self.error() from None
 
 
-def admission_control(
-    gate: AdmissionGate, timeout_s: float
-) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Awaitable[R]]]:
-    """A decorator for an async route: a place in `gate` while it runs, and a deadline `timeout_s` after
-    the request's arrival (`RequestTimeout`; the route is cancelled, work already in a thread finishes)."""
+class Admission:
+    """A place in `gate` and a deadline `timeout_s` away, taken per request by `admit()`.
 
-    def decorate(route: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-        @functools.wraps(route)
-        async def admitted(*args: P.args, **kwargs: P.kwargs) -> R:
-            deadline = Deadline(timeout_s)
-            gate.enter()
-            try:
-                return await deadline.wait(route(*args, **kwargs))
-            finally:
-                gate.leave()
+    `with admission.admit(): ...` inside a task: raises `Overloaded` at once when the gate is full; when the
+    deadline passes first, the task is cancelled at the await it is suspended on and the block raises
+    `RequestTimeout`. The deadline is one timer armed on the event loop and cancelled on the way out, so a
+    request that finishes in time pays for no extra task (as `asyncio.wait_for` would create) and no await.
+    Work the cancelled await stood for goes on (a run in a thread finishes), and a request still queued for
+    a batch is skipped by the batcher, its future being cancelled.
+    """
 
-        return admitted
+    def __init__(self, gate: AdmissionGate, timeout_s: float) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.gate = gate
+        self.timeout_s = timeout_s
 
-    return decorate
+    def admit(self) -> Admitted:
+        """The context of one request: enter it from the task that serves the request."""
+        return Admitted(self)
+
+
+class Admitted:
+    """One request's place and deadline; see `Admission`."""
+
+    __slots__ = ("_admission", "_expired", "_task", "_timer")
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._expired = False
+        self._task: asyncio.Task[object] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> Admitted:
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("admission is taken inside a task on a running event loop")
+        self._admission.gate.enter()
+        self._task = task
+        self._timer = asyncio.get_running_loop().call_later(self._admission.timeout_s, self._expire)
+        return self
+
+    def _expire(self) -> None:
+        self._expired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._admission.gate.leave()
+        if not self._expired or self._task is None:
+            return
+        # Our own cancellation becomes the 504; one from elsewhere (shutdown, a caller's timeout) stays one.
+        uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+; 3.10 counts no cancellations
+        others = uncancel() if uncancel is not None else 0
+        if exc_type is asyncio.CancelledError and others == 0:
+            raise Deadline(self._admission.timeout_s).error() from None

@@ -1,53 +1,41 @@
-"""The HTTP layer: `create_app(settings)` builds the FastAPI app whose routes only translate.
+"""The HTTP layer: `create_app(settings)` builds the app whose routes only translate.
 
-request -> codec -> one call into `InferenceCore` (in a thread pool, off the event loop) -> codec -> response.
-Every error is a `ServiceError` mapped to a status by the one table `STATUS`; framework errors (unknown
-route, wrong method, request validation) are rewritten to the same V2 body `{"error": "..."}`.
+request -> codec -> one call into `InferenceCore` -> codec -> response. Every request enters through
+`service.front.Front` (request id, authentication, access record), which answers infer requests itself and
+hands the rest to the FastAPI routes below. Every error is a `ServiceError` mapped to a status by the one
+table in `service.http_errors`; framework errors (unknown route, wrong method, request validation) are
+rewritten to the same V2 body `{"error": "..."}`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from bn_export import __version__
 from service import codec
-from service.admission import AdmissionGate, admission_control
+from service.admission import Admission, AdmissionGate
 from service.auth import Authenticator, load_api_keys
-from service.batching import INLINE_MAX_ELEMENTS, Batcher, BatchPolicy
-from service.errors import (
-    ConfigurationError,
-    Forbidden,
-    InferenceFailed,
-    InvalidInput,
-    LoadRefused,
-    ModelLoadError,
-    ModelNotFound,
-    ModelNotReady,
-    Overloaded,
-    PayloadTooLarge,
-    RequestTimeout,
-    ServerNotReady,
-    ServiceError,
-    Unauthorized,
-    UnsupportedMediaType,
-)
-from service.inference import InferenceCore, PreparedRequest
+from service.batching import Batcher, BatchPolicy
+from service.errors import ConfigurationError, InvalidInput, ServiceError
+from service.front import Front, ServingApp
+from service.http_errors import error_answer
+from service.http_request import read_body, request_headers
+from service.infer_route import INLINE_BODY_BYTES, InferRoute, response_headers
+from service.inference import InferenceCore
 from service.lifecycle import ModelLifecycle
-from service.log import RequestContext, configure_logging
+from service.log import configure_logging
 from service.observability import Observability
 from service.protocol import ServerMetadata
 from service.repository import ModelRepository, ModelState
@@ -58,37 +46,10 @@ log = logging.getLogger("bn_serve")
 
 SERVER_NAME = "frozen-bn"
 EXTENSIONS = ["binary_tensor_data"]
-HEADER_LENGTH = "inference-header-content-length"
 JSON = "application/json"
-OCTET_STREAM = "application/octet-stream"
-INLINE_BODY_BYTES = 64 * 1024  # about 3,000 JSON floats: well under a millisecond to parse
-
-STATUS: dict[type[ServiceError], int] = {
-    InvalidInput: 400,
-    LoadRefused: 400,
-    Unauthorized: 401,
-    Forbidden: 403,
-    ModelNotFound: 404,
-    PayloadTooLarge: 413,
-    UnsupportedMediaType: 415,
-    InferenceFailed: 500,
-    ConfigurationError: 500,
-    ModelNotReady: 503,
-    ModelLoadError: 503,
-    ServerNotReady: 503,
-    Overloaded: 503,
-    RequestTimeout: 504,
-}
+__all__ = ["INLINE_BODY_BYTES", "app_from_environment", "create_app"]
 
 T = TypeVar("T")
-
-
-def status_for(exc: ServiceError) -> int:
-    """The HTTP status of `exc`: the table entry of its nearest class (500 for one the table lacks)."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
 
 
 def json_response(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -122,7 +83,6 @@ def create_app(settings: Settings) -> FastAPI:
         drift_window=settings.drift_window,
         max_cpu_fraction=settings.drift_max_fraction,
     )
-    metrics = observability.metrics
     core = build_core(settings, observability)
     executor = ThreadPoolExecutor(settings.resolved_inference_threads(), thread_name_prefix="bn-serve")
     batcher = Batcher(core, executor, BatchPolicy(settings.max_batch_size, settings.max_batch_delay_us))
@@ -132,13 +92,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Places for the runs in the pool plus those queued behind them; past that, 503 with Retry-After.
     gate = AdmissionGate(settings.resolved_inference_threads() + settings.max_queued_requests)
 
-    async def in_pool(function: Callable[..., T], *args: Any) -> T:
-        # The context travels into the thread, so that records logged there carry the request id.
-        context = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(executor, context.run, function, *args)
-
-    async def authenticate(request: Request) -> None:
-        authenticator.check(request.url.path, request.headers.get("authorization"))
+    admission = Admission(gate, settings.request_timeout_s)
+    route = InferRoute(core, batcher, executor, observability, admission, settings.max_request_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -152,60 +107,16 @@ def create_app(settings: Settings) -> FastAPI:
             observability.close()
             executor.shutdown(wait=True)
 
-    app = FastAPI(
-        title="frozen-bn",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        dependencies=[Depends(authenticate)],
-    )
+    app = ServingApp(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.front = Front(app.framework, route, authenticator)
     app.state.lifecycle = lifecycle
-    app.add_middleware(RequestContext)
     app.state.core = core
     app.state.observability = observability
 
-    def observed(route: Callable[..., Awaitable[Response]]) -> Callable[..., Awaitable[Response]]:
-        """Count each request by model, version and status, time it, and hold it as in flight meanwhile.
-
-        Labels come from the repository, never from the URL: an unknown model or version counts as
-        `UNKNOWN_MODEL`. A request whose client went away before the answer counts as 499.
-        """
-
-        @functools.wraps(route)
-        async def counted(*args: Any, **kwargs: Any) -> Response:
-            started = time.perf_counter()
-            status = 500
-            with metrics.track_in_flight():
-                try:
-                    response = await route(*args, **kwargs)
-                    status = response.status_code
-                    return response
-                except ServiceError as exc:
-                    status = status_for(exc)
-                    raise
-                except asyncio.CancelledError:
-                    status = 499
-                    raise
-                finally:
-                    model, version = observability.labels(
-                        core.repository, kwargs["model_name"], kwargs.get("model_version")
-                    )
-                    metrics.observe_request(model, version, status, time.perf_counter() - started)
-
-        return counted
-
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
-        status = status_for(exc)
-        if status >= 500 and not isinstance(exc, (Overloaded, RequestTimeout)):
-            log.error("%s %s: %s", request.method, request.url.path, exc)
-        headers = {}
-        if isinstance(exc, Unauthorized):
-            headers["WWW-Authenticate"] = 'Bearer realm="bn-serve"'
-        if isinstance(exc, Overloaded):
-            headers["Retry-After"] = str(exc.retry_after_s)
-        return json_response({"error": str(exc)}, status, headers=headers)
+        status, headers, body = error_answer(exc, request.method, request.url.path)
+        return Response(body, status_code=status, media_type=JSON, headers=headers)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -275,27 +186,13 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v2/models/{model_name}/infer")
     @app.post("/v2/models/{model_name}/versions/{model_version}/infer")
-    @observed
-    @admission_control(gate, settings.request_timeout_s)
     async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-        header_length = _framing(request)
-        body = await read_body(request, settings.max_request_bytes)
-
-        def prepare() -> tuple[PreparedRequest, codec.ResponseFormat]:
-            decoded, fmt = codec.decode_request(body, header_length)
-            return core.prepare(model_name, model_version, decoded), fmt
-
-        # Small bodies are decoded and encoded on the event loop: a trip to the pool costs them more.
-        prepared, fmt = prepare() if len(body) <= INLINE_BODY_BYTES else await in_pool(prepare)
-        result = await batcher.infer(prepared)
-        if sum(array.size for _, array in result.outputs) <= INLINE_MAX_ELEMENTS:
-            encoded = codec.encode_response(result, fmt)
-        else:
-            encoded = await in_pool(codec.encode_response, result, fmt)
-        if encoded.header_length is None:
-            return Response(encoded.body, media_type=JSON)
-        headers = {"Inference-Header-Content-Length": str(encoded.header_length)}
-        return Response(encoded.body, media_type=OCTET_STREAM, headers=headers)
+        # Declared for the OpenAPI schema and for requests the front passes on; the front answers the
+        # others with the same `InferRoute.answer`.
+        encoded = await route.answer(
+            model_name, model_version, request_headers(request.scope), request.receive
+        )
+        return Response(encoded.body, headers={k.decode(): v.decode() for k, v in response_headers(encoded)})
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> Response:
@@ -332,7 +229,7 @@ REPOSITORY_BODY_LIMIT = 64 * 1024
 
 async def _repository_body(request: Request) -> dict[str, Any]:
     """The optional JSON object body of a repository request ({} when empty)."""
-    raw = await read_body(request, REPOSITORY_BODY_LIMIT)
+    raw = await read_body(request.receive, request_headers(request.scope), REPOSITORY_BODY_LIMIT)
     if not raw.strip():
         return {}
     try:
@@ -354,56 +251,3 @@ def app_from_environment() -> FastAPI:
     settings = Settings()
     configure_logging(settings.log_level)  # a spawned worker starts with logging unconfigured
     return create_app(settings)
-
-
-def _framing(request: Request) -> int | None:
-    """The JSON header's length for a binary-extension body, None for a JSON body; checks the media type.
-
-    Clients may omit Content-Type (Triton's does): the header-length header alone then marks a binary body.
-    """
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding != "identity":
-        raise UnsupportedMediaType(
-            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
-        )
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    raw_length = request.headers.get(HEADER_LENGTH)
-    if raw_length is None:
-        if media_type in ("", JSON):
-            return None
-        if media_type == OCTET_STREAM:
-            raise InvalidInput(f"a {OCTET_STREAM} body needs the Inference-Header-Content-Length header")
-        raise UnsupportedMediaType(
-            f"Content-Type {media_type!r} is not supported; send {JSON} or {OCTET_STREAM}"
-        )
-    if media_type not in ("", OCTET_STREAM):
-        raise UnsupportedMediaType(
-            f"Content-Type {media_type!r} with Inference-Header-Content-Length: "
-            f"a binary body is {OCTET_STREAM}"
-        )
-    if not raw_length.strip().isdigit():
-        raise InvalidInput(
-            f"Inference-Header-Content-Length must be a non-negative integer, got {raw_length!r}"
-        )
-    return int(raw_length)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with `PayloadTooLarge` beyond `limit` bytes: by Content-Length before reading
-    anything, and while streaming for bodies without one (chunked) or that lie about it."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.strip().isdigit():
-            raise InvalidInput(f"Content-Length must be a non-negative integer, got {declared!r}")
-        if int(declared) > limit:
-            raise PayloadTooLarge(
-                f"the body has {int(declared)} bytes, the limit is {limit} (max_request_bytes)"
-            )
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes (max_request_bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -2,8 +2,10 @@
 
 Keys come from `BN_SERVE_API_KEY` (one key) and/or `BN_SERVE_API_KEYS_FILE` (one key per line; blank lines
 and lines starting with `#` skipped). With no key configured the server is open. Health routes
-(`/v2/health/*`) and `/metrics` are always open so that probes and scrapers need no secret; every other
-route, present or future, is protected (deny by default).
+(`/v2/health/*`) and `/metrics` are always open so that probes and scrapers need no secret, and so is the
+static `/openapi.json`; every other path, present, future or unknown, is protected (deny by default). The
+check runs in `service.front` before any routing, so without a token nothing about the routes or models
+leaks, not even whether one exists.
 
 The comparison takes the same time whichever key matches, or none: the token and every key are hashed to
 32 bytes (so no length leaks), and `hmac.compare_digest` runs against all keys without stopping early.
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from service.errors import ConfigurationError, Forbidden, Unauthorized
 
-OPEN_PATHS = frozenset({"/metrics"})
+OPEN_PATHS = frozenset({"/metrics", "/openapi.json"})
 OPEN_PREFIXES = ("/v2/health/",)
 
 

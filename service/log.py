@@ -4,20 +4,26 @@ The request id comes from the client's `X-Request-ID` (when it is a short token 
 generated, is echoed back in the response's `X-Request-ID`, and follows the request into the inference
 threads through a context variable. Records hold what happened (method, path, status, duration, error
 message), never bodies, tensor values or headers, so neither data nor credentials reach the logs.
+
+Every request leaves one access record on `bn_serve.access`. It is written as one preformatted line
+straight to the JSON handler when that handler is the only place the record would go (the server's own
+configuration, `configure_logging`): the same line `logging` would write, without a `LogRecord`, the
+formatter's generic passes and the handler lookup per request. Under any other configuration (a handler or
+filter of the embedding application's, pytest's capture) it goes through `logging` as usual.
 """
 
 from __future__ import annotations
 
 import contextvars
 import datetime
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
 from typing import Any
 
 import orjson
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = "x-request-id"
 # A client-supplied id is echoed into headers and logs, so only short tokens of inert characters pass;
@@ -25,9 +31,24 @@ REQUEST_ID_HEADER = "x-request-id"
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+ACCESS_LOGGER = "bn_serve.access"
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-access_log = logging.getLogger("bn_serve.access")
+access_log = logging.getLogger(ACCESS_LOGGER)
+
+_second: tuple[int, str] = (-1, "")
+
+
+def utc_timestamp(seconds: float) -> str:
+    """`seconds` since the epoch as ISO 8601 in UTC to the millisecond: `2026-11-25T11:52:45.123+00:00`."""
+    global _second
+    whole = int(seconds)
+    cached, prefix = _second  # one tuple read: another thread may replace it meanwhile
+    if whole != cached:
+        moment = datetime.datetime.fromtimestamp(whole, datetime.timezone.utc)
+        prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (whole, prefix)
+    return f"{prefix}.{int((seconds - whole) * 1000):03d}+00:00"
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,9 +56,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
-            "ts": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(
-                timespec="milliseconds"
-            ),
+            "ts": utc_timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -55,8 +74,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(level: str) -> None:
     """Send every logger (ours, uvicorn's, onnxruntime's Python side) to stderr as JSON lines at `level`."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
+    handler = JsonLinesHandler()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -66,59 +84,86 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).propagate = True
 
 
-def incoming_request_id(value: str | None) -> str:
-    """The client's id when it is a safe token, else a fresh one (32 hex digits)."""
-    if value is not None and _SAFE_ID.fullmatch(value):
-        return value
-    return uuid.uuid4().hex
+class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler writing `JsonFormatter` lines, and preformatted documents by `write_document`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+
+    def write_document(self, document: dict[str, Any]) -> None:
+        """Write `document` as one JSON line, under the handler's lock as `emit` does."""
+        line = orjson.dumps(document, default=str).decode()
+        self.acquire()
+        try:
+            self.stream.write(line + "\n")
+            self.flush()
+        except Exception:  # as `emit`: a broken stream must not fail the request that is logged
+            self.handleError(logging.makeLogRecord({"msg": line}))
+        finally:
+            self.release()
 
 
-class RequestContext:
-    """ASGI middleware: sets the request id, echoes it as `X-Request-ID`, writes one access record.
+def _only_json_handler(logger: logging.Logger) -> JsonLinesHandler | None:
+    """The handler `logger`'s INFO records reach, when that is one `JsonLinesHandler` and no filter is on
+    the way; else None (the record then goes through `logging`)."""
+    found = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            if found is not None or type(handler) is not JsonLinesHandler or handler.filters:
+                return None
+            if handler.level > logging.INFO:
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    return found
 
-    A pure ASGI middleware rather than Starlette's `BaseHTTPMiddleware`, so bodies stream through untouched
-    and the id is set before any other layer (authentication included) runs.
+
+def write_access_record(method: str, path: str, status: int, seconds: float, rid: str) -> None:
+    """The access record of one request, on `bn_serve.access` at INFO (see the module docstring)."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    message = f"{method} {path} {status}"
+    duration_ms = round(seconds * 1000, 3)
+    handler = _only_json_handler(access_log)
+    if handler is None:
+        extra = {"method": method, "path": path, "status": status, "duration_ms": duration_ms}
+        access_log.info("%s", message, extra=extra)
+        return
+    handler.write_document(
+        {
+            "ts": utc_timestamp(time.time()),
+            "level": "info",
+            "logger": ACCESS_LOGGER,
+            "message": message,
+            "request_id": rid,
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": duration_ms,
+        }
+    )
+
+
+class RequestIds:
+    """Request ids: the client's when it is a safe token, else generated.
+
+    A generated id is a random 64-bit prefix drawn when the server starts and a 64-bit counter, 32 hex
+    digits: unique across requests, workers and restarts (with overwhelming probability), at a tenth of
+    `uuid4`'s cost.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        supplied = None
-        for key, value in scope["headers"]:
-            if key == b"x-request-id":
-                supplied = value.decode("latin-1")
-                break
-        rid = incoming_request_id(supplied)
-        token = request_id.set(rid)
-        started = time.perf_counter()
-        status = 500  # what the server sends when the app fails before starting a response
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                headers.append((b"x-request-id", rid.encode()))
-                message = {**message, "headers": headers}
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            access_log.info(
-                "%s %s %d",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                },
-            )
-            request_id.reset(token)
+    def incoming(self, value: str | None) -> str:
+        """The client's id when it is a safe token, else a fresh one."""
+        if value is not None and _SAFE_ID.fullmatch(value):
+            return value
+        return f"{self._prefix}{next(self._counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"

@@ -1,0 +1,139 @@
+"""The server's front: one pure-ASGI layer that every HTTP request enters first.
+
+In one pass it gives the request its id (the client's `X-Request-ID` when safe, else generated; echoed in
+the response and set in `service.log.request_id` for every record logged on the request's behalf), checks
+its bearer token, and writes its access record when it is answered. Then `POST
+/v2/models/{name}[/versions/{v}]/infer`, the hot path, is answered right here from raw ASGI messages by
+`InferRoute`; everything else (metadata, health, metrics, repository, the schema) goes on to FastAPI.
+
+Why: FastAPI's own path costs a small request more than the request itself (about six middleware layers,
+routing, dependency solving, a `Request` and a `Response` object); here a small JSON request pays for a
+regular expression match and two `send` calls. Behaviour does not fork: the FastAPI infer route (kept for
+the OpenAPI schema and for the requests the front passes on) calls the same `InferRoute.answer`, and both
+answer errors through `service.http_errors.error_answer`, the one table of statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+from fastapi import FastAPI
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.auth import Authenticator
+from service.errors import ServiceError
+from service.http_errors import INTERNAL_ERROR, error_answer
+from service.http_request import header, request_headers
+from service.infer_route import InferRoute, response_headers
+from service.log import RequestIds, request_id, write_access_record
+
+log = logging.getLogger("bn_serve")
+
+# The FastAPI routes' patterns, `{name}` being Starlette's `[^/]+`, on the percent-decoded path.
+INFER_PATH = re.compile(r"/v2/models/([^/]+)/(?:versions/([^/]+)/)?infer")
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class Front:
+    """The ASGI app in front of `app` (FastAPI's own handling); see the module docstring."""
+
+    def __init__(self, app: ASGIApp, route: InferRoute, authenticator: Authenticator) -> None:
+        self.app = app
+        self.route = route
+        self.authenticator = authenticator
+        self.ids = RequestIds()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = request_headers(scope)
+        rid = self.ids.incoming(header(headers, b"x-request-id"))
+        token = request_id.set(rid)
+        method: str = scope["method"]
+        path: str = scope["path"]
+        status = 500  # what the server sends when the app fails before starting a response
+        try:
+            try:
+                self.authenticator.check(path, header(headers, b"authorization"))
+            except ServiceError as exc:
+                status = await self._send_error(send, exc, method, path, rid)
+                return
+            # Behind a root_path, route paths differ from the scope's: FastAPI resolves those.
+            match = INFER_PATH.fullmatch(path) if method == "POST" and not scope.get("root_path") else None
+            if match is not None:
+                status = await self._infer(match[1], match[2], headers, receive, send, method, path, rid)
+                return
+
+            rid_header = (b"x-request-id", rid.encode())
+
+            async def send_with_id(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                    message = {**message, "headers": [*kept, rid_header]}
+                await send(message)
+
+            await self.app(scope, receive, send_with_id)
+        finally:
+            write_access_record(method, path, status, time.perf_counter() - started, rid)
+            request_id.reset(token)
+
+    async def _infer(
+        self,
+        model_name: str,
+        model_version: str | None,
+        headers: dict[bytes, bytes],
+        receive: Receive,
+        send: Send,
+        method: str,
+        path: str,
+        rid: str,
+    ) -> int:
+        """Answer an infer request; its status."""
+        try:
+            encoded = await self.route.answer(model_name, model_version, headers, receive)
+        except ServiceError as exc:
+            return await self._send_error(send, exc, method, path, rid)
+        except ClientDisconnect:
+            return 499  # nobody is left to read an answer
+        except Exception as exc:  # a bug, not a client's mistake: logged with its traceback, no details out
+            log.error("%s %s: unexpected error", method, path, exc_info=exc)
+            return await _send(send, 500, _JSON_HEADERS, INTERNAL_ERROR, rid)
+        return await _send(send, 200, response_headers(encoded), encoded.body, rid)
+
+    @staticmethod
+    async def _send_error(send: Send, exc: ServiceError, method: str, path: str, rid: str) -> int:
+        status, extra, body = error_answer(exc, method, path)
+        headers = [*_JSON_HEADERS, *((k.lower().encode(), v.encode("latin-1")) for k, v in extra.items())]
+        return await _send(send, status, headers, body, rid)
+
+
+async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, rid: str) -> int:
+    """Send a whole response: `headers` plus Content-Length and X-Request-ID; returns `status`."""
+    headers = [*headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", rid.encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return status
+
+
+class ServingApp(FastAPI):
+    """FastAPI with a `Front` before it: once `front` is set, every HTTP request enters there first and
+    reaches FastAPI through `framework`; lifespan and other scopes go to FastAPI directly."""
+
+    front: Front | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is not None and scope["type"] == "http":
+            await self.front(scope, receive, send)
+        else:
+            await self.framework(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI's own handling: its middleware, routing and exception handlers."""
+        await super().__call__(scope, receive, send)

@@ -1,0 +1,116 @@
+"""`POST /v2/models/{name}[/versions/{v}]/infer`, transport-free below the ASGI messages it reads.
+
+framing -> body (size limit) -> codec -> `InferenceCore.prepare` -> `Batcher` -> codec, inside a place of
+the admission gate and the request's deadline, counted in the request metrics by model, version and status.
+`service.front` serves it straight from ASGI messages; the FastAPI route, kept for the OpenAPI schema and
+for requests the front passes on, calls the same `answer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
+
+from service import codec
+from service.admission import Admission
+from service.batching import INLINE_MAX_ELEMENTS, Batcher
+from service.errors import ServiceError
+from service.http_errors import status_for
+from service.http_request import JSON, OCTET_STREAM, Headers, framing, read_body
+from service.inference import InferenceCore, PreparedRequest
+from service.observability import Observability
+
+INLINE_BODY_BYTES = 64 * 1024  # about 3,000 JSON floats: well under a millisecond to parse
+
+T = TypeVar("T")
+
+
+def response_headers(encoded: codec.EncodedResponse) -> list[tuple[bytes, bytes]]:
+    """Content-Type, and the JSON header's length when binary outputs follow it, as ASGI header pairs."""
+    if encoded.header_length is None:
+        return [(b"content-type", JSON.encode())]
+    return [
+        (b"content-type", OCTET_STREAM.encode()),
+        (b"inference-header-content-length", str(encoded.header_length).encode()),
+    ]
+
+
+class InferRoute:
+    """Answers infer requests for `core`'s models; one per app, used from the event loop's thread."""
+
+    def __init__(
+        self,
+        core: InferenceCore,
+        batcher: Batcher,
+        executor: Executor,
+        observability: Observability,
+        admission: Admission,
+        max_request_bytes: int,
+    ) -> None:
+        self._core = core
+        self._batcher = batcher
+        self._executor = executor
+        self._observability = observability
+        self._metrics = observability.metrics
+        self._admission = admission
+        self._max_request_bytes = max_request_bytes
+
+    async def answer(
+        self, model_name: str, model_version: str | None, headers: Headers, receive: Receive
+    ) -> codec.EncodedResponse:
+        """The encoded response to the request whose headers and `receive` are given; raises `ServiceError`
+        (mapped by `service.http_errors`) or Starlette's `ClientDisconnect`.
+
+        Counted by model, version and status; the labels come from the repository, never from the URL (an
+        unknown model or version counts as `UNKNOWN_MODEL`). A request whose client went away, or whose
+        task was cancelled, counts as 499 (nginx's "client closed request").
+        """
+        started = time.perf_counter()
+        status = 500
+        in_flight = self._metrics.in_flight
+        in_flight.inc()
+        try:
+            with self._admission.admit():
+                encoded = await self._answer(model_name, model_version, headers, receive)
+            status = 200
+            return encoded
+        except ServiceError as exc:
+            status = status_for(exc)
+            raise
+        except (ClientDisconnect, asyncio.CancelledError):
+            status = 499
+            raise
+        finally:
+            in_flight.dec()
+            model, version = self._observability.labels(self._core.repository, model_name, model_version)
+            self._metrics.observe_request(model, version, status, time.perf_counter() - started)
+
+    async def _answer(
+        self, model_name: str, model_version: str | None, headers: Headers, receive: Receive
+    ) -> codec.EncodedResponse:
+        header_length = framing(headers)
+        body = await read_body(receive, headers, self._max_request_bytes)
+
+        def prepare() -> tuple[PreparedRequest, codec.ResponseFormat]:
+            decoded, fmt = codec.decode_request(body, header_length)
+            return self._core.prepare(model_name, model_version, decoded), fmt
+
+        # Small bodies are decoded and encoded on the event loop: a trip to the pool costs them more.
+        prepared, fmt = prepare() if len(body) <= INLINE_BODY_BYTES else await self._in_pool(prepare)
+        result = await self._batcher.infer(prepared)
+        if sum(array.size for _, array in result.outputs) <= INLINE_MAX_ELEMENTS:
+            return codec.encode_response(result, fmt)
+        return await self._in_pool(codec.encode_response, result, fmt)
+
+    async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
+        # The context travels into the thread, so that records logged there carry the request id.
+        context = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, context.run, function, *args)
