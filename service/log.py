@@ -18,6 +18,7 @@ import contextvars
 import datetime
 import itertools
 import logging
+import math
 import os
 import re
 import time
@@ -40,15 +41,21 @@ _second: tuple[int, str] = (-1, "")
 
 
 def utc_timestamp(seconds: float) -> str:
-    """`seconds` since the epoch as ISO 8601 in UTC to the millisecond: `2026-11-25T11:52:45.123+00:00`."""
+    """`seconds` since the epoch (>= 0) in UTC to the millisecond, `2026-11-25T11:52:45.123+00:00`: what
+    `datetime.fromtimestamp(seconds, utc).isoformat(timespec="milliseconds")` writes, with the date and time
+    of day formatted once a second rather than per record."""
     global _second
-    whole = int(seconds)
+    # Rounded to the microsecond first, as `datetime.fromtimestamp` does, so both give the same text.
+    fraction, integral = math.modf(seconds)
+    whole, micros = int(integral), round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
     cached, prefix = _second  # one tuple read: another thread may replace it meanwhile
     if whole != cached:
         moment = datetime.datetime.fromtimestamp(whole, datetime.timezone.utc)
         prefix = moment.strftime("%Y-%m-%dT%H:%M:%S")
         _second = (whole, prefix)
-    return f"{prefix}.{int((seconds - whole) * 1000):03d}+00:00"
+    return f"{prefix}.{micros // 1000:03d}+00:00"
 
 
 class JsonFormatter(logging.Formatter):
@@ -132,7 +139,13 @@ def write_access_record(method: str, path: str, status: int, seconds: float, rid
     duration_ms = round(seconds * 1000, 3)
     handler = _only_json_handler(access_log)
     if handler is None:
-        extra = {"method": method, "path": path, "status": status, "duration_ms": duration_ms}
+        extra = {
+            "request_id": rid,
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": duration_ms,
+        }
         access_log.info("%s", message, extra=extra)
         return
     handler.write_document(

@@ -1,0 +1,116 @@
+"""JSON log lines: the access line written directly equals the one `logging` writes; request ids; times."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.log import (
+    JsonLinesHandler,
+    RequestIds,
+    access_log,
+    request_id,
+    utc_timestamp,
+    write_access_record,
+)
+
+
+@contextlib.contextmanager
+def server_logging(level: int = logging.INFO) -> Iterator[io.StringIO]:
+    """The server's logging configuration, as `configure_logging` leaves it, writing into a buffer.
+
+    Entered inside the test itself: pytest adds its capture handlers to the root logger for each phase,
+    and with them there the access record (rightly) takes the `logging` path.
+    """
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    stream = io.StringIO()
+    handler = JsonLinesHandler()
+    handler.setStream(stream)
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    try:
+        yield stream
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+@contextlib.contextmanager
+def counting_records() -> Iterator[list[logging.LogRecord]]:
+    """The `LogRecord`s created meanwhile, through logging's record-factory hook."""
+    created: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counting(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        created.append(factory(*args, **kwargs))
+        return created[-1]
+
+    logging.setLogRecordFactory(counting)
+    try:
+        yield created
+    finally:
+        logging.setLogRecordFactory(factory)
+
+
+def test_the_direct_access_line_is_the_line_logging_writes() -> None:
+    path = '/v2/models/"m"/infer'
+    token = request_id.set("rid-1")
+    with server_logging() as json_lines:
+        with counting_records() as direct_records:
+            write_access_record("POST", path, 400, 0.0012345, "rid-1")
+        # Any filter on the way sends the record through logging and the formatter: the reference line.
+        pass_all = logging.Filter()
+        access_log.addFilter(pass_all)
+        try:
+            with counting_records() as logged_records:
+                write_access_record("POST", path, 400, 0.0012345, "rid-1")
+        finally:
+            access_log.removeFilter(pass_all)
+    request_id.reset(token)
+    assert (len(direct_records), len(logged_records)) == (0, 1)
+    direct, reference = _lines(json_lines)
+    assert list(direct) == list(reference)  # the same fields in the same order
+    for key in reference:
+        if key != "ts":
+            assert direct[key] == reference[key], key
+    assert reference["duration_ms"] == 1.234
+    assert reference["message"] == f"POST {path} 400"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", direct["ts"])
+
+
+def test_access_records_follow_the_level() -> None:
+    with server_logging(logging.WARNING) as json_lines:
+        write_access_record("GET", "/v2", 200, 0.001, "quiet")
+    assert json_lines.getvalue() == ""
+
+
+def test_request_ids_echo_safe_tokens_and_replace_anything_else() -> None:
+    ids = RequestIds()
+    for safe in ("trace-123.a:b", "A" * 128, "0"):
+        assert ids.incoming(safe) == safe
+    generated = [ids.incoming(unsafe) for unsafe in (None, "", "x" * 129, "a b", "a\nb", 'a"b', "é")]
+    generated += [ids.incoming(None) for _ in range(1000)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", rid) for rid in generated)
+    assert len(set(generated)) == len(generated)
+    assert RequestIds().incoming(None)[:16] != ids.incoming(None)[:16]  # a fresh prefix per server start
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=0, max_value=2**33, allow_nan=False, allow_infinity=False))
+def test_timestamps_read_as_datetime_writes_them(seconds: float) -> None:
+    reference = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    assert utc_timestamp(seconds) == reference.isoformat(timespec="milliseconds")
