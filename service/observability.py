@@ -198,6 +198,9 @@ class Observability:
         # Held by whoever drains and applies, so a flush returns only after every earlier input is applied.
         self._apply_lock = threading.Lock()
         self._stop = threading.Event()
+        # Set once half of `max_pending_bytes` is queued: the worker then flushes before its interval ends,
+        # so large inputs are left out by the CPU budget (`skipped`) rather than by a full queue (`dropped`).
+        self._wake = threading.Event()
         self._worker: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -212,6 +215,7 @@ class Observability:
     def close(self) -> None:
         """Stop the drift worker after applying what is queued; mark this worker's gauges dead."""
         self._stop.set()
+        self._wake.set()
         if self._worker is not None:
             self._worker.join()
             self._worker = None
@@ -219,7 +223,11 @@ class Observability:
         self.metrics.close()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while True:
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.flush()
             except Exception:  # a fault here must cost the drift figures only, never the server
@@ -330,6 +338,8 @@ class Observability:
                     self._pending_bytes += array.nbytes
                     self._pending_estimate += estimate
                     self._pending.append((key, array, requests))
+                    if 2 * self._pending_bytes > self.max_pending_bytes:
+                        self._wake.set()
                     return
                 outcome = "skipped"
             self._count_locked(key, outcome, requests, samples)
