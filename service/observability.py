@@ -39,12 +39,14 @@ from bn_export.errors import InvalidInputError
 from bn_export.moments import Moments, merge_all
 from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD, DriftMonitor, DriftSnapshot
 from service.errors import ModelNotFound
+from service.memory import release_free_memory
 from service.metrics import DRIFT_OUTCOMES, UNKNOWN_MODEL, DriftOutcome, ServiceMetrics
 from service.repository import ModelRepository, ModelState, ModelVersion
 
 log = logging.getLogger("bn_serve")
 
 DEFAULT_INTERVAL_S = 0.1
+TRIM_INTERVAL_S = 1.0
 # Three 8x3x224x224 FP32 requests: the queue only has to bridge one interval of a worker within budget.
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
 # Inputs up to this size are concatenated with others of their model and sample shape before summing.
@@ -223,6 +225,7 @@ class Observability:
         self.metrics.close()
 
     def _run(self) -> None:
+        trimmed_at = time.monotonic()
         while True:
             self._wake.wait(self.interval_s)
             self._wake.clear()
@@ -232,6 +235,10 @@ class Observability:
                 self.flush()
             except Exception:  # a fault here must cost the drift figures only, never the server
                 log.exception("the drift worker failed to apply queued inputs")
+            # The process's one periodic thread also hands freed heap back to the OS (see service.memory).
+            if time.monotonic() - trimmed_at >= TRIM_INTERVAL_S:
+                release_free_memory()
+                trimmed_at = time.monotonic()
 
     # -- models ------------------------------------------------------------------------------------------
 

@@ -1,0 +1,41 @@
+"""Giving freed heap memory back to the operating system (glibc's `malloc_trim`).
+
+A large request frees tens of MB at once (an 8x3x224x224 JSON body: ~24 MB of text, ~40 MB of Python
+floats, its arrays), but glibc keeps freed heap memory for reuse: it raises its mmap threshold after big
+frees, so later buffers of that size come from the heap, and every thread's arena holds its own free
+space. The resident size then stays near the high-water mark of past requests. `malloc_trim(0)` returns
+the free pages of every arena; it costs well under a millisecond on an idle heap, so the server calls it
+at most once a second from a background thread (benchmarks/README.md, "Serving costs").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("bn_serve")
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """libc's `malloc_trim`, or None where the C library is not glibc (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    trim: Callable[[int], int] = function
+    return trim
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the operating system; True if any were released (glibc only)."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
