@@ -9,7 +9,9 @@ for in binary (`outputs[i].parameters.binary_data`, defaulting to the request's 
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,11 @@ from service.protocol import InferenceRequest, RequestInput
 # The JSON element kinds each V2 datatype accepts: numbers for floats, integers for integer types, booleans
 # for BOOL. Anything else (strings, null, ragged nesting -> object arrays) is a client mistake.
 _JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+# JSON headers above this size are decoded at most `MAX_LARGE_JSON_DECODES` at a time (`_large_json_decodes`):
+# about 40,000 numbers, whose Python floats take a few MB.
+LARGE_JSON_BYTES = 1024 * 1024
+# Two keep one core busy while the other builds its arrays, and bound the peak to ~150 MB for W3 bodies.
+MAX_LARGE_JSON_DECODES = 2
 # The largest product of dimensions numpy reshapes to for an 8-byte element type: bytes must fit its intp.
 _MAX_SHAPE_PRODUCT = np.iinfo(np.intp).max // 8
 
@@ -68,9 +75,28 @@ def decode_request(body: bytes, header_length: int | None = None) -> tuple[Infer
                 f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes"
             )
         header, binary = body[:header_length], body[header_length:]
+    if len(header) <= LARGE_JSON_BYTES:
+        return _decode(header, binary)
+    with _large_json_decodes():
+        return _decode(header, binary)
+
+
+def _decode(header: bytes, binary: bytes) -> tuple[InferRequest, ResponseFormat]:
     request = _parse_header(header)
     inputs = _decode_inputs(request.inputs, memoryview(binary))
     return _to_core(request, inputs)
+
+
+@functools.cache
+def _large_json_decodes() -> threading.BoundedSemaphore:
+    """The places for decoding large JSON at once (one per process, made on first use).
+
+    Decoding JSON holds ~3x the body's size in Python floats (24 bytes each) and their list until the arrays
+    are built: an 8x3x224x224 body of 24 MB peaks at ~75 MB. Each inference thread may decode one, so
+    without a bound the peak grows with the thread count; past `MAX_LARGE_JSON_DECODES` they wait their
+    turn, holding only their body. Binary bodies are not bounded: their tensors are views of the body.
+    """
+    return threading.BoundedSemaphore(MAX_LARGE_JSON_DECODES)
 
 
 def _parse_header(header: bytes) -> InferenceRequest:
