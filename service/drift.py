@@ -24,10 +24,11 @@ the default threshold. The snapshot also reports max_c |d_c| and max_c |log r_c|
 among many good ones.
 
 The live moments come from `shifted_moments`: float64 sums of `x - k` and `(x - k)²` per channel, with `k`
-the frozen moving mean on the data's grid, in cache-sized chunks. It costs about a twentieth of
-`Moments.from_batch` on an 8x3x224x224 request (no BLAS, whose threads would also escape the drift
-worker's CPU budget) and stays exact to float64 rounding: served data sit near the moving mean, and a
-batch that does not (its `Σ(x-k)² > 64·M2`) is summed again about its own mean.
+the frozen moving mean on the data's grid, in cache-sized chunks, without BLAS. On an 8x3x224x224 request
+arriving every few milliseconds it takes ~0.85 ms of CPU where `Moments.from_batch` takes 4-7 ms summed
+over OpenBLAS's threads (which spin after each call, and whose time the drift worker's own CPU clock would
+not see); it stays exact to float64 rounding: served data sit near the moving mean, and a batch that does
+not (its `Σ(x-k)² > 64·M2`) is summed again about its own mean.
 """
 
 from __future__ import annotations
