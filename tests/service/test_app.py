@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from pathlib import Path
@@ -473,5 +474,21 @@ def test_a_server_whose_only_model_is_refused_is_not_ready_and_says_why(reposito
         assert "no model is ready" in body["reason"]
         assert "batch" in body["reason"]  # the refusal's own reason is passed on
         assert server.get("/v2/health/live").status_code == 200
+    finally:
+        server.close()
+
+
+def test_the_heap_alive_after_loading_is_frozen_out_of_collections(serve_in_process: Any) -> None:
+    gc.unfreeze()  # whatever an earlier app in this process froze
+    assert gc.get_freeze_count() == 0
+    server = serve_in_process()
+    try:
+        # The freeze follows the end of loading on the event loop, a moment after readiness may show.
+        deadline = time.monotonic() + 10
+        while gc.get_freeze_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # Startup objects (modules, routes, sessions) no longer cost every full collection a walk.
+        assert gc.get_freeze_count() > 10_000
+        assert server.post(INFER, json=body([[1.0, 2.0, 3.0, 4.0]])).status_code == 200
     finally:
         server.close()
