@@ -86,7 +86,12 @@ def create_app(settings: Settings) -> FastAPI:
     )
     core = build_core(settings, observability)
     executor = ThreadPoolExecutor(settings.resolved_inference_threads(), thread_name_prefix="bn-serve")
-    batcher = Batcher(core, executor, BatchPolicy(settings.max_batch_size, settings.max_batch_delay_us))
+    batcher = Batcher(
+        core,
+        executor,
+        BatchPolicy(settings.max_batch_size, settings.max_batch_delay_us),
+        max_batch_elements=settings.max_batch_elements,
+    )
 
     authenticator = Authenticator(load_api_keys(settings.api_key, settings.api_keys_file))
     lifecycle = ModelLifecycle(core)

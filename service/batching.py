@@ -9,11 +9,13 @@ samples, which is why such models are refused at load.
 
 How. One queue per model version, shape signature and outputs asked for, on the event loop. A request
 joins the queue of its `merge_key`; a collector task takes what is queued, at most `max_batch_size`
-samples, runs it once and resolves each request's future with its slice. No latency is added at low load:
-a lone request runs at once (the collector yields to the event loop once, so requests that arrived together
-share the run). Under concurrent load the collector waits for the batch to fill for at most
-`max_batch_delay_us` after the oldest request arrived; meanwhile, requests arriving during a run queue up
-and go in the next one, so batches grow with the load by themselves.
+samples and at most `max_batch_elements` input elements (the server's `BN_SERVE_MAX_BATCH_ELEMENTS`,
+which bounds the memory one merged run takes: its concatenated inputs and its outputs), runs it once and
+resolves each request's future with its slice; what does not fit waits for the next run. No latency is
+added at low load: a lone request runs at once (the collector yields to the event loop once, so requests
+that arrived together share the run). Under concurrent load the collector waits for the batch to fill for
+at most `max_batch_delay_us` after the oldest request arrived; meanwhile, requests arriving during a run
+queue up and go in the next one, so batches grow with the load by themselves.
 
 Errors stay with their request. Invalid requests are refused by `InferenceCore.prepare` before they queue.
 When a merged run fails, each of its requests is run again alone, so each gets its own answer or error.
@@ -147,10 +149,16 @@ def batch_size(prepared: PreparedRequest) -> int:
     return int(next(iter(prepared.feeds.values())).shape[0])
 
 
+def input_elements(prepared: PreparedRequest) -> int:
+    """Tensor elements of the request's inputs, all together."""
+    return sum(array.size for array in prepared.feeds.values())
+
+
 @dataclass
 class _Pending:
     prepared: PreparedRequest
     samples: int
+    elements: int
     future: asyncio.Future[InferResponse]
     arrived: float
 
@@ -160,6 +168,7 @@ class _Queue:
     policy: BatchPolicy
     items: deque[_Pending] = field(default_factory=deque)
     samples: int = 0
+    elements: int = 0
     collecting: bool = False
     filled: asyncio.Event | None = None  # set while the collector waits for the batch to fill
 
@@ -168,8 +177,10 @@ class Batcher:
     """Runs prepared requests on `core`: merged per `merge_key` where the model's policy allows, else alone.
 
     `default` is the server's policy, overridden per model by its `config.json` (`read_policy`). Used from
-    the event loop's thread only. Runs of more than `inline_max_elements` input elements go to
-    `executor` (onnxruntime releases the GIL there); smaller ones run on the loop.
+    the event loop's thread only. A merged run holds at most `max_batch_elements` input elements (None: no
+    bound beyond `max_batch_size`); a request that reaches it runs alone. Runs of more than
+    `inline_max_elements` input elements go to `executor` (onnxruntime releases the GIL there); smaller ones
+    run on the loop.
     """
 
     def __init__(
@@ -178,9 +189,13 @@ class Batcher:
         executor: Executor,
         default: BatchPolicy,
         *,
+        max_batch_elements: int | None = None,
         inline_max_elements: int = INLINE_MAX_ELEMENTS,
     ) -> None:
+        if max_batch_elements is not None and max_batch_elements < 1:
+            raise ValueError(f"max_batch_elements must be at least 1 or None, got {max_batch_elements}")
         self._core = core
+        self._max_batch_elements = max_batch_elements
         self._executor = executor
         self._default = default
         # id(entry) -> (entry, its policy); the entry is held so that its id is not reused while cached.
@@ -197,21 +212,25 @@ class Batcher:
         if key is None:
             return await self._alone(prepared)
         samples = batch_size(prepared)
-        if samples >= policy.max_batch_size:
-            return await self._alone(prepared)
+        elements = input_elements(prepared)
+        if samples >= policy.max_batch_size or self._full(elements):
+            return await self._alone(prepared)  # nothing could join it
         loop = asyncio.get_running_loop()
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(policy)
-        pending = _Pending(prepared, samples, loop.create_future(), loop.time())
+        pending = _Pending(prepared, samples, elements, loop.create_future(), loop.time())
         queue.items.append(pending)
         queue.samples += samples
+        queue.elements += elements
         if not queue.collecting:
             queue.collecting = True
             task = loop.create_task(self._collect(key, queue))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        elif queue.filled is not None and queue.samples >= policy.max_batch_size:
+        elif queue.filled is not None and (
+            queue.samples >= policy.max_batch_size or self._full(queue.elements)
+        ):
             queue.filled.set()
         return await pending.future
 
@@ -233,6 +252,7 @@ class Batcher:
                 if (
                     len(queue.items) > 1
                     and queue.samples < policy.max_batch_size
+                    and not self._full(queue.elements)
                     and policy.max_batch_delay_us
                 ):
                     await self._wait_to_fill(queue)
@@ -266,15 +286,27 @@ class Batcher:
         finally:
             queue.filled = None
 
-    @staticmethod
-    def _take(queue: _Queue) -> list[_Pending]:
-        """The oldest requests whose samples fit in one run (always at least one), in arrival order."""
+    def _full(self, elements: int) -> bool:
+        """Whether `elements` input elements fill a merged run: nothing more may join them."""
+        return self._max_batch_elements is not None and elements >= self._max_batch_elements
+
+    def _take(self, queue: _Queue) -> list[_Pending]:
+        """The oldest requests whose samples and elements fit in one run (always at least one), in arrival
+        order; the rest wait for the next run."""
         batch = [queue.items.popleft()]
-        total = batch[0].samples
-        while queue.items and total + queue.items[0].samples <= queue.policy.max_batch_size:
+        total, elements = batch[0].samples, batch[0].elements
+        limit = self._max_batch_elements
+        while queue.items:
+            head = queue.items[0]
+            if total + head.samples > queue.policy.max_batch_size or (
+                limit is not None and elements + head.elements > limit
+            ):
+                break
             batch.append(queue.items.popleft())
-            total += batch[-1].samples
+            total += head.samples
+            elements += head.elements
         queue.samples -= total
+        queue.elements -= elements
         return batch
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
@@ -289,7 +321,7 @@ class Batcher:
         feeds = {name: np.concatenate([p.prepared.feeds[name] for p in live]) for name in first.feeds}
         try:
             outputs = await self._call(
-                sum(a.size for a in feeds.values()),
+                sum(p.elements for p in live),
                 self._core.run,
                 first.entry,
                 first.session,
@@ -318,9 +350,13 @@ class Batcher:
             pending.future.set_result(response)
 
     async def _alone(self, prepared: PreparedRequest) -> InferResponse:
-        elements = sum(a.size for a in prepared.feeds.values())
         outputs = await self._call(
-            elements, self._core.run, prepared.entry, prepared.session, prepared.output_names, prepared.feeds
+            input_elements(prepared),
+            self._core.run,
+            prepared.entry,
+            prepared.session,
+            prepared.output_names,
+            prepared.feeds,
         )
         return prepared.response(outputs)
 

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="longest wait for a batch to fill once requests queue (default 0: never wait)",
     )
+    parser.add_argument(
+        "--max-batch-elements",
+        type=int,
+        help="input tensor elements merged into one run (default 16 Mi, the per-request limit)",
+    )
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 

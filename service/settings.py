@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     max_request_elements: int = Field(
         default=16 * 1024 * 1024, ge=1, description="tensor elements per request, all inputs together"
     )
+    # The default lets one run hold what one request may; lower it to bound a merged run's memory below that.
+    max_batch_elements: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1,
+        description="tensor elements of the inputs merged into one run; requests beyond it wait for the next",
+    )
     request_timeout_s: float = Field(
         default=30.0, gt=0, description="from the request's arrival to its answer; 504 beyond"
     )

@@ -123,6 +123,42 @@ def test_max_batch_size_bounds_every_run(core: InferenceCore, executor: ThreadPo
         )
 
 
+class RecordingCore(InferenceCore):
+    """The real core, noting the input elements of every run it makes."""
+
+    elements: list[int]
+
+    def run(
+        self,
+        entry: ModelVersion,
+        session: Session,
+        output_names: list[str],
+        feeds: dict[str, NDArray[Any]],
+        requests: int = 1,
+    ) -> list[NDArray[Any]]:
+        self.elements.append(sum(a.size for a in feeds.values()))
+        return super().run(entry, session, output_names, feeds, requests)
+
+
+def test_max_batch_elements_bounds_every_merged_run(repository: Any, executor: ThreadPoolExecutor) -> None:
+    recording = RecordingCore(ModelRepository.scan(repository.root), providers=[CPU], intra_op_threads=1)
+    recording.load_all()
+    recording.elements = []
+    batches = samples(seed=6, count=40)  # 1 to 9 rows of 4 channels: 4 to 36 elements each
+    batches.append(np.ones((12, 4), np.float32))  # 48 elements: over the cap, runs alone
+    limit = 40
+    batcher = Batcher(core=recording, executor=executor, default=MERGING, max_batch_elements=limit)
+    responses = serve_concurrently(batcher, recording, [request(x) for x in batches])
+    merged = [e for e in recording.elements if e <= limit]
+    assert len(recording.elements) == batcher.runs < len(batches), "concurrent requests were not merged"
+    assert max(merged) > 36, "no run merged more than one request"  # 36: the largest of the small ones
+    assert sorted(set(recording.elements) - set(merged)) == [48]  # only the lone large request exceeds it
+    for x, response in zip(batches, responses, strict=True):
+        alone = dict(recording.infer("frozen", "1", request(x)).outputs)
+        for name, got in response.outputs:
+            assert got.tobytes() == alone[name].tobytes(), name
+
+
 def test_a_lone_request_is_not_delayed(core: InferenceCore, executor: ThreadPoolExecutor) -> None:
     batcher = Batcher(core, executor, BatchPolicy(max_batch_size=64, max_batch_delay_us=2_000_000))
     started = time.perf_counter()
