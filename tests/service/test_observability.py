@@ -447,3 +447,34 @@ def test_coverage_counters_repeat_the_stats_per_outcome(
         assert found == ([counts["requests"]] if counts["requests"] else [])
         found = values(samples, "bn_serve_drift_request_samples_total", **labels)
         assert found == ([counts["samples"]] if counts["samples"] else [])
+
+
+def test_one_flush_over_many_chunks_is_exact(repository: Repository) -> None:
+    # 3,000 one-row requests (16 bytes each: several chunks of stacked inputs) and three requests over a
+    # chunk (alone each), for two versions at once: the figures are those of every row, whatever the chunks.
+    rng = np.random.default_rng(11)
+    entries = {
+        v: ModelVersion("frozen", v, repository.root / "frozen" / str(v) / "model.onnx") for v in (1, 2)
+    }
+    observability = Observability(max_cpu_fraction=1.0)  # the whole core: every request is covered
+    served: dict[int, list[NDArray[Any]]] = {1: [], 2: []}
+    for entry in entries.values():
+        entry.state = ModelState.READY
+        observability.model_state(entry, load_seconds=0.5)
+    sizes = [1] * 3000 + [4096, 1, 5000, 2048]
+    for i, n in enumerate(sizes):
+        version = 1 + i % 2
+        x = served_inputs(repository.params[version], rng, n, shift_std=0.2)
+        observability.served(entries[version], {"input": x})
+        served[version].append(x)
+
+    observability.flush()
+
+    for version, entry in entries.items():
+        stats = observability.drift_stats(entry)
+        rows = np.concatenate(served[version])
+        want = expected_drift(rows, repository.params[version])
+        assert stats["coverage"]["covered"] == {"requests": len(served[version]), "samples": len(rows)}
+        drift = stats["drift"]
+        np.testing.assert_allclose(drift["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(drift["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
