@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
@@ -237,15 +236,7 @@ REPOSITORY_BODY_LIMIT = 64 * 1024
 async def _repository_body(request: Request) -> dict[str, Any]:
     """The optional JSON object body of a repository request ({} when empty)."""
     raw = await read_body(request.receive, request_headers(request.scope), REPOSITORY_BODY_LIMIT)
-    if not raw.strip():
-        return {}
-    try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise InvalidInput(f"request body must be a JSON object, got {type(document).__name__}")
-    return document
+    return codec.json_object(raw) if raw.strip() else {}
 
 
 def _freeze_heap(_: object) -> None:

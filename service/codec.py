@@ -99,13 +99,19 @@ def _large_json_decodes() -> threading.BoundedSemaphore:
     return threading.BoundedSemaphore(MAX_LARGE_JSON_DECODES)
 
 
-def _parse_header(header: bytes) -> InferenceRequest:
+def json_object(raw: bytes) -> dict[str, Any]:
+    """`raw` parsed as one JSON object; raises `InvalidInput` for invalid JSON or any other JSON value."""
     try:
-        document = orjson.loads(header)
+        document = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise InvalidInput(f"request body must be a JSON object, got {type(document).__name__}")
+    return document
+
+
+def _parse_header(header: bytes) -> InferenceRequest:
+    document = json_object(header)
     try:
         return InferenceRequest.model_validate(document)
     except ValidationError as exc:
