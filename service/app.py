@@ -235,7 +235,7 @@ REPOSITORY_BODY_LIMIT = 64 * 1024
 
 async def _repository_body(request: Request) -> dict[str, Any]:
     """The optional JSON object body of a repository request ({} when empty)."""
-    raw = await read_body(request.receive, request_headers(request.scope), REPOSITORY_BODY_LIMIT)
+    raw = bytes(await read_body(request.receive, request_headers(request.scope), REPOSITORY_BODY_LIMIT))
     return codec.json_object(raw) if raw.strip() else {}
 
 

@@ -51,10 +51,22 @@ class ResponseFormat:
 
 @dataclass(frozen=True)
 class EncodedResponse:
-    """A response body; `header_length` is set when binary outputs follow the JSON header."""
+    """A response body in `parts`, to be sent in order: the JSON header, then each binary output's bytes
+    (views of the output arrays, not copies); `header_length` is set when binary outputs follow the header."""
 
-    body: bytes
+    parts: tuple[bytes | memoryview, ...]
     header_length: int | None
+
+    @property
+    def length(self) -> int:
+        """The body's length in bytes (its Content-Length)."""
+        return sum(len(part) for part in self.parts)
+
+    @property
+    def body(self) -> bytes:
+        """The whole body as one `bytes` (a copy of the binary outputs: for callers that need one object)."""
+        first = self.parts[0]
+        return first if len(self.parts) == 1 and isinstance(first, bytes) else b"".join(self.parts)
 
 
 def dumps(value: Any) -> bytes:
@@ -62,28 +74,33 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> tuple[InferRequest, ResponseFormat]:
+def decode_request(
+    body: bytes | memoryview, header_length: int | None = None
+) -> tuple[InferRequest, ResponseFormat]:
     """Parse an infer body: all JSON when `header_length` is None, else a binary-extension body.
 
     Returns the core's request (each input in its stated datatype and shape) and the requested output format.
+    Binary inputs are views of `body`, not copies.
     """
+    view = memoryview(body)
     if header_length is None:
-        header, binary = body, b""
+        header, binary = view, view[:0]
     else:
-        if not 0 <= header_length <= len(body):
+        if not 0 <= header_length <= len(view):
             raise InvalidInput(
-                f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes"
+                f"Inference-Header-Content-Length is {header_length} but the body has {len(view)} bytes"
             )
-        header, binary = body[:header_length], body[header_length:]
+        # Slicing the view, not the bytes: a slice of `bytes` copies the tensors' megabytes.
+        header, binary = view[:header_length], view[header_length:]
     if len(header) <= LARGE_JSON_BYTES:
         return _decode(header, binary)
     with _large_json_decodes():
         return _decode(header, binary)
 
 
-def _decode(header: bytes, binary: bytes) -> tuple[InferRequest, ResponseFormat]:
+def _decode(header: memoryview, binary: memoryview) -> tuple[InferRequest, ResponseFormat]:
     request = _parse_header(header)
-    inputs = _decode_inputs(request.inputs, memoryview(binary))
+    inputs = _decode_inputs(request.inputs, binary)
     return _to_core(request, inputs)
 
 
@@ -99,7 +116,7 @@ def _large_json_decodes() -> threading.BoundedSemaphore:
     return threading.BoundedSemaphore(MAX_LARGE_JSON_DECODES)
 
 
-def json_object(raw: bytes) -> dict[str, Any]:
+def json_object(raw: bytes | memoryview) -> dict[str, Any]:
     """`raw` parsed as one JSON object; raises `InvalidInput` for invalid JSON or any other JSON value."""
     try:
         document = orjson.loads(raw)
@@ -110,7 +127,7 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return document
 
 
-def _parse_header(header: bytes) -> InferenceRequest:
+def _parse_header(header: memoryview) -> InferenceRequest:
     document = json_object(header)
     try:
         return InferenceRequest.model_validate(document)
@@ -240,7 +257,7 @@ def _flag(value: Any, what: str) -> bool:
 def encode_response(response: InferResponse, fmt: ResponseFormat) -> EncodedResponse:
     """The V2 response body: JSON, with binary outputs' bytes after the header when any were asked for."""
     outputs = []
-    chunks = []
+    chunks: list[memoryview] = []
     for name, array in response.outputs:
         entry: dict[str, Any] = {
             "name": name,
@@ -248,7 +265,7 @@ def encode_response(response: InferResponse, fmt: ResponseFormat) -> EncodedResp
             "shape": list(array.shape),
         }
         if fmt.is_binary(name):
-            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            raw = _raw_bytes(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
@@ -262,5 +279,12 @@ def encode_response(response: InferResponse, fmt: ResponseFormat) -> EncodedResp
     document["outputs"] = outputs
     header = dumps(document)
     if not chunks:
-        return EncodedResponse(body=header, header_length=None)
-    return EncodedResponse(body=b"".join([header, *chunks]), header_length=len(header))
+        return EncodedResponse(parts=(header,), header_length=None)
+    return EncodedResponse(parts=(header, *chunks), header_length=len(header))
+
+
+def _raw_bytes(array: NDArray[Any]) -> memoryview:
+    """`array`'s little-endian row-major bytes as a flat byte view: no copy when it is already so laid out
+    (the usual case: onnxruntime's outputs and their row slices), one otherwise."""
+    raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    return raw.reshape(-1).view(np.uint8).data

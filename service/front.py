@@ -105,7 +105,7 @@ class Front:
         except Exception as exc:  # a bug, not a client's mistake: logged with its traceback, no details out
             log.error("%s %s: unexpected error", method, path, exc_info=exc)
             return await _send(send, 500, _JSON_HEADERS, INTERNAL_ERROR, rid)
-        return await _send(send, 200, response_headers(encoded), encoded.body, rid)
+        return await _send(send, 200, response_headers(encoded), encoded.parts, rid)
 
     @staticmethod
     async def _send_error(send: Send, exc: ServiceError, method: str, path: str, rid: str) -> int:
@@ -114,11 +114,25 @@ class Front:
         return await _send(send, status, headers, body, rid)
 
 
-async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes, rid: str) -> int:
-    """Send a whole response: `headers` plus Content-Length and X-Request-ID; returns `status`."""
-    headers = [*headers, (b"content-length", str(len(body)).encode()), (b"x-request-id", rid.encode())]
+async def _send(
+    send: Send,
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes | tuple[bytes | memoryview, ...],
+    rid: str,
+) -> int:
+    """Send a whole response: `headers` plus Content-Length and X-Request-ID; returns `status`.
+
+    A body given in parts goes out one `http.response.body` message per part: binary outputs are written
+    from their arrays' memory instead of being copied into one `bytes` first.
+    """
+    parts = (body,) if isinstance(body, bytes) else body
+    length = sum(len(part) for part in parts)
+    headers = [*headers, (b"content-length", str(length).encode()), (b"x-request-id", rid.encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    last = len(parts) - 1
+    for index, part in enumerate(parts):
+        await send({"type": "http.response.body", "body": part, "more_body": index < last})
     return status
 
 

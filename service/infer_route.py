@@ -96,7 +96,7 @@ class InferRoute:
         self, model_name: str, model_version: str | None, headers: Headers, receive: Receive
     ) -> codec.EncodedResponse:
         header_length = framing(headers)
-        body = await read_body(receive, headers, self._max_request_bytes)
+        body = await read_body(receive, headers, self._max_request_bytes, align_at=header_length)
 
         def prepare() -> tuple[PreparedRequest, codec.ResponseFormat]:
             decoded, fmt = codec.decode_request(body, header_length)
