@@ -105,7 +105,11 @@ class InferRoute:
         # Small bodies are decoded and encoded on the event loop: a trip to the pool costs them more.
         prepared, fmt = prepare() if len(body) <= INLINE_BODY_BYTES else await self._in_pool(prepare)
         result = await self._batcher.infer(prepared)
-        if sum(array.size for _, array in result.outputs) <= INLINE_MAX_ELEMENTS:
+        # Binary outputs cost their encoding a view and a length: only JSON ones are worth a trip to the pool.
+        if (
+            sum(array.size for name, array in result.outputs if not fmt.is_binary(name))
+            <= INLINE_MAX_ELEMENTS
+        ):
             return codec.encode_response(result, fmt)
         return await self._in_pool(codec.encode_response, result, fmt)
 
