@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 import onnx
+import orjson
 import pytest
 from fastapi import FastAPI
 from numpy.typing import NDArray
@@ -317,3 +318,30 @@ def server(repository: Repository) -> Iterator[Server]:
         yield running
     finally:
         stop_server(running)
+
+
+def binary_infer_body(x: NDArray[Any]) -> tuple[bytes, int]:
+    """A Triton binary-extension request for `x` on input `input`, asking every output back in binary:
+    the body and the length of its JSON header (the `Inference-Header-Content-Length` value)."""
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                 "parameters": {"binary_data_size": x.nbytes}}
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    )  # fmt: skip
+    return header + np.ascontiguousarray(x, "<f4").tobytes(), len(header)
+
+
+def binary_outputs(response: httpx.Response) -> dict[str, NDArray[Any]]:
+    """Output name -> FP32 array of a binary-extension response."""
+    length = int(response.headers["inference-header-content-length"])
+    offset, arrays = length, {}
+    for output in orjson.loads(response.content[:length])["outputs"]:
+        size = output["parameters"]["binary_data_size"]
+        raw = response.content[offset : offset + size]
+        arrays[output["name"]] = np.frombuffer(raw, "<f4").reshape(output["shape"])
+        offset += size
+    return arrays

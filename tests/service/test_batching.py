@@ -24,7 +24,16 @@ from service.errors import InvalidInput, ModelLoadError
 from service.inference import InferenceCore, InferRequest, InferResponse
 from service.repository import ModelRepository, ModelState, ModelVersion
 from service.runtime import CPU, Session
-from tests.service.conftest import EPS, IR_VERSION, OPSET, frozen_params, start_server, stop_server
+from tests.service.conftest import (
+    EPS,
+    IR_VERSION,
+    OPSET,
+    binary_infer_body,
+    binary_outputs,
+    frozen_params,
+    start_server,
+    stop_server,
+)
 
 MERGING = BatchPolicy(max_batch_size=64, max_batch_delay_us=2_000)
 
@@ -289,26 +298,16 @@ def test_concurrent_clients_over_http_get_bitwise_the_outputs_of_runs_alone(repo
         batches = samples(seed=4, count=96)
 
         def call(x: NDArray[np.float32]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
-            header = json.dumps(
-                {
-                    "inputs": [
-                        {"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                         "parameters": {"binary_data_size": x.nbytes}}
-                    ],
-                    "parameters": {"binary_data_output": True},
-                }
-            ).encode()  # fmt: skip
+            body, header_length = binary_infer_body(x)
             response = httpx.post(
                 f"{server.url}/v2/models/frozen/infer",
-                content=header + x.tobytes(),
-                headers={"Inference-Header-Content-Length": str(len(header))},
+                content=body,
+                headers={"Inference-Header-Content-Length": str(header_length)},
                 timeout=30,
             )
             assert response.status_code == 200, response.text
-            length = int(response.headers["inference-header-content-length"])
-            raw = response.content[length:]
-            n = x.shape[0]
-            return np.frombuffer(raw[: n * 16], "<f4").reshape(n, 4), np.frombuffer(raw[n * 16 :], "<f4")
+            outputs = binary_outputs(response)
+            return outputs["output"], outputs["logits"].ravel()
 
         with concurrent.futures.ThreadPoolExecutor(24) as clients:
             answers = list(clients.map(call, batches))

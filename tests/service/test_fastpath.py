@@ -10,6 +10,7 @@ import pytest
 
 from service.app import INLINE_BODY_BYTES
 from service.batching import INLINE_MAX_ELEMENTS
+from tests.service.conftest import binary_infer_body
 
 INFER = "/v2/models/frozen/versions/1/infer"
 
@@ -17,19 +18,6 @@ INFER = "/v2/models/frozen/versions/1/infer"
 def json_body(x: np.ndarray) -> bytes:
     inputs = [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel()}]
     return orjson.dumps({"inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def binary_body(x: np.ndarray) -> tuple[bytes, int]:
-    header = orjson.dumps(
-        {
-            "inputs": [
-                {"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                 "parameters": {"binary_data_size": x.nbytes}}
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    )  # fmt: skip
-    return header + x.tobytes(), len(header)
 
 
 # Rows of 4 floats: a few (inline everywhere), and enough that the body and the run exceed the inline limits.
@@ -54,7 +42,7 @@ def test_json_answers_equal_the_float64_formula_on_both_paths(
 def test_binary_answers_are_bitwise_the_same_on_both_paths(client: Any, rows: int) -> None:
     rng = np.random.default_rng(7)
     x = rng.standard_normal((rows, 4)).astype(np.float32)
-    body, length = binary_body(x)
+    body, length = binary_infer_body(x)
     response = client.post(INFER, content=body, headers={"Inference-Header-Content-Length": str(length)})
     assert response.status_code == 200, response.text
     header_length = int(response.headers["inference-header-content-length"])
@@ -63,7 +51,7 @@ def test_binary_answers_are_bitwise_the_same_on_both_paths(client: Any, rows: in
     # The same samples sent a few at a time (inline path) give the same bits as sent all at once.
     for start in (0, rows // 2, rows - 1):
         part = x[start : start + 1]
-        small, small_length = binary_body(part)
+        small, small_length = binary_infer_body(part)
         answer = client.post(
             INFER, content=small, headers={"Inference-Header-Content-Length": str(small_length)}
         )

@@ -14,6 +14,8 @@ import orjson
 import pytest
 import tritonclient.http as triton
 
+from tests.service.conftest import binary_infer_body, binary_outputs
+
 pytestmark = pytest.mark.slow
 
 
@@ -47,30 +49,15 @@ def test_a_sample_alone_equals_itself_inside_a_batch_bitwise_over_http(server: A
     batch[5] = np.float32(1e6)  # a wild companion must not move anyone's output
 
     def infer(x: np.ndarray) -> dict[str, np.ndarray]:
-        header = orjson.dumps(
-            {
-                "inputs": [
-                    {"name": "input", "shape": list(x.shape), "datatype": "FP32",
-                     "parameters": {"binary_data_size": x.nbytes}}
-                ],
-                "parameters": {"binary_data_output": True},
-            }
-        )  # fmt: skip
+        body, header_length = binary_infer_body(x)
         response = httpx.post(
             f"{server.url}/v2/models/frozen/infer",
-            content=header + x.tobytes(),
-            headers={"Inference-Header-Content-Length": str(len(header))},
+            content=body,
+            headers={"Inference-Header-Content-Length": str(header_length)},
             timeout=30,
         )
         assert response.status_code == 200, response.text
-        length = int(response.headers["inference-header-content-length"])
-        offset, arrays = length, {}
-        for output in orjson.loads(response.content[:length])["outputs"]:
-            size = output["parameters"]["binary_data_size"]
-            raw = response.content[offset : offset + size]
-            arrays[output["name"]] = np.frombuffer(raw, "<f4").reshape(output["shape"])
-            offset += size
-        return arrays
+        return binary_outputs(response)
 
     together = infer(batch)
     for i in (0, 7, 15):
