@@ -31,7 +31,8 @@ REQUEST_ID_HEADER = "x-request-id"
 # anything else (newlines, quotes, megabytes) is replaced by a generated id.
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # The attributes every LogRecord has; anything else on a record came from `extra=` and is logged as a field.
-_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# uvicorn adds `color_message`, the message with terminal colour codes: noise in a JSON log.
+_STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 ACCESS_LOGGER = "bn_serve.access"
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)

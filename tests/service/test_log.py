@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.log import (
+    JsonFormatter,
     JsonLinesHandler,
     RequestIds,
     access_log,
@@ -114,3 +115,21 @@ def test_request_ids_echo_safe_tokens_and_replace_anything_else() -> None:
 def test_timestamps_read_as_datetime_writes_them(seconds: float) -> None:
     reference = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     assert utc_timestamp(seconds) == reference.isoformat(timespec="milliseconds")
+
+
+def test_json_lines_carry_extra_fields_but_not_uvicorns_colour_codes() -> None:
+    record = logging.makeLogRecord(
+        {
+            "name": "uvicorn.error",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "msg": "Started server process [%d]",
+            "args": (42,),
+            "color_message": "Started server process [\x1b[36m%d\x1b[0m]",
+            "model": "digits",
+        }
+    )
+    document = json.loads(JsonFormatter().format(record))
+    assert document["message"] == "Started server process [42]"
+    assert document["model"] == "digits"
+    assert "color_message" not in document
