@@ -179,7 +179,7 @@ class ServiceMetrics:
         )
         self.drift_samples = Gauge(
             "drift_samples",
-            "Values per channel behind the live drift statistics.",
+            "Served samples (rows) behind the live drift statistics.",
             drift_labels,
             namespace=NAMESPACE,
             multiprocess_mode="liveall",
