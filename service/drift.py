@@ -55,7 +55,7 @@ DEFAULT_MAX_CPU_FRACTION = 0.05
 # Values per chunk summed at once: a 2 MiB float64 scratch per thread, reused across batches.
 _CHUNK_VALUES = 1 << 18
 # Sums about the shift are kept while Σ(x-k)² <= this × M2 (at most 6 bits lost to cancellation).
-_CANCELLATION = 64.0
+CANCELLATION = 64.0
 _SCRATCH = threading.local()
 
 
@@ -77,20 +77,20 @@ def shifted_moments(x: NDArray[Any], axis: int, shift: NDArray[np.float64]) -> M
     if n == 0:
         return Moments.empty(C)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf show in the sums, checked below
-        k = _on_grid(shift, x.dtype)
+        k = on_grid(shift, x.dtype)
         s1, s2 = _sums(view, k)
         if not (np.isfinite(s1).all() and np.isfinite(s2).all()):
             return None
         m2 = s2 - s1 * s1 / n
-        if np.any(s2 > _CANCELLATION * m2):
-            k = _on_grid(k + s1 / n, x.dtype)
+        if np.any(s2 > CANCELLATION * m2):
+            k = on_grid(k + s1 / n, x.dtype)
             s1, s2 = _sums(view, k)
             m2 = s2 - s1 * s1 / n
     # Rounding can push a constant channel's M2 just below 0.
     return Moments(n, k + s1 / n, np.maximum(m2, 0.0))
 
 
-def _on_grid(shift: NDArray[np.float64], dtype: np.dtype[Any]) -> NDArray[np.float64]:
+def on_grid(shift: NDArray[np.float64], dtype: np.dtype[Any]) -> NDArray[np.float64]:
     """`shift` rounded to float data's dtype, or 0 where that is not finite (a float16 grid is small)."""
     if dtype.kind != "f":
         return shift

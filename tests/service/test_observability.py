@@ -300,7 +300,7 @@ def test_drift_off_by_environment_leaves_no_drift_figures(
 def test_a_full_drift_queue_drops_inputs_and_counts_them(repository: Repository) -> None:
     entry = ModelVersion("frozen", 1, repository.root / "frozen" / "1" / "model.onnx", ModelState.READY)
     x = np.ones((8, CHANNELS), dtype=np.float32)  # 128 bytes
-    observability = Observability(max_pending_bytes=3 * x.nbytes)
+    observability = Observability(max_pending_bytes=3 * x.nbytes, inline_values=0)  # every input queued
     observability.model_state(entry, load_seconds=0.5)
     for _ in range(5):
         observability.served(entry, {"input": x})
@@ -456,7 +456,8 @@ def test_one_flush_over_many_chunks_is_exact(repository: Repository) -> None:
     entries = {
         v: ModelVersion("frozen", v, repository.root / "frozen" / str(v) / "model.onnx") for v in (1, 2)
     }
-    observability = Observability(max_cpu_fraction=1.0)  # the whole core: every request is covered
+    # The whole core: every request is covered; every input is queued, none summed where served.
+    observability = Observability(max_cpu_fraction=1.0, inline_values=0)
     served: dict[int, list[NDArray[Any]]] = {1: [], 2: []}
     for entry in entries.values():
         entry.state = ModelState.READY
@@ -478,3 +479,58 @@ def test_one_flush_over_many_chunks_is_exact(repository: Repository) -> None:
         drift = stats["drift"]
         np.testing.assert_allclose(drift["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(drift["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("shift_std", [0.2, 30.0])
+def test_small_inputs_summed_where_served_give_the_float64_figures_of_every_row(
+    repository: Repository, shift_std: float
+) -> None:
+    # Requests of 1-40 rows (at most 160 values: all summed where served, none queued) over three flushes,
+    # near the frozen mean and 30 std away from it (past the cancellation bound: the running sums move
+    # their shift to the inputs' mean after the first flush): the figures are those of every row.
+    entry = _entry(repository)
+    params = repository.params[1]
+    observability = Observability(max_cpu_fraction=1.0, inline_values=CHANNELS * 40)
+    observability.model_state(entry, load_seconds=0.5)
+    rng = np.random.default_rng(12)
+    served = []
+    for _ in range(3):
+        for n in rng.integers(1, 41, size=200):
+            x = served_inputs(params, rng, int(n), shift_std=shift_std)
+            observability.served(entry, {"input": x})
+            served.append(x)
+        assert not observability._pending  # nothing was left to the worker
+        observability.flush()
+
+    stats = observability.drift_stats(entry)
+    rows = np.concatenate(served)
+    want = expected_drift(rows, params)
+    assert stats["coverage"]["covered"] == {"requests": len(served), "samples": len(rows)}
+    assert stats["coverage"]["skipped"] == {"requests": 0, "samples": 0}
+    drift = stats["drift"]
+    assert (drift["samples"], drift["values"]) == (len(rows), len(rows))
+    np.testing.assert_allclose(drift["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(drift["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
+    assert drift["score"] == pytest.approx(want["score"], rel=1e-10)
+
+
+def test_small_inputs_holding_nan_are_counted_unusable_and_left_out(repository: Repository) -> None:
+    entry = _entry(repository)
+    params = repository.params[1]
+    observability = Observability(max_cpu_fraction=1.0)
+    observability.model_state(entry, load_seconds=0.5)
+    rng = np.random.default_rng(13)
+    good = served_inputs(params, rng, 150, shift_std=0.5)
+    bad = served_inputs(params, rng, 3, shift_std=0.5)
+    bad[1, 2] = np.nan
+    observability.served(entry, {"input": good[:100]})
+    observability.served(entry, {"input": bad})
+    observability.served(entry, {"input": good[100:]})
+    observability.flush()
+
+    stats = observability.drift_stats(entry)
+    assert stats["coverage"]["covered"] == {"requests": 2, "samples": 150}
+    assert stats["coverage"]["unusable"] == {"requests": 1, "samples": 3}
+    drift, want = stats["drift"], expected_drift(good, params)
+    assert (drift["samples"], drift["skipped_batches"]) == (150, 1)
+    np.testing.assert_allclose(drift["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
