@@ -16,11 +16,22 @@ def resident_mib() -> float:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
+def _touched_block(size: int) -> bytearray:
+    # calloc leaves fresh heap pages untouched (the kernel zeroes them), so a bare bytearray(size) may
+    # never become resident; writing one byte per page makes it so.
+    block = bytearray(size)
+    pages = range(0, size, 4096)
+    block[::4096] = b"\x01" * len(pages)
+    return block
+
+
 @pytest.mark.skipif(_malloc_trim() is None or not Path("/proc/self/status").exists(), reason="glibc, Linux")
 def test_trimming_returns_the_free_holes_of_a_fragmented_heap() -> None:
     # 100 kB blocks sit under glibc's mmap threshold, so they come from the heap; keeping every tenth
     # alive leaves freed holes that free() alone cannot give back (only the heap's top can shrink).
-    blocks = [bytearray(100_000) for _ in range(2000)]
+    start = resident_mib()
+    blocks = [_touched_block(100_000) for _ in range(2000)]
+    assert resident_mib() > start + 150, "the blocks must be resident for the trim to have work to do"
     kept = blocks[::10]
     del blocks
     before = resident_mib()
