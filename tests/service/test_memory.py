@@ -28,13 +28,15 @@ def _touched_block(size: int) -> bytearray:
 @pytest.mark.skipif(_malloc_trim() is None or not Path("/proc/self/status").exists(), reason="glibc, Linux")
 def test_trimming_returns_the_free_holes_of_a_fragmented_heap() -> None:
     # 100 kB blocks sit under glibc's mmap threshold, so they come from the heap; keeping every tenth
-    # alive leaves freed holes that free() alone cannot give back (only the heap's top can shrink).
+    # alive leaves freed holes (about 170 MiB) that free() alone cannot give back: only the heap's top
+    # can shrink. The figure is taken against the peak, not against the resident size after free(),
+    # because a server thread left by an earlier in-process test may trim concurrently.
     start = resident_mib()
     blocks = [_touched_block(100_000) for _ in range(2000)]
-    assert resident_mib() > start + 150, "the blocks must be resident for the trim to have work to do"
+    peak = resident_mib()
+    assert peak > start + 150, "the blocks must be resident for the trim to have work to do"
     kept = blocks[::10]
     del blocks
-    before = resident_mib()
-    assert release_free_memory() is True
-    assert resident_mib() < before - 50
+    release_free_memory()
+    assert resident_mib() < peak - 100
     assert len(kept) == 200
