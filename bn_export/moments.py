@@ -27,6 +27,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bn_export.errors import InvalidInputError
+from bn_export.kernels import BlockSums, block_sums
 from bn_export.layer import check_input, require_finite
 
 # Values per block: a block's float64 copy is 2 MiB, twice a Zen 5 core's L2, yet the float32 -> float64
@@ -178,19 +179,24 @@ def _tree_merge(
 def _blocked_moments(data: NDArray[np.floating[Any]], channel: int, workers: int | None) -> Moments:
     """Moments of `data` per channel from its (A, C, B) view: A before the channel axis, B after it.
 
-    Each cache-sized block is copied to float64 and summed with BLAS (`Σd`, `Σd²`); the blocks merge
-    pairwise. Centred data is summed as it is; uncentred data (`|mean| > √32·σ` over the first samples)
-    is shifted by that pilot mean `k` as it is copied, and any block whose `Σd²` still dwarfs its `M2`
+    Each cache-sized block is copied to float64 and summed with BLAS (`Σd`, `Σd²`), or, for large
+    float32/float64 batches where numba is installed, summed by a compiled kernel straight from the data
+    in one pass (`bn_export.kernels`); the blocks merge pairwise. Centred data is summed as it is;
+    uncentred data (`|mean| > √32·σ` over the first samples) is shifted by that pilot mean `k` as it is
+    read, and any block whose `Σd²` still dwarfs its `M2`
     (cancellation in `M2 = Σd² - (Σd)²/n`, e.g. data drifting within the batch) is summed again shifted
-    by its own mean. Large batches are split over `workers` threads (numpy releases the GIL in these
-    kernels) at block boundaries, so the blocks, their merge and the result are the same bits whatever
+    by its own mean. Large batches are split over `workers` threads (numpy and the compiled kernels release
+    the GIL) at block boundaries, so the blocks, their merge and the result are the same bits whatever
     `workers` is.
     """
     C = data.shape[channel]
     A = math.prod(data.shape[:channel])
     B = math.prod(data.shape[channel + 1 :])
     view = data.reshape(A, C, B)
-    layout: type[_Blocks] = _RowBlocks if B >= _MIN_ROW else _ChannelsLastBlocks
+    kernel = block_sums(data.size, data.dtype, channels_last=B == 1)
+    layout: type[_Blocks] = (
+        _KernelBlocks if kernel is not None else _RowBlocks if B >= _MIN_ROW else _ChannelsLastBlocks
+    )
     rows = layout.rows_per_block(C, B)
     blocks = -(-A // rows)
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf surface in the sums, checked below
@@ -199,7 +205,12 @@ def _blocked_moments(data: NDArray[np.floating[Any]], channel: int, workers: int
         workers = _MAX_WORKERS if data.size >= _PARALLEL_VALUES else 1
     workers = max(1, min(int(workers), blocks, _available_cpus()))
     step = -(-blocks // workers) * rows
-    chunks = [layout(view[lo : lo + step], shift) for lo in range(0, A, step)]
+    chunks = [
+        _KernelBlocks(view[lo : lo + step], shift, kernel)
+        if kernel is not None
+        else layout(view[lo : lo + step], shift)
+        for lo in range(0, A, step)
+    ]
     single = len(chunks) == 1
     parts = [chunks[0].moments()] if single else list(_thread_pool().map(_Blocks.moments, chunks))
     with np.errstate(invalid="ignore", over="ignore"):
@@ -268,6 +279,11 @@ class _Blocks:
     def reduce(self, partial: NDArray[np.float64]) -> NDArray[np.float64]:
         return partial
 
+    def fill(self, partial1: NDArray[np.float64], partial2: NDArray[np.float64]) -> None:
+        """Every block's partial sums about `self.shift`, into rows of `partial1` and `partial2`."""
+        for p in range(len(self.counts)):
+            self.block(p, self.shift, partial1[p], partial2[p])
+
     def moments(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
         """Per-block `(counts (P,), means (P, C), m2s (P, C))`."""
         # NaN/Inf in the data make the sums non-finite, which the caller turns into an error; no warnings.
@@ -279,8 +295,7 @@ class _Blocks:
         self.buffer = _scratch("buffer", self.buffer_size)
         self.squares = _scratch("squares", self.squares_size)
         partial1, partial2 = np.zeros((P, self.width)), np.zeros((P, self.width))
-        for p in range(P):
-            self.block(p, self.shift, partial1[p], partial2[p])
+        self.fill(partial1, partial2)
         s1, s2 = self.reduce(partial1), self.reduce(partial2)
         shifts = np.repeat(self.shift[None, :], P, axis=0)
         # Unshifted (or pilot-shifted) sums are exact enough while Σd² stays within `_CANCELLATION` of
@@ -375,6 +390,44 @@ class _ChannelsLastBlocks(_Blocks):
         else:
             squares = self.squares[: r * B * C].reshape(r * B, C)
             np.matmul(self.ones[: r * B], np.multiply(flat, flat, out=squares), out=out2)
+
+
+class _KernelBlocks(_Blocks):
+    """The blocks of `_RowBlocks` (one row of values per block where channels are innermost), summed by a
+    compiled kernel straight from the data: no float64 copy (`bn_export.kernels`)."""
+
+    def __init__(
+        self, view: NDArray[np.floating[Any]], shift: NDArray[np.float64], kernel: BlockSums
+    ) -> None:
+        super().__init__(view, shift)
+        A, C, B = view.shape
+        self.kernel = kernel
+        self.cols = self.cols_per_block(C, B)
+        self.rows = self.rows_per_block(C, B)
+        self.width = C
+        self.starts = [(a, b) for a in range(0, A, self.rows) for b in range(0, B, self.cols)]
+        self.counts = np.array(
+            [min(self.rows, A - a) * min(self.cols, B - b) for a, b in self.starts], dtype=np.float64
+        )
+        self.buffer_size = 0
+
+    @staticmethod
+    def cols_per_block(C: int, B: int) -> int:
+        return min(B, max(_MIN_ROW, _BLOCK_VALUES // C))
+
+    @staticmethod
+    def rows_per_block(C: int, B: int) -> int:
+        return max(1, _BLOCK_VALUES // (C * _KernelBlocks.cols_per_block(C, B)))
+
+    def fill(self, partial1: NDArray[np.float64], partial2: NDArray[np.float64]) -> None:
+        self.kernel(self.view, self.shift, self.rows, self.cols, partial1, partial2)
+
+    def block(
+        self, p: int, shift: NDArray[np.float64], out1: NDArray[np.float64], out2: NDArray[np.float64]
+    ) -> None:
+        a, b = self.starts[p]
+        block = self.view[a : a + self.rows, :, b : b + self.cols]
+        self.kernel(block, shift, self.rows, self.cols, out1[None, :], out2[None, :])
 
 
 def _scratch(name: str, size: int) -> NDArray[np.float64]:

@@ -11,7 +11,17 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from bn_export.errors import InvalidInputError
+from bn_export.kernels import ENV_VAR
 from bn_export.moments import Moments, merge_all
+
+
+@pytest.fixture(autouse=True, params=["numpy", "numba"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs on both paths of `Moments.from_batch`, whatever the batch's size."""
+    if request.param == "numba":
+        pytest.importorskip("numba", reason="the 'fast' extra is not installed")
+    monkeypatch.setenv(ENV_VAR, request.param)
+    return str(request.param)
 
 
 def _two_pass(x: NDArray[Any], axis: int) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
