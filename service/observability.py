@@ -233,10 +233,12 @@ class Observability:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the drift worker (no-op with drift off or already started)."""
-        if self.drift and self._worker is None:
+        """Start the background worker (no-op when already started). With drift off it still runs: it is
+        also what hands freed heap back to the OS once a second."""
+        if self._worker is None:
             self._stop.clear()
-            self._worker = threading.Thread(target=self._run, name="bn-serve-drift", daemon=True)
+            name = "bn-serve-drift" if self.drift else "bn-serve-trim"
+            self._worker = threading.Thread(target=self._run, name=name, daemon=True)
             self._worker.start()
 
     def close(self) -> None:
@@ -257,7 +259,8 @@ class Observability:
             if self._stop.is_set():
                 return
             try:
-                self.flush()
+                if self.drift:
+                    self.flush()
             except Exception:  # a fault here must cost the drift figures only, never the server
                 log.exception("the drift worker failed to apply queued inputs")
             # The process's one periodic thread also hands freed heap back to the OS (see service.memory).

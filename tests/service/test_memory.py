@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from service.memory import _malloc_trim, release_free_memory
+from service.observability import TRIM_INTERVAL_S, Observability
 
 
 def resident_mib() -> float:
@@ -40,3 +43,25 @@ def test_trimming_returns_the_free_holes_of_a_fragmented_heap() -> None:
     release_free_memory()
     assert resident_mib() < peak - 100
     assert len(kept) == 200
+
+
+@pytest.mark.skipif(_malloc_trim() is None or not Path("/proc/self/status").exists(), reason="glibc, Linux")
+def test_the_server_trims_freed_memory_with_drift_turned_off() -> None:
+    observability = Observability(drift=False, interval_s=0.05)
+    observability.start()
+    try:
+        assert "bn-serve-trim" in {thread.name for thread in threading.enumerate()}
+        start = resident_mib()
+        blocks = [_touched_block(100_000) for _ in range(2000)]
+        peak = resident_mib()
+        assert peak > start + 150
+        kept = blocks[::10]
+        del blocks
+        deadline = time.monotonic() + 5 * TRIM_INTERVAL_S
+        while resident_mib() >= peak - 100 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert resident_mib() < peak - 100
+        assert len(kept) == 200
+    finally:
+        observability.close()
+    assert "bn-serve-trim" not in {thread.name for thread in threading.enumerate()}
