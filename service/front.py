@@ -2,9 +2,10 @@
 
 In one pass it gives the request its id (the client's `X-Request-ID` when safe, else generated; echoed in
 the response and set in `service.log.request_id` for every record logged on the request's behalf), checks
-its bearer token, and writes its access record when it is answered. Then `POST
-/v2/models/{name}[/versions/{v}]/infer`, the hot path, is answered right here from raw ASGI messages by
-`InferRoute`; everything else (metadata, health, metrics, repository, the schema) goes on to FastAPI.
+its bearer token (counting refusals in `bn_serve_auth_rejected_total`), and writes its access record
+when it is answered. Then `POST /v2/models/{name}[/versions/{v}]/infer`, the hot path, is answered right
+here from raw ASGI messages by `InferRoute`; everything else (metadata, health, metrics, repository, the
+schema) goes on to FastAPI.
 
 Why: FastAPI's own path costs a small request more than the request itself (about six middleware layers,
 routing, dependency solving, a `Request` and a `Response` object); here a small JSON request pays for a
@@ -29,6 +30,7 @@ from service.http_errors import INTERNAL_ERROR, error_answer
 from service.http_request import header, request_headers
 from service.infer_route import InferRoute, response_headers
 from service.log import RequestIds, request_id, write_access_record
+from service.metrics import ServiceMetrics
 
 log = logging.getLogger("bn_serve")
 
@@ -40,10 +42,13 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 class Front:
     """The ASGI app in front of `app` (FastAPI's own handling); see the module docstring."""
 
-    def __init__(self, app: ASGIApp, route: InferRoute, authenticator: Authenticator) -> None:
+    def __init__(
+        self, app: ASGIApp, route: InferRoute, authenticator: Authenticator, metrics: ServiceMetrics
+    ) -> None:
         self.app = app
         self.route = route
         self.authenticator = authenticator
+        self.metrics = metrics
         self.ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,6 +67,7 @@ class Front:
                 self.authenticator.check(path, header(headers, b"authorization"))
             except ServiceError as exc:
                 status = await self._send_error(send, exc, method, path, rid)
+                self.metrics.observe_auth_rejected(status)
                 return
             # Behind a root_path, route paths differ from the scope's: FastAPI resolves those.
             match = INFER_PATH.fullmatch(path) if method == "POST" and not scope.get("root_path") else None

@@ -128,6 +128,14 @@ class ServiceMetrics:
             buckets=BATCH_SIZE_BUCKETS,
             registry=reg,
         )
+        self.auth_rejected = Counter(
+            "auth_rejected",
+            "Requests refused by authentication before any route, by status: 401 no or malformed token, "
+            "403 a token that is not a key.",
+            ("status",),
+            namespace=NAMESPACE,
+            registry=reg,
+        )
         self.in_flight = Gauge(
             "requests_in_flight",
             "Requests being processed right now.",
@@ -217,6 +225,10 @@ class ServiceMetrics:
         """
         self.requests.labels(model, version, str(status)).inc()
         self.request_seconds.labels(model, version).observe(seconds)
+
+    def observe_auth_rejected(self, status: int) -> None:
+        """Count one request refused by authentication (401 or 403): it never reaches a route."""
+        self.auth_rejected.labels(str(status)).inc()
 
     def observe_queue(self, model: str, version: str, seconds: float) -> None:
         """Record how long one request waited before its batch started running."""

@@ -84,6 +84,27 @@ def test_health_and_metrics_stay_open_for_probes(secured: Any) -> None:
     assert secured.get("/metrics").status_code == 200
 
 
+def _rejected(server: Any) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for line in server.get("/metrics").text.splitlines():
+        if line.startswith("bn_serve_auth_rejected_total{"):
+            status = line.split('status="', 1)[1].split('"', 1)[0]
+            counts[status] = float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def test_refusals_are_counted_by_status_and_answered_requests_are_not(secured: Any) -> None:
+    before = _rejected(secured)
+    for _ in range(3):
+        assert secured.post(INFER, json=BODY).status_code == 401
+    assert secured.get("/v2", headers=bearer("not-a-key")).status_code == 403
+    assert secured.post(INFER, json=BODY, headers=bearer(KEY)).status_code == 200
+    assert secured.get("/v2/health/ready").status_code == 200
+    after = _rejected(secured)
+    assert after.get("401", 0) - before.get("401", 0) == 3
+    assert after.get("403", 0) - before.get("403", 0) == 1
+
+
 def test_other_schemes_are_not_tokens(secured: Any) -> None:
     for header in (f"Basic {KEY}", KEY, f"Bearer{KEY}", "Bearer "):
         response = secured.post(INFER, json=BODY, headers={"Authorization": header})
