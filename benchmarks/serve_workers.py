@@ -1,14 +1,16 @@
 """Throughput of `bn-serve --workers N` on W1 (1x64 FP32 JSON), for a machine with cores to spare.
 
-    python benchmarks/serve_workers.py [--workers 1,2,4,8] [--load-cpus 4] [--duration 10] [--out PATH]
+    python benchmarks/serve_workers.py [--workers 1,2,4,8] [--load-cpus 4] [--connections-per-worker 16]
+                                       [--duration 10] [--repeats 1] [--out PATH]
 
-The server with N workers is pinned to cores 0..N-1; the load comes from `--load-cpus` wrk processes
-(one thread, 32 keep-alive connections each) pinned to the last cores of the machine, so that the load
-generator never shares a core with a worker. Each N runs `--repeats` times (best kept, by throughput).
-Prints successful requests/s (a 503 from the server's bounded queues counts as an error, not as
-throughput), p99 (the worst wrk process's), errors and the speed-up over one worker measured in the
-same run, and writes the figures as JSON under benchmarks/results/. On a 2-core machine there is no core
-left for the load, and the script refuses to run (benchmarks/README.md, "Several workers").
+The server with N workers is pinned to cores 0..N-1; the load, `--connections-per-worker` keep-alive
+connections per worker (16), comes from up to `--load-cpus` one-thread wrk processes pinned to the last
+cores of the machine, so that the load generator never shares a core with a worker. Each N runs
+`--repeats` times (best kept, by throughput). Prints successful requests/s (a 503 from the server's
+bounded queues counts as an error, not as throughput), p99 (the worst wrk process's), errors and the
+speed-up over one worker measured in the same run, and writes the figures as JSON under
+benchmarks/results/. The script refuses to run where the server's and the load's cores would overlap
+(benchmarks/README.md, "Several workers").
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ if __name__ == "__main__":
 from benchmarks.serving import load, servers, workloads
 from benchmarks.serving.models import benchmark_models, write_repository
 
-CONNECTIONS_PER_LOADER = 32
+# Keep-alive connections per server worker: the load grows with the server, so each N is measured near
+# its capacity without crossing it (with a fixed 192 connections, one worker spends itself answering
+# 503s from its bounded queue, which would flatter every ratio to it).
+CONNECTIONS_PER_WORKER = 16
 
 
 def _cpu_model() -> str:
@@ -44,13 +49,20 @@ def _cpu_model() -> str:
 
 
 def _measure(
-    wrk: str, url: str, request: workloads.RequestFiles, load_cpus: list[int], duration_s: float
+    wrk: str,
+    url: str,
+    request: workloads.RequestFiles,
+    load_cpus: list[int],
+    connections: int,
+    duration_s: float,
 ) -> dict[str, float]:
-    with concurrent.futures.ThreadPoolExecutor(len(load_cpus)) as pool:
+    loaders = load_cpus[: max(1, min(len(load_cpus), connections))]
+    shares = [connections // len(loaders) + (i < connections % len(loaders)) for i in range(len(loaders))]
+    with concurrent.futures.ThreadPoolExecutor(len(loaders)) as pool:
         runs = list(
             pool.map(
-                lambda cpu: load.run_wrk(wrk, url, request, CONNECTIONS_PER_LOADER, duration_s, cpu),
-                load_cpus,
+                lambda job: load.run_wrk(wrk, url, request, job[1], duration_s, job[0]),
+                zip(loaders, shares, strict=True),
             )
         )
     # Over its limits the server answers 503 at once (bounded queues): those answers are not throughput.
@@ -71,6 +83,7 @@ def main() -> int:
     parser.add_argument("--load-cpus", type=int, default=4)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--connections-per-worker", type=int, default=CONNECTIONS_PER_WORKER)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -121,12 +134,16 @@ def main() -> int:
                 # Every worker must answer right before it is measured: warm each with a few requests.
                 for _ in range(8 * count):
                     workloads.check_response(*_post(url, request), expected)
+                connections = args.connections_per_worker * count
                 best = max(
-                    (_measure(wrk, url, request, load_cpus, args.duration) for _ in range(args.repeats)),
+                    (
+                        _measure(wrk, url, request, load_cpus, connections, args.duration)
+                        for _ in range(args.repeats)
+                    ),
                     key=lambda r: r["requests_per_s"],
                 )
                 _, pss = servers.resident_memory(process.pid)
-            rows.append({"workers": count, "pss_mib": pss, **best})
+            rows.append({"workers": count, "connections": connections, "pss_mib": pss, **best})
             print(
                 f"{count} worker(s): {best['requests_per_s']:,.0f} req/s, p99 {best['p99_ms']:.2f} ms, "
                 f"{best['errors']:.0f} errors",
@@ -134,7 +151,8 @@ def main() -> int:
             )
     base = rows[0]["requests_per_s"]
     print(
-        f"\nW1-c{CONNECTIONS_PER_LOADER * args.load_cpus} over {args.load_cpus} wrk processes, "
+        f"\nW1 (1x64 FP32 JSON), {args.connections_per_worker} connections per worker over up to "
+        f"{args.load_cpus} wrk processes, "
         f"{args.duration:.0f} s, best of {args.repeats}; {len(cpus)} CPUs, {_cpu_model()}"
     )
     print(f"{'workers':>8}{'req/s':>12}{'x 1 worker':>12}{'p99 ms':>9}{'errors':>8}{'PSS MiB':>9}")
