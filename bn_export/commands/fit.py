@@ -9,7 +9,7 @@ from typing import Any
 
 from bn_export.checkpoint import save_checkpoint
 from bn_export.data import open_dataset
-from bn_export.distributed import fit_population_dask
+from bn_export.distributed import fit_population_dask, is_zarr
 from bn_export.errors import InvalidInputError
 from bn_export.fit import DEFAULT_LR, fit
 from bn_export.head import LOSSES, OPTIMIZERS
@@ -68,12 +68,19 @@ def register(subparsers: Any) -> None:
         choices=("local", "dask"),
         default="local",
         help="local: this process (default); dask: population statistics over a directory or glob of .npy "
-        "shards on a Dask cluster (needs frozen-bn[dask] and --stats population)",
+        "shards, or a Zarr array (X.zarr, or a group's array 'data'), on a Dask cluster (needs "
+        "frozen-bn[dask] and --stats population)",
     )
     parser.add_argument(
         "--scheduler",
         metavar="ADDRESS",
         help="with --engine dask: the scheduler to use (tcp://host:8786); default: a local cluster",
+    )
+    parser.add_argument(
+        "--zarr-missing-chunks",
+        choices=("error", "fill"),
+        help="with a Zarr array: a chunk absent from the store fails the fit (error, the default) or is read "
+        "as the fill value (fill: for arrays written with zarr's write_empty_chunks=False)",
     )
     parser.set_defaults(handler=run)
 
@@ -86,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_dask(args)
     if args.scheduler is not None:
         raise InvalidInputError("--scheduler is for --engine dask")
+    if args.zarr_missing_chunks is not None:
+        raise InvalidInputError("--zarr-missing-chunks is for a Zarr array with --engine dask")
+    if is_zarr(args.data):
+        raise InvalidInputError(f"{args.data}: a Zarr array is read by --engine dask --stats population only")
     dataset = open_dataset(args.data)
     started = time.perf_counter()
     checkpoint = fit(
@@ -129,11 +140,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_dask(args: argparse.Namespace) -> int:
-    """`--engine dask`: population statistics of `.npy` shards on a Dask cluster, written on success only."""
+    """`--engine dask`: population statistics of `.npy` shards or a Zarr array, written on success only."""
     if args.stats != "population" or args.head is not None:
         raise InvalidInputError(
             "--engine dask fits population statistics only: use --stats population, no --head"
         )
+    zarr_source = is_zarr(args.data)
+    if args.zarr_missing_chunks is not None and not zarr_source:
+        raise InvalidInputError(f"--zarr-missing-chunks is for a Zarr array; {args.data} is not one")
     started = time.perf_counter()
     checkpoint = fit_population_dask(
         args.data,
@@ -141,14 +155,20 @@ def _run_dask(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         eps=args.eps,
         unbiased_moving_var=args.unbiased_moving_var,
+        missing_chunks=args.zarr_missing_chunks or "error",
     )
     elapsed = time.perf_counter() - started
     path = save_checkpoint(checkpoint, args.out)
     extras = checkpoint.extras
     throughput = extras["bytes_read"] / elapsed / 1e9 if elapsed > 0 else float("inf")
+    source = (
+        f"a Zarr array in chunks of {tuple(extras['zarr_chunks'])}"
+        if zarr_source
+        else f"{extras['shards']} shard(s)"
+    )
     lines = [
         f"fitted {checkpoint.samples_seen} samples of shape {checkpoint.sample_shape} from "
-        f"{extras['shards']} shard(s), {checkpoint.num_channels} channels on axis {checkpoint.axis}",
+        f"{source}, {checkpoint.num_channels} channels on axis {checkpoint.axis}",
         f"statistics: population on dask; {extras['partitions']} block(s) of up to {extras['block_samples']}",
         f"time: {elapsed:.2f} s, {throughput:.2f} GB/s over {extras['bytes_read'] / 1e9:.3f} GB read",
         f"wrote {path}",

@@ -1,13 +1,17 @@
 """The Dask engine: population statistics over shards equal the float64 two-pass formulas, for any split.
 
 A real `LocalCluster` (two worker processes on 127.0.0.1) runs every fit; the references are numpy's
-float64 `mean`/`var` over the concatenated data.
+float64 `mean`/`var` over the concatenated data. The sources are `.npy` shards and Zarr arrays (the Zarr
+tests skip where zarr is not installed).
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import pickle
+import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,8 +29,15 @@ from distributed import WorkerPlugin  # noqa: E402
 from bn_export.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from bn_export.cli import main  # noqa: E402
 from bn_export.data import open_dataset  # noqa: E402
-from bn_export.distributed import Block, fit_population_dask, local_cluster, reduce_block  # noqa: E402
-from bn_export.errors import DataError, InvalidInputError  # noqa: E402
+from bn_export.distributed import (  # noqa: E402
+    Block,
+    ZarrBlock,
+    fit_population_dask,
+    local_cluster,
+    reduce_block,
+    reduce_zarr_block,
+)
+from bn_export.errors import DataError, InvalidInputError, MissingDependencyError  # noqa: E402
 from bn_export.fit import fit  # noqa: E402
 
 RTOL = 1e-12
@@ -299,3 +310,280 @@ def test_cli_dask_engine_refuses_what_it_cannot_fit(
     assert main(["fit", str(tmp_path), "--scheduler", "tcp://127.0.0.1:1", "--out", str(out)]) == 2
     assert "--engine dask" in capsys.readouterr().err
     assert not out.exists()
+
+
+# Zarr arrays as the source: read by the workers in blocks of whole chunks along the batch axis.
+
+
+@pytest.fixture(scope="module")
+def zarr() -> Any:
+    return pytest.importorskip("zarr")
+
+
+def _write_zarr(
+    zarr: Any, path: Path, x: np.ndarray, chunks: tuple[int, ...], zarr_format: int = 3, **kwargs: Any
+) -> Any:
+    array = zarr.create_array(
+        store=str(path), shape=x.shape, chunks=chunks, dtype=x.dtype, zarr_format=zarr_format, **kwargs
+    )
+    array[:] = x
+    return array
+
+
+def _chunk_files(path: Path) -> list[Path]:
+    """The chunk (or shard) objects of a Zarr directory store, metadata files left out."""
+    metadata = {"zarr.json", ".zarray", ".zattrs", ".zgroup"}
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.name not in metadata)
+
+
+@st.composite
+def _chunked_data(draw: st.DrawFn) -> tuple[np.ndarray, int, tuple[int, ...], int, int]:
+    """Data (N, C, *spatial), its channel axis, a chunk shape over every axis, a block size, a Zarr format."""
+    n = draw(st.integers(2, 30))
+    channels = draw(st.integers(1, 4))
+    spatial = draw(st.sampled_from([(), (3,), (2, 3)]))
+    channels_last = draw(st.booleans())
+    shape = (n, *spatial, channels) if channels_last else (n, channels, *spatial)
+    chunks = tuple(draw(st.integers(1, size)) for size in shape)
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    x = rng.normal(100.0, 0.5, size=shape) + rng.normal(0.0, 3.0)  # offset mean, small spread
+    return x, (-1 if channels_last else 1), chunks, draw(st.integers(1, n)), draw(st.sampled_from([2, 3]))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_chunked_data())
+def test_zarr_statistics_equal_the_float64_reference_for_any_chunking(
+    client: Any, zarr: Any, case: tuple[np.ndarray, int, tuple[int, ...], int, int]
+) -> None:
+    x, axis, chunks, block, zarr_format = case
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "x.zarr"
+        _write_zarr(zarr, store, x, chunks, zarr_format)
+        checkpoint = fit_population_dask(store, axis=axis, block_samples=block, client=client)
+    mean, var = _reference(x, axis)
+    np.testing.assert_allclose(checkpoint.moving_mean, mean, rtol=RTOL, atol=0)
+    np.testing.assert_allclose(checkpoint.moving_var, var, rtol=RTOL, atol=0)
+    assert checkpoint.samples_seen == len(x)
+    # Blocks are whole chunk rows: the block size rounded down to whole chunks, one at least.
+    block_samples = max(1, block // chunks[0]) * chunks[0]
+    assert checkpoint.extras["block_samples"] == block_samples
+    assert checkpoint.extras["partitions"] == checkpoint.batches_seen == -(-len(x) // block_samples)
+    assert checkpoint.extras["zarr_format"] == zarr_format
+
+
+@pytest.mark.parametrize(("dtype", "axis"), [(np.float64, 1), (np.float64, -1), (np.float32, 1)])
+def test_zarr_fit_equals_the_single_machine_fit_of_the_same_samples_as_npy(
+    client: Any, zarr: Any, tmp_path: Path, dtype: type[np.floating[Any]], axis: int
+) -> None:
+    x = np.random.default_rng(10).normal(-4.0, 0.25, size=(45, 3, 2, 4)).astype(dtype)
+    np.save(tmp_path / "x.npy", x)
+    # Chunked on every axis, so each task reads whole samples from several chunks.
+    _write_zarr(zarr, tmp_path / "x.zarr", x, (7, 2, 1, 3))
+    local = fit(tmp_path / "x.npy", stats="population", batch_size=16, axis=axis)
+    dask = fit_population_dask(tmp_path / "x.zarr", axis=axis, client=client, block_samples=14)
+    assert dask.moving_mean.dtype == local.moving_mean.dtype
+    rtol = RTOL if dtype == np.float64 else 1e-6  # float32 storage: each side rounds once
+    np.testing.assert_allclose(dask.moving_mean, local.moving_mean, rtol=rtol)
+    np.testing.assert_allclose(dask.moving_var, local.moving_var, rtol=rtol)
+    for field in ("axis", "sample_shape", "stats", "eps", "samples_seen", "data_fingerprint"):
+        assert getattr(dask, field) == getattr(local, field), field
+    assert dask.extras["population_count"] == local.extras["population_count"]
+    assert dask.extras["engine"] == "dask"
+    assert dask.extras["partitions"] == 4  # blocks of 14 samples: two chunks of 7
+    assert dask.extras["zarr_chunks"] == [7, 2, 1, 3]
+
+
+def test_zarr_fingerprint_of_a_large_array_equals_that_of_the_same_samples_as_npy(
+    client: Any, zarr: Any, tmp_path: Path
+) -> None:
+    # 6 MiB: above the size hashed whole, so the fingerprint samples blocks spread over the array.
+    x = np.random.default_rng(11).normal(size=(3072, 256)).astype(np.float64)
+    np.save(tmp_path / "x.npy", x)
+    _write_zarr(zarr, tmp_path / "x.zarr", x, (100, 64))
+    checkpoint = fit_population_dask(tmp_path / "x.zarr", client=client)
+    assert checkpoint.data_fingerprint == open_dataset(tmp_path / "x.npy").fingerprint()
+    np.testing.assert_allclose(checkpoint.moving_var, _reference(x, 1)[1], rtol=RTOL)
+
+
+def test_zarr_sharded_array_and_group_with_an_array_named_data(
+    client: Any, zarr: Any, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(12).normal(3.0, 2.0, size=(23, 4, 3))
+    sharded = _write_zarr(zarr, tmp_path / "s.zarr", x, (2, 2, 3), shards=(6, 4, 3))
+    assert sharded.shards == (6, 4, 3)
+    group = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    group.create_array("labels", shape=(23,), dtype="i8")
+    group.create_array("data", shape=x.shape, chunks=(5, 4, 3), dtype=x.dtype)[:] = x
+    mean, var = _reference(x, 1)
+    by_shards = fit_population_dask(tmp_path / "s.zarr", client=client, block_samples=1)
+    by_group = fit_population_dask(str(tmp_path / "g.zarr"), client=client)
+    for checkpoint in (by_shards, by_group):
+        np.testing.assert_allclose(checkpoint.moving_mean, mean, rtol=RTOL)
+        np.testing.assert_allclose(checkpoint.moving_var, var, rtol=RTOL)
+    assert by_shards.extras["partitions"] == 4  # a shard (6 samples) is the unit, not its inner chunks
+    assert by_shards.extras["zarr_chunks"] == [6, 4, 3]
+
+
+def test_zarr_missing_chunk_fails_naming_it_unless_read_as_the_fill_value(
+    client: Any, zarr: Any, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(13).normal(size=(12, 2))
+    store = tmp_path / "x.zarr"
+    _write_zarr(zarr, store, x, (4, 2))
+    (store / "c" / "1" / "0").unlink()  # samples 4..7, lost as in an interrupted copy
+    with pytest.raises(DataError, match=r"x\.zarr: chunk c/1/0 \(grid position \(1, 0\)\) is missing"):
+        fit_population_dask(store, client=client, retries=0)
+
+    filled = fit_population_dask(store, client=client, missing_chunks="fill")
+    x[4:8] = 0.0  # the fill value
+    np.testing.assert_allclose(filled.moving_var, _reference(x, 1)[1], rtol=RTOL)
+    assert filled.extras["zarr_missing_chunks"] == "fill"
+
+
+def test_zarr_array_whose_all_fill_chunks_were_skipped_by_the_writer_fits_with_fill(
+    client: Any, zarr: Any, tmp_path: Path
+) -> None:
+    x = np.random.default_rng(14).normal(size=(9, 2, 3)).astype(np.float32)
+    x[3:6] = 0.0
+    _write_zarr(zarr, tmp_path / "x.zarr", x, (3, 2, 3))  # zarr writes no chunk holding only zeros
+    assert len(_chunk_files(tmp_path / "x.zarr")) == 2
+    with pytest.raises(DataError, match=r"chunk c/1/0/0 .*write_empty_chunks"):
+        fit_population_dask(tmp_path / "x.zarr", client=client, retries=0)
+    checkpoint = fit_population_dask(tmp_path / "x.zarr", client=client, missing_chunks="fill")
+    np.testing.assert_allclose(checkpoint.moving_mean, _reference(x, 1)[0].astype(np.float32), rtol=1e-6)
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_zarr_corrupt_chunk_fails_naming_the_array_and_the_chunk(
+    client: Any, zarr: Any, tmp_path: Path, zarr_format: int
+) -> None:
+    store = tmp_path / "x.zarr"
+    array = _write_zarr(zarr, store, np.ones((12, 2)), (4, 2), zarr_format)
+    key = array.metadata.encode_chunk_key((2, 0))
+    (store / key).write_bytes(b"not zstd")
+    with pytest.raises(
+        DataError, match=rf"x\.zarr: chunk {re.escape(key)} \(samples 8\.\.11\) cannot be read"
+    ):
+        fit_population_dask(store, client=client, retries=0)
+    # The worker's own read names the chunk too (the driver's fingerprint may have found it first above).
+    block = ZarrBlock(str(store), "", 8, 12, (12, 2), "<f8", fill_missing=False)
+    with pytest.raises(DataError, match=rf"x\.zarr: chunk {re.escape(key)} \(samples 8\.\.11\)"):
+        reduce_zarr_block(block, 1, (2,))
+
+
+def test_zarr_nan_found_by_a_worker_fails_naming_the_array_and_samples(
+    client: Any, zarr: Any, tmp_path: Path
+) -> None:
+    x = np.ones((20, 2))
+    x[13, 1] = np.nan
+    _write_zarr(zarr, tmp_path / "x.zarr", x, (5, 1))
+    with pytest.raises(DataError, match=r"x\.zarr: samples 10\.\.14: .*NaN"):
+        fit_population_dask(tmp_path / "x.zarr", client=client, block_samples=5, retries=0)
+
+
+def test_zarr_array_changed_behind_the_driver_fails_on_the_worker_naming_it(
+    zarr: Any, tmp_path: Path
+) -> None:
+    _write_zarr(zarr, tmp_path / "x.zarr", np.zeros((8, 5)), (4, 5))  # 5 channels where 3 were planned
+    block = ZarrBlock(str(tmp_path / "x.zarr"), "", 0, 4, (8, 3), "<f8", fill_missing=False)
+    with pytest.raises(DataError, match=r"x\.zarr: shape \(8, 5\) .* on this worker, expected \(8, 3\)"):
+        reduce_zarr_block(block, 1, (3,))
+
+
+def test_zarr_sources_that_cannot_be_fitted_fail_naming_the_array(zarr: Any, tmp_path: Path) -> None:
+    # Each is refused by the driver from the metadata, before any task (so no client is needed).
+    (tmp_path / "empty.zarr").mkdir()
+    with pytest.raises(DataError, match=r"empty\.zarr: not a readable Zarr array"):
+        fit_population_dask(tmp_path / "empty.zarr")
+    with pytest.raises(DataError, match=r"absent\.zarr: no Zarr directory store"):
+        fit_population_dask(tmp_path / "absent.zarr")
+    zarr.open_group(str(tmp_path / "group.zarr"), mode="w").create_array("features", shape=(4, 2), dtype="f8")
+    with pytest.raises(
+        DataError, match=r"group\.zarr: a Zarr group without an array named 'data' .*features"
+    ):
+        fit_population_dask(tmp_path / "group.zarr")
+    _write_zarr(zarr, tmp_path / "ints.zarr", np.arange(8, dtype=np.int32).reshape(4, 2), (2, 2))
+    with pytest.raises(DataError, match=r"ints\.zarr: Zarr array of dtype int32, expected floating-point"):
+        fit_population_dask(tmp_path / "ints.zarr")
+    _write_zarr(zarr, tmp_path / "flat.zarr", np.zeros(6), (3,))
+    with pytest.raises(
+        DataError, match=r"flat\.zarr: Zarr array of shape \(6,\) \(rank 1\), expected rank 2"
+    ):
+        fit_population_dask(tmp_path / "flat.zarr")
+    _write_zarr(zarr, tmp_path / "x.zarr", np.zeros((4, 2)), (2, 2))
+    with pytest.raises(InvalidInputError, match="batch axis"):
+        fit_population_dask(tmp_path / "x.zarr", axis=0)
+
+
+class _TouchOnUnpickle:
+    """Unpickling this creates the file `path`: proof that a chunk was unpickled."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[Path]]:
+        return (Path.touch, (self.path,))
+
+
+def test_zarr_array_with_a_pickle_codec_is_refused_unread(zarr: Any, tmp_path: Path) -> None:
+    numcodecs = pytest.importorskip("numcodecs")
+    store, marker = tmp_path / "x.zarr", tmp_path / "unpickled"
+    _write_zarr(zarr, store, np.zeros((4, 2)), (2, 2), zarr_format=2, filters=[numcodecs.Pickle()])
+    payload = numcodecs.Zstd().encode(pickle.dumps(_TouchOnUnpickle(marker)))
+    for chunk in _chunk_files(store):
+        chunk.write_bytes(payload)  # what the pickle filter would decode, after zstd
+    with pytest.raises(DataError, match=r"x\.zarr: .*pickle"):
+        fit_population_dask(store)
+    with pytest.raises(DataError, match="pickle"):
+        reduce_zarr_block(ZarrBlock(str(store), "", 0, 2, (4, 2), "<f8", fill_missing=False), 1, (2,))
+    assert not marker.exists()
+
+
+def test_zarr_without_zarr_installed_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "x.zarr").mkdir()
+    monkeypatch.setitem(sys.modules, "zarr", None)  # makes `import zarr` raise ImportError
+    with pytest.raises(MissingDependencyError, match=r"zarr>=3: pip install 'frozen-bn\[dask\]'"):
+        fit_population_dask(tmp_path / "x.zarr")
+
+
+def test_cli_fits_a_zarr_array_whose_checkpoint_exports_and_verifies(
+    client: Any, zarr: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x = np.random.default_rng(15).normal(1.0, 2.0, size=(30, 3, 4)).astype(np.float32)
+    _write_zarr(zarr, tmp_path / "x.zarr", x, (8, 3, 2))
+    ckpt, model = tmp_path / "c.npz", tmp_path / "model.onnx"
+    address = client.scheduler.address
+    argv = ["fit", str(tmp_path / "x.zarr"), "--engine", "dask", "--scheduler", address]
+    assert main([*argv, "--stats", "population", "--out", str(ckpt)]) == 0
+    assert "a Zarr array in chunks of (8, 3, 2)" in capsys.readouterr().out
+    checkpoint = load_checkpoint(ckpt)
+    np.testing.assert_allclose(checkpoint.moving_var, _reference(x, 1)[1].astype(np.float32), rtol=1e-6)
+    assert checkpoint.extras["engine"] == "dask"
+    assert checkpoint.extras["partitions"] == 1  # the default block (64 MiB of float64) holds every chunk
+    assert main(["export", str(ckpt), "--out", str(model)]) == 0
+    assert main(["verify", str(model)]) == 0
+
+
+def test_cli_writes_no_checkpoint_when_a_zarr_chunk_is_missing(
+    client: Any, zarr: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "x.zarr"
+    _write_zarr(zarr, store, np.ones((8, 2)), (4, 2))
+    (store / "c" / "1" / "0").unlink()
+    out = tmp_path / "out" / "c.npz"
+    address = client.scheduler.address
+    argv = ["fit", str(store), "--engine", "dask", "--scheduler", address, "--stats", "population"]
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "chunk c/1/0" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*argv, "--zarr-missing-chunks", "fill", "--out", str(out)]) == 0
+    np.testing.assert_allclose(load_checkpoint(out).moving_mean, [0.5, 0.5], rtol=RTOL)
+    # The option means nothing for .npy data or the local engine, so it is refused there.
+    np.save(tmp_path / "x.npy", np.ones((8, 2)))
+    npy = ["fit", str(tmp_path / "x.npy"), "--stats", "population", "--zarr-missing-chunks", "fill"]
+    assert main([*npy, "--engine", "dask", "--out", str(tmp_path / "n.npz")]) == 2
+    assert main([*npy, "--out", str(tmp_path / "n.npz")]) == 2
+    assert capsys.readouterr().err.count("--zarr-missing-chunks is for a Zarr array") == 2
+    assert not (tmp_path / "n.npz").exists()
+    assert main(["fit", str(store), "--stats", "population", "--out", str(tmp_path / "n.npz")]) == 2
+    assert "a Zarr array is read by --engine dask" in capsys.readouterr().err
