@@ -19,7 +19,6 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -30,22 +29,13 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.serving import load, servers, workloads
+from benchmarks.serving.harness import machine, post
 from benchmarks.serving.models import benchmark_models, write_repository
 
 # Keep-alive connections per server worker: the load grows with the server, so each N is measured near
 # its capacity without crossing it (with a fixed 192 connections, one worker spends itself answering
 # 503s from its bounded queue, which would flatter every ratio to it).
 CONNECTIONS_PER_WORKER = 16
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _measure(
@@ -153,7 +143,7 @@ def main() -> int:
     print(
         f"\nW1 (1x64 FP32 JSON), {args.connections_per_worker} connections per worker over up to "
         f"{args.load_cpus} wrk processes, "
-        f"{args.duration:.0f} s, best of {args.repeats}; {len(cpus)} CPUs, {_cpu_model()}"
+        f"{args.duration:.0f} s, best of {args.repeats}; {len(cpus)} CPUs, {machine()['cpu']}"
     )
     print(f"{'workers':>8}{'req/s':>12}{'x 1 worker':>12}{'p99 ms':>9}{'errors':>8}{'PSS MiB':>9}")
     for row in rows:
@@ -165,7 +155,7 @@ def main() -> int:
         "benchmark": "serve_workers",
         "command": " ".join(["python", "benchmarks/serve_workers.py", *sys.argv[1:]]),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"nproc": len(cpus), "cpu": _cpu_model(), "python": platform.python_version()},
+        "machine": machine(),
         "load_cpus": load_cpus,
         "rows": rows,
     }
@@ -177,8 +167,6 @@ def main() -> int:
 
 
 def _post(url: str, request: workloads.RequestFiles) -> tuple[int, dict[str, str], bytes]:
-    from benchmarks.serving.harness import post
-
     return post(url, request.body.read_bytes(), request.headers())
 
 
