@@ -186,13 +186,41 @@ def _measure(
             eps,
             checkpoint.axis,
         )
+        _refuse_overflow(outputs[OUTPUT_NAME], y, checkpoint.axis, dtype, "the normalized output", "channel")
         error, ratio = compare(outputs[OUTPUT_NAME], y, mag, relative_tolerance(io_dtype), io_dtype)
         worst_error, worst_ratio = max(worst_error, error), max(worst_ratio, ratio)
         if with_head and checkpoint.head is not None:
             logits, lmag, terms = head_formula(
                 y, mag, checkpoint.head.weight, checkpoint.head.bias, checkpoint.axis
             )
+            _refuse_overflow(outputs[LOGITS_NAME], logits, 1, dtype, "the logits", "class")
             rtol = relative_tolerance(io_dtype, terms)
             error, ratio = compare(outputs[LOGITS_NAME], logits, lmag, rtol, io_dtype)
             worst_error, worst_ratio = max(worst_error, error), max(worst_ratio, ratio)
     return worst_error, worst_ratio
+
+
+def _refuse_overflow(
+    actual: NDArray[Any], expected: NDArray[np.float64], axis: int, dtype: Dtype, what: str, unit: str
+) -> None:
+    """Raise when the graph gives Inf where the float64 formula is finite: values past the dtype's range.
+
+    actual, expected: (N, ...) with the channels (or classes) at `axis`. Without this the comparison would
+    report an infinite error, which reads like a wrong graph rather than statistics too wide for `dtype`.
+    """
+    overflow = np.isinf(np.asarray(actual)) & np.isfinite(expected)
+    if not np.any(overflow):
+        return
+    peak = np.where(overflow, np.abs(expected), 0.0)
+    others = tuple(a for a in range(peak.ndim) if a != axis)
+    per_channel = peak.max(axis=others) if others else peak
+    worst = int(np.argmax(per_channel))
+    limit = float(np.finfo(np.dtype(dtype)).max)
+    remedy = {"float16": "export with --dtype float32", "float32": "export with --dtype float64"}.get(
+        dtype, "no wider dtype exists: check gamma and moving_var"
+    )
+    symbol = "y" if unit == "channel" else "logit"
+    raise ExportError(
+        f"{what} overflows {dtype}: {unit} {worst} reaches |{symbol}| = {float(per_channel[worst]):.3g} on "
+        f"samples within 2 std of the mean, past {dtype}'s largest {limit:.6g}; {remedy}; nothing was written"
+    )

@@ -22,7 +22,11 @@ refuse what fails. The checks:
   normalization is elementwise, so a sample's arithmetic cannot depend on its companions. Pooled outputs
   (`logits`) are held to the rounding bound of a sum over one sample's elements instead, because
   onnxruntime's GEMM and leading-axis reductions choose kernels (and so summation order) by batch size; a
-  graph with batch statistics deviates by orders of magnitude more.
+  graph with batch statistics deviates by orders of magnitude more. The bound scales with the terms a
+  logit sums, `Σ_k |pooled_k|·|W_kj| + |b_j|` where the graph has a linear head (MatMul/Gemm with constant
+  weights on a pooled output), as the formula check's does, so a logit near 0 by cancellation may still
+  move by a few ulp of its terms; other outputs are bounded relative to their own magnitude. Companions are
+  built so that no value overflows the input dtype.
 
 Tolerance of `formula` (also used by `export`). Each element is compared with a bound proportional to the
 magnitude of the terms the graph adds up, not to the output, because `x*scale + shift` can cancel (x near the
@@ -58,7 +62,10 @@ from bn_export.providers import CPU, exact_providers
 
 ROUNDING_BUDGET = 16
 PROBES = 3
+# Batches the probes are placed in, each capped so that one batch of large samples stays within
+# _INVARIANCE_BATCH_BYTES (a server verifies at load).
 BATCH_SIZES = (2, 5, 16)
+_INVARIANCE_BATCH_BYTES = 64 << 20
 COMPANIONS = ("random", "huge", "zeros", "negative")
 _FORMULA_ROWS = 256  # rows of --data fed to the formula check: enough to cover it, bounded for load time
 _FORMULA_CHUNK_VALUES = 1 << 20  # input values per chunk of the float64 formula check (8 MiB per temporary)
@@ -127,13 +134,16 @@ def compare(
     a = np.asarray(actual, dtype=np.float64)
     if a.shape != expected.shape:
         return float("inf"), float("inf")
-    with np.errstate(all="ignore"):  # Inf - Inf is a mismatch like any other, reported as an infinite error
-        error = np.abs(a - expected)
-    error = np.where(np.isfinite(error), error, np.inf)
-    bound = rtol * magnitude + float(np.finfo(dtype).smallest_normal)
-    if error.size == 0:
+    if a.size == 0:
         return 0.0, 0.0
-    return float(error.max()), float((error / bound).max())
+    # Inf - Inf, or NaN data (whose bound is NaN too), is a mismatch like any other, reported as infinite;
+    # the arithmetic on them must not warn (verify never prints).
+    with np.errstate(all="ignore"):
+        error = np.abs(a - expected)
+        error = np.where(np.isfinite(error), error, np.inf)
+        ratio = error / (rtol * magnitude + float(np.finfo(dtype).smallest_normal))
+    ratio = np.where(np.isnan(ratio), np.inf, ratio)
+    return float(error.max()), float(ratio.max())
 
 
 @dataclass(frozen=True)
@@ -341,6 +351,118 @@ def _find_statistics(g: _Graph) -> FrozenStatistics | str:
         return "metadata_props statistics must be four (C,) lists"
     gamma, beta, mean, var = arrays
     return FrozenStatistics(gamma, beta, mean, var, eps, axis, "metadata_props statistics")
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """`logits = pool(source) @ weight + bias` as found in a graph, with |weight| and |bias| in float64.
+
+    source: the graph output the head reads (the normalized `output`); pool_axes: the axes a ReduceMean (or
+    ReduceSum, `mean` False) pools before the product, None when there is no pooling.
+    """
+
+    source: str
+    pool_axes: tuple[int, ...] | None
+    mean: bool
+    keepdims: bool
+    weight: F64
+    bias: F64
+
+    def magnitude(self, source: ArrayLike) -> F64 | None:
+        """`Σ_k |pooled_k|·|W_kj| + |b_j|`, what each logit sums: source (n, *sample) -> (n, M), or None
+        when the shapes do not fit the weights. Pooling |source| bounds the pooled terms, cancellation
+        included."""
+        y = np.abs(np.asarray(source, dtype=np.float64))
+        if self.pool_axes is not None:
+            axes = tuple(a + y.ndim if a < 0 else a for a in self.pool_axes)
+            if not axes or any(not 0 < a < y.ndim for a in axes):
+                return None
+            with np.errstate(all="ignore"):
+                pooled = y.mean(axis=axes, keepdims=self.keepdims) if self.mean else y.sum(axis=axes)
+            y = pooled if self.mean or not self.keepdims else np.expand_dims(pooled, axes)
+        if y.ndim < 1 or y.shape[-1] != self.weight.shape[0]:
+            return None
+        with np.errstate(all="ignore"):
+            terms = y @ self.weight
+        if np.broadcast_shapes(terms.shape, self.bias.shape) != terms.shape:
+            return None
+        return np.asarray(terms + self.bias, dtype=np.float64)
+
+
+_PASS_THROUGH = frozenset({"Cast", "Identity"})
+
+
+def _find_linear_head(g: _Graph, logits: str) -> LinearHead | None:
+    """The linear head computing graph output `logits` from another graph output, or None.
+
+    Recognized: [Cast] <- [Add constant bias] <- MatMul(A, constant W) or Gemm(A, constant B[, constant C],
+    transA=0) <- [ReduceMean/ReduceSum over constant axes] <- a graph output (or the tensor a Cast/Identity
+    turns into one, as the float16 export's float32 `normalized`).
+    """
+    graph_outputs = set(g.outputs)
+    aliases = {name: name for name in g.outputs}
+    for node in g.model.graph.node:
+        if node.op_type in _PASS_THROUGH and node.output and node.output[0] in graph_outputs:
+            aliases.setdefault(node.input[0], node.output[0])
+
+    def producer(name: str) -> onnx.NodeProto | None:
+        """The node computing `name`, seen through casts and identities."""
+        node = g.producer.get(name)
+        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+            node = g.producer.get(node.input[0])
+        return node
+
+    def absolute(name: str) -> F64:
+        return np.abs(np.asarray(g.constants[name], dtype=np.float64))
+
+    node = producer(logits)
+    bias: F64 = np.zeros(1)
+    if node is not None and node.op_type == "Add" and len(node.input) == 2:
+        data, constant = node.input if node.input[1] in g.constants else node.input[::-1]
+        if constant not in g.constants:
+            return None
+        bias, node = absolute(constant), producer(data)
+    if node is None or len(node.input) < 2 or node.input[1] not in g.constants:
+        return None
+    if node.op_type == "MatMul":
+        weight = absolute(node.input[1])
+    elif node.op_type == "Gemm" and not int(_attr(node, "transA", 0)):
+        weight = absolute(node.input[1]) * abs(float(_attr(node, "alpha", 1.0)))
+        weight = weight.T if int(_attr(node, "transB", 0)) else weight
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in g.constants:
+                return None
+            bias = bias + absolute(node.input[2]) * abs(float(_attr(node, "beta", 1.0)))
+    else:
+        return None
+    if weight.ndim != 2:
+        return None
+
+    def unwrapped(name: str) -> str:
+        """`name` seen back through casts and identities, stopping at a graph output (or its alias)."""
+        while name not in aliases and name in g.producer and g.producer[name].op_type in _PASS_THROUGH:
+            name = g.producer[name].input[0]
+        return name
+
+    pooled = unwrapped(node.input[0])
+    pool_axes: tuple[int, ...] | None = None
+    mean, keepdims = True, False
+    if pooled not in aliases:
+        pool = g.producer.get(pooled)
+        if pool is None or pool.op_type not in ("ReduceMean", "ReduceSum"):
+            return None
+        axes = _attr(pool, "axes")
+        if axes is None and len(pool.input) > 1 and pool.input[1]:
+            axes = _constant_ints(g, pool.input[1])
+        if not axes:
+            return None
+        pool_axes, mean = tuple(int(a) for a in axes), pool.op_type == "ReduceMean"
+        keepdims = bool(int(_attr(pool, "keepdims", 1)))
+        pooled = unwrapped(pool.input[0])
+    source = aliases.get(pooled)
+    if source is None or source == logits:
+        return None
+    return LinearHead(source, pool_axes, mean, keepdims, weight, bias)
 
 
 # -- the checks ---------------------------------------------------------------------------------------------
@@ -610,21 +732,73 @@ def _check_formula(
     return CheckResult("formula", passed, error, detail)
 
 
-def _deviation(a: NDArray[Any], b: NDArray[Any]) -> float:
-    """Largest |a - b|, bitwise: NaN matching NaN is 0, NaN against a number is infinite."""
+def _differences(a: NDArray[Any], b: NDArray[Any]) -> F64 | None:
+    """|a - b| element by element, bitwise: equal values (NaN matching NaN, Inf matching Inf) differ by 0,
+    NaN against a number infinitely; None when the shapes differ."""
     if a.shape != b.shape:
-        return float("inf")
+        return None
     if a.size == 0 or np.array_equal(a, b, equal_nan=True):
-        return 0.0
+        return np.zeros(a.shape)
     with np.errstate(all="ignore"):
         diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
-    diff = np.where(np.isnan(a) & np.isnan(b), 0.0, diff)
-    diff = np.where(np.isnan(diff), np.inf, diff)
-    return float(diff.max())
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+    diff = np.where(same, 0.0, diff)
+    return np.where(np.isnan(diff), np.inf, diff)
+
+
+def _companions(
+    kind: str, pool: NDArray[Any], count: int, rng: np.random.Generator, dtype: np.dtype[Any]
+) -> NDArray[Any]:
+    """`count` samples of one kind, shaped and typed like `pool`'s, built so that no value overflows `dtype`
+    (an overflow would warn, and verify never prints)."""
+    shape = (count, *pool.shape[1:])
+    huge = float(np.finfo(dtype).max) / 4
+    if kind == "random":
+        picked: NDArray[Any] = pool[rng.integers(0, len(pool), count)]
+        return picked
+    if kind == "huge":
+        signs = rng.integers(0, 2, shape, dtype=np.int8).astype(bool)
+        signed: NDArray[Any] = np.where(signs, dtype.type(huge), dtype.type(-huge))
+        return signed
+    if kind == "zeros":
+        return np.zeros(shape, dtype)
+    # -10·|x|, with |x| clipped to huge/10 first so the product stays finite: float16 data past |x| ~ 6550
+    # would overflow. Computed in the input dtype, so the largest batch takes no float64 temporaries.
+    negative: NDArray[Any] = np.abs(pool[rng.integers(0, len(pool), count)])
+    np.minimum(negative, dtype.type(huge / 10), out=negative)
+    negative *= dtype.type(-10)
+    return negative
+
+
+def _logit_bounds(
+    g: _Graph, alone: dict[str, NDArray[Any]], rtol: float, dtype: np.dtype[Any]
+) -> dict[str, F64 | float]:
+    """How far each output of one sample (besides `output`, which must not move at all) may move by rounding.
+
+    A linear head's logit sums |pooled_k|·|W_kj| + |b_j| worth of terms, and rounding errors scale with those,
+    not with the logit: a logit near 0 by cancellation still moves by a few ulp of its terms when the GEMM
+    picks another kernel. Outputs with no head found in the graph are bounded relative to their own largest
+    magnitude instead. Non-finite magnitudes bound nothing (the value must then match bitwise).
+    """
+    tiny = float(np.finfo(dtype).smallest_normal)
+    bounds: dict[str, F64 | float] = {}
+    for name, value in alone.items():
+        if name == "output":
+            continue
+        head = _find_linear_head(g, name)
+        magnitude = None
+        if head is not None and head.source in alone:
+            magnitude = head.magnitude(alone[head.source])
+        if magnitude is not None and magnitude.shape == value.shape:
+            bounds[name] = (rtol * np.where(np.isfinite(magnitude), magnitude, 0.0) + tiny)[0]
+        else:
+            finite = bool(np.all(np.isfinite(value)))
+            bounds[name] = rtol * float(np.max(np.abs(value), initial=0.0)) + tiny if finite else 0.0
+    return bounds
 
 
 def _check_batch_invariance(
-    runtime: _Runtime | str, probes: NDArray[Any], pool: NDArray[Any], seed: int
+    g: _Graph, runtime: _Runtime | str, probes: NDArray[Any], pool: NDArray[Any], seed: int
 ) -> CheckResult:
     if isinstance(runtime, str):
         return CheckResult("batch_invariance", False, None, runtime)
@@ -634,45 +808,41 @@ def _check_batch_invariance(
         )
     rng = np.random.default_rng(seed + 1)
     dtype = runtime.input_dtype
-    huge = float(np.finfo(dtype).max) / 4
     alone = [runtime.run(probes[i : i + 1]) for i in range(len(probes))]
-    # `output` must match bit for bit. Pooled outputs (`logits`) may move in the last bits: onnxruntime's GEMM
-    # and reductions over leading axes pick their kernels by batch size. They are held to the rounding bound
-    # of a sum over one sample's elements; real batch dependence is orders of magnitude past it.
+    # `output` must match bit for bit. Other outputs (pooled `logits`) may move in the last bits:
+    # onnxruntime's GEMM and reductions over leading axes pick kernels by batch size. They are held to the
+    # rounding bound of a sum over one sample's elements; real batch dependence is orders past it.
     rtol = relative_tolerance(dtype, int(np.prod(probes.shape[1:])))
+    bounds = [_logit_bounds(g, outputs, rtol, dtype) for outputs in alone]
+    sample_bytes = max(1, int(np.prod(probes.shape[1:])) * dtype.itemsize)
+    largest = max(len(probes), _INVARIANCE_BATCH_BYTES // sample_bytes)
+    sizes = list(dict.fromkeys(min(max(size, len(probes)), largest) for size in BATCH_SIZES))
     worst, max_ratio, runs = 0.0, 0.0, 0
     failures: list[str] = []
-    for size in BATCH_SIZES:
+    for count in sizes:
         for kind in COMPANIONS:
-            count = max(size, len(probes))
-            if kind == "random":
-                batch = pool[rng.integers(0, len(pool), count)].copy()
-            elif kind == "huge":
-                batch = (huge * rng.choice([-1.0, 1.0], (count, *probes.shape[1:]))).astype(dtype)
-            elif kind == "zeros":
-                batch = np.zeros((count, *probes.shape[1:]), dtype)
-            else:
-                batch = (-np.abs(pool[rng.integers(0, len(pool), count)]) * 10).astype(dtype)
+            batch = _companions(kind, pool, count, rng, dtype)
             slots = rng.permutation(count)[: len(probes)]
             batch[slots] = probes
             together = runtime.run(batch)
             runs += 1
             for i, slot in enumerate(slots):
                 for name, value in alone[i].items():
-                    dev = _deviation(value[0], together[name][slot])
+                    diff = _differences(value[0], together[name][slot])
+                    dev = float("inf") if diff is None else float(diff.max(initial=0.0))
                     worst = max(worst, dev)
-                    scale = (
-                        float(np.max(np.abs(value[0]), initial=0.0)) if np.all(np.isfinite(value[0])) else 0.0
-                    )
-                    bound = 0.0 if name == "output" else rtol * scale
-                    if not dev <= bound:
+                    if dev == 0.0:
+                        continue
+                    bound = bounds[i].get(name, 0.0)
+                    if diff is None or not np.all(diff <= bound):
                         failures.append(
                             f"{name} of probe {i} moved by {dev:.3g} in a batch of {count} ({kind})"
                         )
-                    elif bound > 0:
-                        max_ratio = max(max_ratio, dev / bound)
+                        continue
+                    ratio = np.divide(diff, bound, out=np.zeros_like(diff), where=diff > 0)
+                    max_ratio = max(max_ratio, float(ratio.max()))
     setting = (
-        f"{runs} batches (sizes {', '.join(map(str, BATCH_SIZES))}; {', '.join(COMPANIONS)} companions; "
+        f"{runs} batches (sizes {', '.join(map(str, sizes))}; {', '.join(COMPANIONS)} companions; "
         f"{len(probes)} probes)"
     )
     if failures:
@@ -758,5 +928,5 @@ def verify_model(
         rt, xs = runtime, samples
         checks.append(_guard("formula", lambda: _check_formula(g, stats, rt, xs[:_FORMULA_ROWS])))
         probes = xs[: min(PROBES, len(xs))]
-        checks.append(_guard("batch_invariance", lambda: _check_batch_invariance(rt, probes, xs, seed)))
+        checks.append(_guard("batch_invariance", lambda: _check_batch_invariance(g, rt, probes, xs, seed)))
     return VerificationReport(model=name, checks=tuple(checks), metadata=g.metadata)
