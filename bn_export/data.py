@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
@@ -41,6 +41,9 @@ from bn_export.errors import DataError
 #: Shuffled blocks hold about this many bytes (rounded up to whole batches): large enough that reads are
 #: long and sequential, small enough that the block held in memory stays a bounded cost.
 SHUFFLE_BLOCK_BYTES = 8 << 20
+# Bytes of small batches handed out together by `Dataset.batch_groups` (a gathered group is a copy, two in
+# flight with read-ahead: the memory a shuffled statistics pass holds).
+GROUP_BYTES = 4 << 20
 #: Data up to this many bytes is fingerprinted whole; beyond it, `FINGERPRINT_BLOCKS` blocks of
 #: `FINGERPRINT_BLOCK_BYTES` at evenly spaced sample positions are.
 FINGERPRINT_FULL_BYTES = 4 << 20
@@ -77,6 +80,15 @@ class Batch:
         contiguous = hi - lo + 1 == len(self.indices)
         where = f"samples {lo}..{hi}" if contiguous else f"{len(self.indices)} shuffled samples in {lo}..{hi}"
         return f"batch {self.number} ({where})"
+
+
+@dataclass(frozen=True)
+class BatchGroup:
+    """Consecutive batches whose `data` are consecutive slices of one array, `data` (see
+    `Dataset.batch_groups`)."""
+
+    batches: list[Batch]
+    data: NDArray[Any]
 
 
 class _Source(Protocol):
@@ -268,6 +280,51 @@ class Dataset:
                 yield Batch(number, picked + int(start), rows)
                 number += 1
 
+    def batch_groups(
+        self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0
+    ) -> Iterator[BatchGroup]:
+        """The batches of `batches(batch_size, shuffle=..., seed=..., epoch=..., storage_order=True)`, the
+        same samples in the same batches in the same order, handed out about `GROUP_BYTES` at a time:
+        each group's `data` holds its batches one after another, so a consumer can sum many small
+        batches in one call. Unshuffled, a group is a range (a view for memory-mapped data); shuffled,
+        part of one shuffle block, gathered once in batch order instead of once per batch.
+        """
+        if batch_size < 1:
+            raise DataError(f"batch size must be a positive integer, got {batch_size}")
+        per_group = self.chunk_samples(GROUP_BYTES, multiple=batch_size)
+        number = 0
+        if not shuffle:
+            for start in range(0, self.num_samples, per_group):
+                stop = min(start + per_group, self.num_samples)
+                data = self.read(start, stop)
+                batches = []
+                for lo in range(0, stop - start, batch_size):
+                    hi = min(lo + batch_size, stop - start)
+                    indices = np.arange(start + lo, start + hi, dtype=np.int64)
+                    batches.append(Batch(number, indices, data[lo:hi]))
+                    number += 1
+                yield BatchGroup(batches, data)
+            return
+        # The random stream of `batches`: the block order, then each block's sample order, block by block.
+        rng = np.random.default_rng([seed, epoch])
+        block = self.chunk_samples(SHUFFLE_BLOCK_BYTES, multiple=batch_size)
+        for start in rng.permutation(np.arange(0, self.num_samples, block)):
+            stop = min(int(start) + block, self.num_samples)
+            order = rng.permutation(stop - int(start))
+            whole = self.read(int(start), stop)
+            for first in range(0, len(order), per_group):
+                part = order[first : first + per_group]
+                picks = [np.sort(part[lo : lo + batch_size]) for lo in range(0, len(part), batch_size)]
+                rows = np.concatenate(picks)
+                run = int(rows[0]) + np.arange(len(rows))
+                data = whole[int(rows[0]) : int(rows[-1]) + 1] if np.array_equal(rows, run) else whole[rows]
+                batches, offset = [], 0
+                for picked in picks:
+                    batches.append(Batch(number, picked + int(start), data[offset : offset + len(picked)]))
+                    offset += len(picked)
+                    number += 1
+                yield BatchGroup(batches, data)
+
     def fingerprint(self) -> str:
         """`sha256:<hex>` over the shape, the dtype and the content of the data.
 
@@ -421,7 +478,15 @@ def describe_nonfinite(batch: Batch, path: os.PathLike[str] | str) -> str:
     return f"{path}: {batch.describe()} overflows the floating-point range"
 
 
-def prefetched(batches: Iterator[Batch]) -> Iterator[Batch]:
+class _HoldsData(Protocol):
+    @property
+    def data(self) -> NDArray[Any]: ...
+
+
+_Item = TypeVar("_Item", bound=_HoldsData)
+
+
+def prefetched(batches: Iterator[_Item]) -> Iterator[_Item]:
     """Yield `batches` unchanged while a helper thread prepares the next one.
 
     The helper takes the next batch from the iterator (reading, parsing or gathering it) and touches one
@@ -437,7 +502,7 @@ def prefetched(batches: Iterator[Batch]) -> Iterator[Batch]:
             yield batch
 
 
-def _next_mapped(batches: Iterator[Batch]) -> Batch | None:
+def _next_mapped(batches: Iterator[_Item]) -> _Item | None:
     batch = next(batches, None)
     if batch is not None:
         data = batch.data

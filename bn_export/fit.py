@@ -41,6 +41,7 @@ from bn_export.checkpoint import Checkpoint, LinearHead, StatsKind, Trajectory
 from bn_export.data import (
     PREFETCH_BYTES,
     Batch,
+    BatchGroup,
     Dataset,
     describe_nonfinite,
     load_targets,
@@ -64,8 +65,10 @@ from bn_export.head import (
     pool_backward,
 )
 from bn_export.layer import BatchNorm, normalize_axis
-from bn_export.moments import Moments
+from bn_export.moments import Moments, merge_rows, per_batch_moments
 
+#: Statistics passes over batches smaller than this sum them a shuffle block at a time (`_fold_group`).
+GROUPED_BATCH_BYTES = 4 << 20
 #: The trajectory is recorded every `ceil(batches / MAX_TRAJECTORY_POINTS)` batches, plus the final state.
 MAX_TRAJECTORY_POINTS = 200
 DEFAULT_LR = 0.03  # Adam on BN-normalized features; 3 epochs of the digits demo reach ~92% accuracy
@@ -90,6 +93,19 @@ class _Recorder:
             self.samples.append(layer.samples_seen)
             self.mean.append(layer.moving_mean.copy())
             self.var.append(layer.moving_var.copy())
+
+    def record_folded(
+        self, batches_before: int, samples_after: NDArray[Any], means: NDArray[Any], variances: NDArray[Any]
+    ) -> None:
+        """What `record` would have taken after each of the batches `BatchNorm.fold_batches` folded:
+        `samples_after[g]` samples seen and `means[g]`, `variances[g]` stored after batch g."""
+        for g in range(len(samples_after)):
+            if (batches_before + g + 1) % self.every == 0 and (
+                not self.samples or self.samples[-1] != int(samples_after[g])
+            ):
+                self.samples.append(int(samples_after[g]))
+                self.mean.append(means[g].copy())
+                self.var.append(variances[g].copy())
 
     def trajectory(self) -> Trajectory | None:
         if not self.samples:
@@ -182,6 +198,12 @@ def _statistics_pass(
 ) -> Moments:
     """One pass of per-batch `Moments`: each folded into the layer's EMA and merged into the population."""
     total = Moments.empty(layer.num_channels)
+    if batch_size * dataset.sample_bytes < GROUPED_BATCH_BYTES:
+        groups = dataset.batch_groups(batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
+        for group in _prefetched_groups(groups):
+            total = total.merge(_fold_group(group, dataset, layer, channel, batch_size, recorder))
+            bar.update(sum(len(batch.indices) for batch in group.batches))
+        return total
     # Per-batch moments depend on which samples share a batch, not on their order within it.
     batches = dataset.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch, storage_order=True)
     for batch in _read_ahead(batches, dataset, batch_size):
@@ -193,6 +215,41 @@ def _statistics_pass(
             recorder.record(layer)
         bar.update(len(batch.indices))
     return total
+
+
+def _fold_group(
+    group: BatchGroup, dataset: Dataset, layer: BatchNorm, channel: int, batch_size: int, recorder: _Recorder
+) -> Moments:
+    """The moments of one group of small batches, each folded into the layer's EMA in order, as
+    `_statistics_pass` does batch by batch; the group's batches are summed in one compiled call where
+    numba is installed (`per_batch_moments`), else batch by batch."""
+    sums = per_batch_moments(group.data, channel, batch_size)
+    if sums is None:
+        parts = [_moments(batch, channel, dataset.path) for batch in group.batches]
+        counts = np.array([p.count for p in parts], dtype=np.float64)
+        means = np.stack([p.mean for p in parts])
+        m2s = np.stack([p.m2 for p in parts])
+    else:
+        counts, means, m2s = sums
+        bad = ~(np.all(np.isfinite(means), axis=1) & np.all(np.isfinite(m2s), axis=1))
+        for g in np.flatnonzero(bad)[:1]:
+            _moments(group.batches[int(g)], channel, dataset.path)  # raises the DataError naming the samples
+    merged = merge_rows(counts, means, m2s)
+    # A batch with one value per channel has no variance to fold into the EMA (the update needs >= 2).
+    usable = counts >= 2
+    if np.any(usable):
+        samples = np.array([len(batch.indices) for batch in group.batches], dtype=np.int64)[usable]
+        before, seen = layer.batches_seen, layer.samples_seen
+        stored_means, stored_vars = layer.fold_batches(
+            means[usable], m2s[usable] / counts[usable, None], counts[usable].astype(np.int64), samples
+        )
+        recorder.record_folded(before, seen + np.cumsum(samples), stored_means, stored_vars)
+    return merged
+
+
+def _prefetched_groups(groups: Iterator[BatchGroup]) -> Iterator[BatchGroup]:
+    """Groups read ahead on a helper thread (each is a whole shuffle block: always large enough to pay)."""
+    return prefetched(groups)
 
 
 @dataclass

@@ -411,6 +411,70 @@ class BatchNorm:
         self.batches_seen = batches
         self.samples_seen += int(n_samples)
 
+    def fold_batches(
+        self,
+        batch_means: NDArray[np.float64],
+        batch_vars: NDArray[np.float64],
+        counts: NDArray[Any],
+        samples: NDArray[Any],
+    ) -> tuple[FloatArray, FloatArray]:
+        """`update_statistics` for G batches in turn (`(G, C)` means and biased variances, `(G,)` counts
+        and samples), the same bits as G calls; returns the stored `(moving_mean, moving_var)` after each
+        batch, `(G, C)` each. Checked as a whole first and committed at the end, so a bad batch leaves
+        the layer as it was. One Python step per batch with no validation in it: a fit of many small
+        batches folds them a group at a time.
+        """
+        C = self.num_channels
+        means = np.asarray(batch_means, dtype=np.float64)
+        variances = np.asarray(batch_vars, dtype=np.float64)
+        counts = np.asarray(counts)
+        samples = np.asarray(samples)
+        G = len(counts)
+        if means.shape != (G, C) or variances.shape != (G, C) or samples.shape != (G,) or counts.ndim != 1:
+            raise InvalidInputError(
+                f"expected (G, {C}) means and variances with (G,) counts and samples, got {means.shape}, "
+                f"{variances.shape}, {counts.shape}, {samples.shape}"
+            )
+        if not (np.all(np.isfinite(means)) and np.all(np.isfinite(variances))):
+            raise InvalidInputError("batch statistics hold NaN or Inf")
+        if np.any(variances < 0):
+            raise InvalidInputError("batch_var holds negative values; a variance is >= 0")
+        if counts.dtype.kind not in "iu" or np.any(counts < 2):
+            raise InvalidInputError("counts must be integers >= 2 values per channel")
+        if samples.dtype.kind not in "iu" or np.any(samples < 1):
+            raise InvalidInputError("samples must be positive integers")
+        if self.unbiased_moving_var:
+            # The same division per batch as `update_statistics`' `count / (count - 1)`.
+            variances = variances * (counts / (counts - 1))[:, None]
+        stored_means = np.empty((G, C), dtype=self.dtype)
+        stored_vars = np.empty((G, C), dtype=self.dtype)
+        old_mean = self.moving_mean.astype(np.float64)
+        old_var = self.moving_var.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+            if self.momentum is not None:
+                new_means = means * (1.0 - self.momentum)
+                new_vars = variances * (1.0 - self.momentum)
+            for g in range(G):
+                if self.momentum is None:
+                    factor = 1.0 / (self.batches_seen + g + 1)
+                    mean = old_mean + (means[g] - old_mean) * factor
+                    var = old_var + (variances[g] - old_var) * factor
+                else:
+                    mean = old_mean * self.momentum + new_means[g]
+                    var = old_var * self.momentum + new_vars[g]
+                stored_means[g], stored_vars[g] = mean, var
+                old_mean = stored_means[g].astype(np.float64)
+                old_var = stored_vars[g].astype(np.float64)
+        if not (np.all(np.isfinite(stored_means)) and np.all(np.isfinite(stored_vars))):
+            raise InvalidInputError(
+                f"the updated moving statistics overflow {self.dtype}; the batch statistics are too large"
+            )
+        if G:
+            self.moving_mean, self.moving_var = stored_means[-1].copy(), stored_vars[-1].copy()
+            self.batches_seen += G
+            self.samples_seen += int(samples.sum())
+        return stored_means, stored_vars
+
     def backward(self, grad_out: ArrayLike) -> FloatArray:
         """`dL/dx` from `dL/dy` of the last training forward; stores `grad_gamma` and `grad_beta`."""
         if self._cache is None:

@@ -152,6 +152,18 @@ def merge_all(parts: Iterable[Moments]) -> Moments:
     return Moments(sum(p.count for p in level), mean, m2)
 
 
+def merge_rows(counts: ArrayLike, means: ArrayLike, m2s: ArrayLike) -> Moments:
+    """`merge_all` of the summaries given as rows: `counts (P,)`, `means (P, C)`, `m2s (P, C)`."""
+    counts = np.asarray(counts, dtype=np.float64)
+    means, m2s = np.asarray(means, dtype=np.float64), np.asarray(m2s, dtype=np.float64)
+    if counts.ndim != 1 or len(counts) < 1 or means.shape != m2s.shape or means.shape[:1] != counts.shape:
+        raise InvalidInputError(
+            f"expected (P,) counts with (P, C) means and m2s, got {counts.shape}, {means.shape}, {m2s.shape}"
+        )
+    _, mean, m2 = _tree_merge(counts, means, m2s)
+    return Moments(int(counts.sum()), mean, m2)
+
+
 def _tree_merge(
     counts: NDArray[np.float64], means: NDArray[np.float64], m2s: NDArray[np.float64]
 ) -> tuple[float, NDArray[np.float64], NDArray[np.float64]]:
@@ -223,6 +235,35 @@ def _blocked_moments(data: NDArray[np.floating[Any]], channel: int, workers: int
         require_finite(data, "input")  # names the NaN/Inf count when there are some
         raise InvalidInputError("the statistics overflow float64; the input values are too large")
     return Moments(A * B, mean, m2)
+
+
+def per_batch_moments(
+    x: ArrayLike, axis: int, batch_samples: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]] | None:
+    """`(counts (G,), means (G, C), m2s (G, C))` of each run of `batch_samples` samples of `x` (the last
+    run may be shorter), in one compiled pass; None where no compiled kernel takes `x` (the caller then
+    calls `Moments.from_batch` per batch). Each batch is one block of the kernel path of `from_batch`:
+    shifted by the pilot shift of `x`, summed again about its own mean where that cancels, so each row
+    equals that batch's `Moments.from_batch` to float64 rounding. NaN/Inf make a row non-finite; the
+    caller checks.
+
+    Many small batches (a 64 KiB batch of tabular rows) cost `from_batch` tens of microseconds each in
+    Python; here a group of them costs one kernel call.
+    """
+    data, channel = check_input(x, axis, check_finite=False)
+    if isinstance(batch_samples, bool) or not isinstance(batch_samples, int) or batch_samples < 1:
+        raise InvalidInputError(f"batch_samples must be a positive integer, got {batch_samples!r}")
+    C = data.shape[channel]
+    A = math.prod(data.shape[:channel])
+    B = math.prod(data.shape[channel + 1 :])
+    kernel = block_sums(data.size, data.dtype, channels_last=B == 1)
+    if kernel is None:
+        return None
+    view = data.reshape(A, C, B)
+    with np.errstate(invalid="ignore", over="ignore"):
+        shift = _pilot_shift(view)
+    rows = batch_samples * math.prod(data.shape[1:channel])
+    return _KernelBlocks(view, shift, kernel, rows=rows).moments()
 
 
 def _pilot_shift(view: NDArray[np.floating[Any]]) -> NDArray[np.float64]:
@@ -397,13 +438,18 @@ class _KernelBlocks(_Blocks):
     compiled kernel straight from the data: no float64 copy (`bn_export.kernels`)."""
 
     def __init__(
-        self, view: NDArray[np.floating[Any]], shift: NDArray[np.float64], kernel: BlockSums
+        self,
+        view: NDArray[np.floating[Any]],
+        shift: NDArray[np.float64],
+        kernel: BlockSums,
+        rows: int | None = None,
     ) -> None:
         super().__init__(view, shift)
         A, C, B = view.shape
         self.kernel = kernel
-        self.cols = self.cols_per_block(C, B)
-        self.rows = self.rows_per_block(C, B)
+        # `rows` given: one block per run of that many rows, whole rows (`per_batch_moments`).
+        self.cols = self.cols_per_block(C, B) if rows is None else B
+        self.rows = self.rows_per_block(C, B) if rows is None else rows
         self.width = C
         self.starts = [(a, b) for a in range(0, A, self.rows) for b in range(0, B, self.cols)]
         self.counts = np.array(

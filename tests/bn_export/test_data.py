@@ -248,3 +248,39 @@ def test_nonfinite_sample_is_named() -> None:
     dataset = data_module.Dataset(Path("mem"), [data_module._ArraySource(values)])
     batch = list(dataset.batches(4))[1]
     assert describe_nonfinite(batch, "x.npy") == "x.npy: sample 5 in batch 1 (samples 4..7) holds NaN or Inf"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    num_samples=st.integers(1, 300),
+    batch_size=st.integers(1, 70),
+    block_samples=st.integers(1, 120),
+    group_samples=st.integers(1, 150),
+    shuffle=st.booleans(),
+    seed=st.integers(0, 3),
+)
+def test_batch_groups_hand_out_the_batches_of_storage_order_batches(
+    num_samples: int,
+    batch_size: int,
+    block_samples: int,
+    group_samples: int,
+    shuffle: bool,
+    seed: int,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # Sample size 16 bytes: the block and group sizes below are in samples.
+    path = tmp_path_factory.mktemp("groups") / "x.npy"
+    np.save(path, np.arange(num_samples * 4, dtype=np.float32).reshape(num_samples, 4))
+    dataset = open_dataset(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data_module, "SHUFFLE_BLOCK_BYTES", block_samples * 16)
+        patch.setattr(data_module, "GROUP_BYTES", group_samples * 16)
+        expected = list(dataset.batches(batch_size, shuffle=shuffle, seed=seed, epoch=1, storage_order=True))
+        groups = list(dataset.batch_groups(batch_size, shuffle=shuffle, seed=seed, epoch=1))
+    batches = [batch for group in groups for batch in group.batches]
+    assert [b.number for b in batches] == [b.number for b in expected]
+    for got, want in zip(batches, expected, strict=True):
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.data, want.data)
+    for group in groups:  # each group's batches lie one after another in its data
+        np.testing.assert_array_equal(np.concatenate([b.data for b in group.batches]), group.data)

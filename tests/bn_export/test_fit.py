@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from bn_export import data as data_module
+from bn_export import fit as fit_module
 from bn_export.errors import DataError, InvalidInputError
 from bn_export.fit import MAX_TRAJECTORY_POINTS, fit
 
@@ -153,6 +154,9 @@ def test_fitting_a_large_npy_stays_in_bounded_memory(tmp_path: Path) -> None:
     values.flush()
     del values
     size = (tmp_path / "big.npy").stat().st_size
+    # Importing numba and loading its compiled kernels (the 'fast' extra) is a one-time cost of the
+    # process, tens of MiB of Python objects, not memory that grows with the data: taken before tracing.
+    fit(tmp_path / "big.npy", stats="population", batch_size=64)
     for stats in ("population", "ema"):
         tracemalloc.start()
         try:
@@ -217,3 +221,44 @@ def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict[str, object], me
     path = _write(tmp_path, _values((10, 2), seed=9), "npy")
     with pytest.raises((InvalidInputError, DataError), match=message):
         fit(path, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kernels", ["numba", "numpy"])
+@pytest.mark.parametrize("stats", ["ema", "population"])
+@pytest.mark.parametrize(("shape", "axis"), [((3000, 8), 1), ((700, 3, 4, 4), 1), ((700, 4, 4, 3), -1)])
+def test_small_batches_folded_a_group_at_a_time_fit_what_batch_by_batch_fits(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kernels: str,
+    stats: str,
+    shape: tuple[int, ...],
+    axis: int,
+) -> None:
+    if kernels == "numba":
+        pytest.importorskip("numba", reason="the 'fast' extra is not installed")
+    monkeypatch.setenv("BN_EXPORT_KERNELS", kernels)
+    monkeypatch.setattr(data_module, "SHUFFLE_BLOCK_BYTES", 40_000)  # several blocks and groups
+    monkeypatch.setattr(data_module, "GROUP_BYTES", 12_000)
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "x.npy", (rng.normal(size=shape) * 2.0 + 5.0).astype(np.float32))
+    grouped = fit(tmp_path / "x.npy", stats=stats, batch_size=37, axis=axis, seed=4, epochs=2)
+    monkeypatch.setattr(fit_module, "GROUPED_BATCH_BYTES", 0)  # every batch on its own
+    single = fit(tmp_path / "x.npy", stats=stats, batch_size=37, axis=axis, seed=4, epochs=2)
+    assert (grouped.batches_seen, grouped.samples_seen) == (single.batches_seen, single.samples_seen)
+    np.testing.assert_allclose(grouped.moving_mean, single.moving_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grouped.moving_var, single.moving_var, rtol=1e-6)
+    assert grouped.trajectory is not None
+    assert single.trajectory is not None
+    np.testing.assert_array_equal(grouped.trajectory.samples, single.trajectory.samples)
+    np.testing.assert_allclose(grouped.trajectory.mean, single.trajectory.mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(grouped.trajectory.var, single.trajectory.var, rtol=1e-6)
+
+
+def test_a_nan_in_a_grouped_batch_is_named_and_no_statistics_are_folded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = np.ones((5000, 4), dtype=np.float32)
+    x[4321, 2] = np.nan
+    np.save(tmp_path / "x.npy", x)
+    with pytest.raises(DataError, match=r"4321"):
+        fit(tmp_path / "x.npy", stats="population", batch_size=64)

@@ -12,7 +12,7 @@ import pytest
 
 from bn_export.errors import InvalidInputError
 from bn_export.kernels import ENV_VAR, MIN_VALUES, block_sums
-from bn_export.moments import Moments
+from bn_export.moments import Moments, per_batch_moments
 
 numba = pytest.importorskip("numba", reason="the 'fast' extra is not installed")
 
@@ -98,3 +98,31 @@ def test_the_cli_names_a_bad_choice_in_one_line(tmp_path: Path) -> None:
     assert ENV_VAR in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "c.npz").exists()
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis", "batch"),
+    [((1000, 7), 1, 64), ((300, 3, 9, 9), 1, 32), ((90, 6, 5, 4), -1, 16), ((50, 2, 700), 1, 50)],
+)
+def test_per_batch_moments_are_each_batch_s_moments(
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, ...], axis: int, batch: int
+) -> None:
+    monkeypatch.setenv(ENV_VAR, "numba")
+    rng = np.random.default_rng(len(shape))
+    x = (rng.normal(size=shape) * 3.0 + 2e3).astype(np.float32)
+    x[shape[0] // 2 :] -= np.float32(4e3)  # later batches far from the pilot shift: summed again
+    rows = per_batch_moments(x, axis, batch)
+    assert rows is not None
+    counts, means, m2s = rows
+    starts = range(0, shape[0], batch)
+    assert len(counts) == len(starts)
+    for g, start in enumerate(starts):
+        alone = Moments.from_batch(x[start : start + batch], axis, workers=1)
+        assert counts[g] == alone.count
+        np.testing.assert_allclose(means[g], alone.mean, rtol=1e-14)
+        np.testing.assert_allclose(m2s[g], alone.m2, rtol=1e-12)
+
+
+def test_per_batch_moments_leave_it_to_the_caller_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VAR, "numpy")
+    assert per_batch_moments(np.ones((10, 3), dtype=np.float32), 1, 4) is None

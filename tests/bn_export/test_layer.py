@@ -525,3 +525,55 @@ def test_statistics_that_overflow_are_refused_without_state_change(
     with pytest.raises(InvalidInputError, match=words):
         layer.forward(x, training=True)
     _assert_same_state(before, _state(layer))
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.99, None])
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_folding_batches_gives_the_bits_of_one_update_per_batch(
+    momentum: float | None, unbiased: bool, dtype: Any
+) -> None:
+    rng = np.random.default_rng(7)
+    G, C = 37, 5
+    means = rng.normal(3.0, 2.0, (G, C))
+    variances = rng.uniform(0.1, 4.0, (G, C))
+    counts = rng.integers(2, 500, G)
+    samples = rng.integers(1, 50, G)
+    one_by_one = BatchNorm(C, momentum=momentum, dtype=dtype, unbiased_moving_var=unbiased)
+    folded = BatchNorm(C, momentum=momentum, dtype=dtype, unbiased_moving_var=unbiased)
+    one_by_one.update_statistics(means[0], variances[0], int(counts[0]), samples=int(samples[0]))
+    folded.update_statistics(means[0], variances[0], int(counts[0]), samples=int(samples[0]))
+    states = []
+    for g in range(1, G):
+        one_by_one.update_statistics(means[g], variances[g], int(counts[g]), samples=int(samples[g]))
+        states.append((one_by_one.moving_mean.copy(), one_by_one.moving_var.copy()))
+    stored_means, stored_vars = folded.fold_batches(means[1:], variances[1:], counts[1:], samples[1:])
+    np.testing.assert_array_equal(stored_means, np.stack([s[0] for s in states]))
+    np.testing.assert_array_equal(stored_vars, np.stack([s[1] for s in states]))
+    np.testing.assert_array_equal(folded.moving_mean, one_by_one.moving_mean)
+    np.testing.assert_array_equal(folded.moving_var, one_by_one.moving_var)
+    assert folded.moving_mean.dtype == np.dtype(dtype)
+    assert (folded.batches_seen, folded.samples_seen) == (one_by_one.batches_seen, one_by_one.samples_seen)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda m, v, c, s: (m, -v, c, s), "negative"),
+        (lambda m, v, c, s: (m * np.nan, v, c, s), "NaN or Inf"),
+        (lambda m, v, c, s: (m, v, c * 0 + 1, s), ">= 2"),
+        (lambda m, v, c, s: (m, v, c, s * 0), "positive"),
+        (lambda m, v, c, s: (m[:, :2], v, c, s), "expected"),
+        (lambda m, v, c, s: (m * 1e300, v * 1e300, c, s), "overflow"),
+    ],
+)
+def test_a_bad_batch_in_a_fold_leaves_the_layer_as_it_was(change: Any, words: str) -> None:
+    layer = BatchNorm(3)
+    layer.update_statistics(np.ones(3), np.ones(3), 10)
+    before = (layer.moving_mean.copy(), layer.moving_var.copy(), layer.batches_seen, layer.samples_seen)
+    good = (np.zeros((4, 3)), np.ones((4, 3)), np.full(4, 8), np.full(4, 8))
+    with pytest.raises(InvalidInputError, match=words):
+        layer.fold_batches(*change(*good))
+    np.testing.assert_array_equal(layer.moving_mean, before[0])
+    np.testing.assert_array_equal(layer.moving_var, before[1])
+    assert (layer.batches_seen, layer.samples_seen) == before[2:]
