@@ -241,7 +241,11 @@ def _fold_group(
         samples = np.array([len(batch.indices) for batch in group.batches], dtype=np.int64)[usable]
         before, seen = layer.batches_seen, layer.samples_seen
         stored_means, stored_vars = layer.fold_batches(
-            means[usable], m2s[usable] / counts[usable, None], counts[usable].astype(np.int64), samples
+            means[usable],
+            m2s[usable] / counts[usable, None],
+            counts[usable].astype(np.int64),
+            samples,
+            compiled=sums is not None,  # numba is loaded already: fold in it too
         )
         recorder.record_folded(before, seen + np.cumsum(samples), stored_means, stored_vars)
     return merged

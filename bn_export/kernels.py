@@ -86,6 +86,61 @@ def _channels_last_kernel(
                 out2[p, c] += d * d
 
 
+def _fold_kernel(
+    old_mean: Any,
+    old_var: Any,
+    means: Any,
+    variances: Any,
+    momentum: float,
+    first_batch: int,
+    out_mean: Any,
+    out_var: Any,
+) -> None:  # pragma: no cover - compiled
+    """`BatchNorm.update_statistics` for each row of `means`, `variances` (the EMA terms `stat *
+    (1 - momentum)` when `momentum >= 0`; the raw statistics for the cumulative average, `momentum < 0`,
+    whose batch count starts at `first_batch`), each result stored in `out_*`'s dtype and read back from
+    it, as the layer does. Compiled without fastmath: the same operations in the same order, so the same
+    bits as NumPy's loop."""
+    G, C = means.shape
+    for g in range(G):
+        for c in range(C):
+            if momentum < 0.0:
+                factor = 1.0 / (first_batch + g)
+                mean = old_mean[c] + (means[g, c] - old_mean[c]) * factor
+                var = old_var[c] + (variances[g, c] - old_var[c]) * factor
+            else:
+                mean = old_mean[c] * momentum + means[g, c]
+                var = old_var[c] * momentum + variances[g, c]
+            out_mean[g, c] = mean
+            out_var[g, c] = var
+            old_mean[c] = np.float64(out_mean[g, c])
+            old_var[c] = np.float64(out_var[g, c])
+
+
+FoldKernel = Callable[
+    [
+        NDArray[np.float64],
+        NDArray[np.float64],
+        NDArray[np.float64],
+        NDArray[np.float64],
+        float,
+        int,
+        NDArray[Any],
+        NDArray[Any],
+    ],
+    None,
+]
+
+
+def fold_kernel() -> FoldKernel | None:
+    """The compiled EMA fold, or None where the choice is NumPy's or numba is missing. Callers ask only
+    where the block sums already loaded numba (a group of small batches summed by `block_sums`)."""
+    if kernels_choice() == "numpy":
+        return None
+    compiled = _compiled()
+    return None if compiled is None else compiled[2]
+
+
 def kernels_choice() -> str:
     """`BN_EXPORT_KERNELS`: `auto` (numba where installed), `numba` (required) or `numpy`."""
     choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
@@ -114,17 +169,21 @@ def block_sums(values: int, dtype: np.dtype[Any], channels_last: bool) -> BlockS
 
 
 @functools.cache
-def _compiled() -> tuple[BlockSums, BlockSums] | None:
+def _compiled() -> tuple[BlockSums, BlockSums, FoldKernel] | None:
     try:
         import numba  # optional, and 0.3 s to import: only when a large batch needs it
     except ImportError:
         return None
-    kernels = []
-    for function in (_rows_kernel, _channels_last_kernel):
-        options: dict[str, Any] = {"nogil": True, "fastmath": _FASTMATH, "boundscheck": False}
+    kernels: list[Any] = []
+    for function, fastmath in (
+        (_rows_kernel, _FASTMATH),
+        (_channels_last_kernel, _FASTMATH),
+        (_fold_kernel, False),
+    ):
+        options: dict[str, Any] = {"nogil": True, "fastmath": fastmath, "boundscheck": False}
         try:
             kernels.append(numba.njit(cache=True, **options)(function))
         except RuntimeError as error:  # no writable cache location: compile on each process instead
             log.debug("numba cannot cache %s (%s); compiling without a cache", function.__name__, error)
             kernels.append(numba.njit(cache=False, **options)(function))
-    return kernels[0], kernels[1]
+    return kernels[0], kernels[1], kernels[2]

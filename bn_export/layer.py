@@ -29,6 +29,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from bn_export.checkpoint import Checkpoint, LinearHead, StatsKind, Trajectory
 from bn_export.errors import InvalidInputError
+from bn_export.kernels import fold_kernel
 
 FloatArray = NDArray[np.floating[Any]]
 MIN_RANK, MAX_RANK = 2, 5
@@ -417,12 +418,15 @@ class BatchNorm:
         batch_vars: NDArray[np.float64],
         counts: NDArray[Any],
         samples: NDArray[Any],
+        *,
+        compiled: bool = False,
     ) -> tuple[FloatArray, FloatArray]:
         """`update_statistics` for G batches in turn (`(G, C)` means and biased variances, `(G,)` counts
         and samples), the same bits as G calls; returns the stored `(moving_mean, moving_var)` after each
         batch, `(G, C)` each. Checked as a whole first and committed at the end, so a bad batch leaves
         the layer as it was. One Python step per batch with no validation in it: a fit of many small
-        batches folds them a group at a time.
+        batches folds them a group at a time. `compiled` runs the loop in numba where installed (the
+        same bits; for callers that already loaded it, see `bn_export.kernels.fold_kernel`).
         """
         C = self.num_channels
         means = np.asarray(batch_means, dtype=np.float64)
@@ -450,18 +454,31 @@ class BatchNorm:
         stored_vars = np.empty((G, C), dtype=self.dtype)
         old_mean = self.moving_mean.astype(np.float64)
         old_var = self.moving_var.astype(np.float64)
+        kernel = fold_kernel() if compiled else None
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
             if self.momentum is not None:
-                new_means = means * (1.0 - self.momentum)
-                new_vars = variances * (1.0 - self.momentum)
-            for g in range(G):
+                means = means * (1.0 - self.momentum)
+                variances = variances * (1.0 - self.momentum)
+            if kernel is not None:
+                momentum = -1.0 if self.momentum is None else self.momentum
+                kernel(
+                    old_mean,
+                    old_var,
+                    means,
+                    variances,
+                    momentum,
+                    self.batches_seen + 1,
+                    stored_means,
+                    stored_vars,
+                )
+            for g in range(G if kernel is None else 0):
                 if self.momentum is None:
                     factor = 1.0 / (self.batches_seen + g + 1)
                     mean = old_mean + (means[g] - old_mean) * factor
                     var = old_var + (variances[g] - old_var) * factor
                 else:
-                    mean = old_mean * self.momentum + new_means[g]
-                    var = old_var * self.momentum + new_vars[g]
+                    mean = old_mean * self.momentum + means[g]
+                    var = old_var * self.momentum + variances[g]
                 stored_means[g], stored_vars[g] = mean, var
                 old_mean = stored_means[g].astype(np.float64)
                 old_var = stored_vars[g].astype(np.float64)

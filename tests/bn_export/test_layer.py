@@ -530,9 +530,13 @@ def test_statistics_that_overflow_are_refused_without_state_change(
 @pytest.mark.parametrize("momentum", [0.9, 0.99, None])
 @pytest.mark.parametrize("unbiased", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("compiled", [False, True])
 def test_folding_batches_gives_the_bits_of_one_update_per_batch(
-    momentum: float | None, unbiased: bool, dtype: Any
+    momentum: float | None, unbiased: bool, dtype: Any, compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    if compiled:
+        pytest.importorskip("numba", reason="the 'fast' extra is not installed")
+        monkeypatch.setenv("BN_EXPORT_KERNELS", "numba")
     rng = np.random.default_rng(7)
     G, C = 37, 5
     means = rng.normal(3.0, 2.0, (G, C))
@@ -547,7 +551,9 @@ def test_folding_batches_gives_the_bits_of_one_update_per_batch(
     for g in range(1, G):
         one_by_one.update_statistics(means[g], variances[g], int(counts[g]), samples=int(samples[g]))
         states.append((one_by_one.moving_mean.copy(), one_by_one.moving_var.copy()))
-    stored_means, stored_vars = folded.fold_batches(means[1:], variances[1:], counts[1:], samples[1:])
+    stored_means, stored_vars = folded.fold_batches(
+        means[1:], variances[1:], counts[1:], samples[1:], compiled=compiled
+    )
     np.testing.assert_array_equal(stored_means, np.stack([s[0] for s in states]))
     np.testing.assert_array_equal(stored_vars, np.stack([s[1] for s in states]))
     np.testing.assert_array_equal(folded.moving_mean, one_by_one.moving_mean)
