@@ -1,8 +1,10 @@
 """Fitting throughput of `bn-export fit` in GB/s against a memory-bandwidth floor measured in the same run.
 
-    python benchmarks/fit.py [--total-mb 256] [--batch-size 256] [--repeats 3] [--out PATH.json]
+    python benchmarks/fit.py [--total-mb 256] [--batch-size 256] [--sample-shape 16,32,32] [--repeats 3]
+                             [--out PATH.json]
 
-Writes a float32 NCHW array of (n, 16, 32, 32) samples totalling `--total-mb` to a temporary `.npy`, reads
+Writes a float32 array of (n, *sample_shape) samples, channels on axis 1 (NCHW by default; `64` for
+tabular rows of 64 features), totalling `--total-mb` to a temporary `.npy`, reads
 it once so the page cache is warm, then times, best of `--repeats`:
 
 - the floor: one `np.add.reduce` over the whole array held in memory (a single read pass, no statistics);
@@ -78,21 +80,24 @@ def main() -> int:
     )
     parser.add_argument("--total-mb", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--sample-shape", default=",".join(map(str, SAMPLE_SHAPE)))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    sample_bytes = int(np.prod(SAMPLE_SHAPE)) * 4
+    sample_shape = tuple(int(d) for d in args.sample_shape.split(","))
+    sample_bytes = int(np.prod(sample_shape)) * 4
     n = args.total_mb * (1 << 20) // sample_bytes
     rows = []
     first: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "x.npy"
-        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, *SAMPLE_SHAPE))
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, *sample_shape))
         rng = np.random.default_rng(0)
-        for start in range(0, n, 1024):
-            stop = min(n, start + 1024)
-            array[start:stop] = rng.normal(3.0, 2.0, size=(stop - start, *SAMPLE_SHAPE))
+        step = max(1, (16 << 20) // sample_bytes)
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            array[start:stop] = rng.normal(3.0, 2.0, size=(stop - start, *sample_shape))
         array.flush()
         del array
         in_memory = np.load(path)  # also warms the page cache for the memory-mapped fits
@@ -113,7 +118,7 @@ def main() -> int:
 
     load = os.getloadavg()[0]
     print(
-        f"{n} samples of {SAMPLE_SHAPE} float32, {nbytes / 2**20:.0f} MiB, batch {args.batch_size}, "
+        f"{n} samples of {sample_shape} float32, {nbytes / 2**20:.0f} MiB, batch {args.batch_size}, "
         f"best of {args.repeats}; fits on {FIT_THREADS} threads, floor on 1; {os.cpu_count()} CPUs, "
         f"{_cpu_model()}, load average {load:.1f}"
     )
@@ -131,6 +136,7 @@ def main() -> int:
         "numpy": np.__version__,
         "bytes": nbytes,
         "batch_size": args.batch_size,
+        "sample_shape": list(sample_shape),
         "fit_threads": FIT_THREADS,
         "load_average": load,
         "repeats": args.repeats,
