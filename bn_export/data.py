@@ -374,6 +374,10 @@ def _load_npy(path: Path) -> NDArray[Any]:
     try:
         array: NDArray[Any] = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:  # object arrays need pickle, which we never allow
+        if "mmap length is greater than file size" in str(exc):
+            raise DataError(
+                f"{path}: truncated .npy file: its header promises more data than the file holds"
+            ) from exc
         raise DataError(f"{path}: not a numeric .npy array: {exc}") from exc
     except OSError as exc:
         raise DataError(f"{path}: cannot read .npy file: {exc}") from exc

@@ -284,3 +284,11 @@ def test_batch_groups_hand_out_the_batches_of_storage_order_batches(
         np.testing.assert_array_equal(got.data, want.data)
     for group in groups:  # each group's batches lie one after another in its data
         np.testing.assert_array_equal(np.concatenate([b.data for b in group.batches]), group.data)
+
+
+def test_a_truncated_npy_is_named_as_truncated(tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.ones((100, 8), dtype=np.float32))
+    raw = (tmp_path / "x.npy").read_bytes()
+    (tmp_path / "x.npy").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(DataError, match=r"x\.npy: truncated \.npy file"):
+        open_dataset(tmp_path / "x.npy")
