@@ -151,3 +151,29 @@ def batch_statistics_model(channels: int = 3, rank: int = 4, opset: int = 17) ->
         initializer=inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+
+
+def data_graph(
+    nodes: list[onnx.NodeProto],
+    outputs: dict[str, int],
+    initializers: dict[str, np.ndarray] | None = None,
+    *,
+    input_dims: tuple[int | str, ...] = ("N", 3, 4, 5),
+    opset: int = 17,
+) -> onnx.ModelProto:
+    """A checked model from float32 `input` (dims as given, names symbolic) through `nodes` to the float32
+    graph `outputs` (name: rank, dims left to inference), with `initializers` as constants."""
+    graph = helper.make_graph(
+        nodes,
+        "data_graph",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, list(input_dims))],
+        [
+            helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * rank)
+            for name, rank in outputs.items()
+        ],
+        initializer=[numpy_helper.from_array(value, name) for name, value in (initializers or {}).items()],
+    )
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets))
+    onnx.checker.check_model(model, full_check=True)
+    return model

@@ -157,14 +157,13 @@ def test_every_frozen_export_passes_every_check(
 
 # -- 2. batch-mixing graphs fail ----------------------------------------------------------------------------
 
-STRUCTURE = "no_batch_reductions"
+STRUCTURE = "samples_independent"
 INVARIANCE = "batch_invariance"
 MODE = "inference_mode"
 FORMULA = "formula"
 # The largest batch the invariance check builds (a graph that mixes only in larger batches is out of its
-# reach, and the structural check must catch it) and the samples the formula check runs in one batch.
+# reach, and the structural check alone must catch it).
 LARGEST_PROBED_BATCH = max(*BATCH_SIZES, PROBES)
-GENERATED_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -393,7 +392,11 @@ def flatten_batch(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixin
     if draw(st.booleans()):
         row, how, must_fail = b.op("Flatten", t, axis=0), "Flatten(axis=0)", {STRUCTURE, INVARIANCE}
     else:
-        row, how, must_fail = b.op("Reshape", t, b.const([1, -1], np.int64)), "Reshape(1, -1)", {INVARIANCE}
+        row, how, must_fail = (
+            b.op("Reshape", t, b.const([1, -1], np.int64)),
+            "Reshape(1, -1)",
+            {STRUCTURE, INVARIANCE},
+        )
     op = draw(st.sampled_from(["Softmax", "LpNormalization", "LayerNormalization", "ReduceSum"]))
     if op == "ReduceSum":
         total = b.reduce(op, row, [1], keepdims=1, opset=spec.opset)
@@ -432,7 +435,9 @@ def transpose_batch_away(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -
         mixed = b.op(op, moved)
     back = b.op("Transpose", mixed, perm=[perm.index(a) for a in range(rank)])
     return Mixing(
-        _combine(b, draw, t, back), f"Transpose{perm}, {op} over axis {p}, back", frozenset({INVARIANCE})
+        _combine(b, draw, t, back),
+        f"Transpose{perm}, {op} over axis {p}, back",
+        frozenset({STRUCTURE, INVARIANCE}),
     )
 
 
@@ -457,7 +462,9 @@ def matmul_across_batch(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) ->
         else:
             mixed = b.op("Einsum", rows, rows, rows, equation="nd,md,me->ne")
         back = b.op("Reshape", mixed, b.op("Shape", t))
-    return Mixing(_combine(b, draw, t, back), f"MatMul across the batch ({kind})", frozenset({INVARIANCE}))
+    return Mixing(
+        _combine(b, draw, t, back), f"MatMul across the batch ({kind})", frozenset({STRUCTURE, INVARIANCE})
+    )
 
 
 def pick_samples(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixing:
@@ -479,7 +486,9 @@ def pick_samples(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixing
         picked = take(-1, end)
     else:
         picked = b.op("Concat", take(1, end), take(0, 1), axis=axis)
-    return Mixing(_combine(b, draw, t, picked), f"{kind} along axis {axis}", frozenset({INVARIANCE}))
+    return Mixing(
+        _combine(b, draw, t, picked), f"{kind} along axis {axis}", frozenset({STRUCTURE, INVARIANCE})
+    )
 
 
 def sort_batch(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixing:
@@ -488,12 +497,12 @@ def sort_batch(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixing:
     k = b.op("Shape", t, start=0, end=1) if whole else b.const([1], np.int64)
     values, _ = b.ops("TopK", [t, k], 2, axis=axis, largest=largest, sorted=1)
     label = f"TopK(axis={axis}, k={'N' if whole else 1}, largest={largest})"
-    return Mixing(_combine(b, draw, t, values), label, frozenset({INVARIANCE}))
+    return Mixing(_combine(b, draw, t, values), label, frozenset({STRUCTURE, INVARIANCE}))
 
 
 def scale_by_batch_size(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixing:
     """Depends on the rest of the batch only through its size."""
-    return Mixing(_combine(b, draw, t, b.batch_size(t)), "N from Shape", frozenset({INVARIANCE}))
+    return Mixing(_combine(b, draw, t, b.batch_size(t)), "N from Shape", frozenset({STRUCTURE, INVARIANCE}))
 
 
 def recurrence_over_batch(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixing:
@@ -512,7 +521,9 @@ def recurrence_over_batch(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) 
         zero = b.op("Mul", b.op("Gather", t, b.const(0, np.int64), axis=0), b.const(0.0))
         running = b.ops("Scan", [zero, t], 2, body=body, num_scan_inputs=1)[1]
         return Mixing(
-            _combine(b, draw, t, running), "Scan running sum over the batch", frozenset({INVARIANCE})
+            _combine(b, draw, t, running),
+            "Scan running sum over the batch",
+            frozenset({STRUCTURE, INVARIANCE}),
         )
     op = draw(st.sampled_from(["RNN", "GRU", "LSTM"]))
     direction = draw(st.sampled_from(["forward", "reverse"]))
@@ -528,12 +539,14 @@ def recurrence_over_batch(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) 
     recurrence = b.const(rng.uniform(-1.0, 1.0, (1, gates * channels, channels)))
     hidden = b.ops(op, [sequence, weights, recurrence], 1, hidden_size=channels, direction=direction)[0]
     back = b.op("Reshape", hidden, b.const([0, channels] + [1] * (rank - 2), np.int64))
-    return Mixing(_combine(b, draw, t, back), f"{op}({direction}) over the batch", frozenset({INVARIANCE}))
+    return Mixing(
+        _combine(b, draw, t, back), f"{op}({direction}) over the batch", frozenset({STRUCTURE, INVARIANCE})
+    )
 
 
 def _mixing_branch(b: GraphBuilder, op: str, t: str, spec: GraphSpec) -> onnx.GraphProto:
-    """An If branch computing `t - op(t)` over the batch axis with an op verify names (ReduceMean, CumSum,
-    Softmax), reading `t` from the enclosing graph."""
+    """An If branch computing `t - op(t)` over the batch axis (ReduceMean, CumSum or Softmax), reading `t`
+    from the enclosing graph."""
     sub = GraphBuilder(prefix=b.fresh("branch") + "_")
     if op == "ReduceMean":
         mixed = sub.reduce(op, t, [0], keepdims=1, opset=spec.opset, axes_as_node=True)
@@ -569,7 +582,9 @@ def branch_on_batch_size(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -
     threshold = draw(st.integers(0, LARGEST_PROBED_BATCH - 1))
     op = draw(st.sampled_from(["ReduceMean", "CumSum", "Softmax"]))
     mixed = _if_batch_larger_than(b, t, threshold, _mixing_branch(b, op, t, spec))
-    return Mixing(mixed, f"If(N > {threshold}, x - {op}(x, batch axis), x)", frozenset({INVARIANCE}))
+    return Mixing(
+        mixed, f"If(N > {threshold}, x - {op}(x, batch axis), x)", frozenset({STRUCTURE, INVARIANCE})
+    )
 
 
 def gated_batch_reduction(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixing:
@@ -584,7 +599,8 @@ def gated_batch_reduction(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) 
 
 def batch_norm_in_training_mode(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixing:
     normalized = b.batch_norm(t, spec.channels, draw(st.integers(0, 2**16)), training=True)
-    return Mixing(normalized, "BatchNormalization(training_mode=1)", frozenset({MODE, INVARIANCE}))
+    label = "BatchNormalization(training_mode=1)"
+    return Mixing(normalized, label, frozenset({MODE, STRUCTURE, INVARIANCE}))
 
 
 def batch_norm_with_batch_statistics(b: GraphBuilder, draw: Draw, t: str, spec: GraphSpec) -> Mixing:
@@ -603,9 +619,8 @@ def batch_norm_with_batch_statistics(b: GraphBuilder, draw: Draw, t: str, spec: 
     )
 
 
-# Mixing through operations the structural check names (over the batch axis), or a BatchNormalization that
-# is not frozen: the structural (or inference-mode) check and the invariance check must both fail it.
-NAMED_REDUCTIONS: list[Family] = [
+# Reductions and normalizations over the batch axis, and batch statistics built from primitive ops.
+BATCH_REDUCTIONS: list[Family] = [
     reduce_over_batch,
     primitive_batch_norm,
     mean_by_count,
@@ -615,9 +630,9 @@ NAMED_REDUCTIONS: list[Family] = [
     normalize_over_batch,
     flatten_batch,
 ]
-# Mixing the structural check does not name (or cannot see, inside a subgraph): the invariance check alone
-# must fail it.
-HIDDEN_MIXING: list[Family] = [
+# Samples moved off axis 0, multiplied together, picked, sorted, counted, read as a sequence, or mixed in a
+# subgraph: no reduction anywhere, yet each mixes samples.
+OTHER_MIXING: list[Family] = [
     transpose_batch_away,
     matmul_across_batch,
     pick_samples,
@@ -671,7 +686,7 @@ def assert_caught(model: onnx.ModelProto, mixing: Mixing) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=batch_mixing_graphs(NAMED_REDUCTIONS + REPLACES_BATCH_NORM))
+@given(case=batch_mixing_graphs(BATCH_REDUCTIONS + REPLACES_BATCH_NORM))
 def test_batch_reductions_fail_the_structural_and_invariance_checks(
     case: tuple[onnx.ModelProto, Mixing],
 ) -> None:
@@ -679,8 +694,8 @@ def test_batch_reductions_fail_the_structural_and_invariance_checks(
 
 
 @settings(max_examples=40, deadline=None)
-@given(case=batch_mixing_graphs(HIDDEN_MIXING))
-def test_batch_mixing_by_unnamed_operations_fails_the_invariance_check(
+@given(case=batch_mixing_graphs(OTHER_MIXING))
+def test_batch_mixing_without_reductions_fails_the_structural_and_invariance_checks(
     case: tuple[onnx.ModelProto, Mixing],
 ) -> None:
     assert_caught(*case)
@@ -694,60 +709,53 @@ def test_batch_reduction_used_only_in_large_batches_fails_the_structural_check(
     assert_caught(*case)
 
 
-# -- known defects ------------------------------------------------------------------------------------------
+# -- graphs that mix samples only past every batch verify runs ---------------------------------------------
+
+GATED_MIXERS = ["Gather", "ReduceMean", "CumSum", "Softmax"]
+# Past the largest batch of the invariance check and the formula check's 64 generated samples.
+GATE = max(LARGEST_PROBED_BATCH, 64)
 
 
-GATED_PAST_64 = ["Gather", "ReduceMean", "CumSum", "Softmax"]
-
-
-def gated_past_generated_samples(mixer: str) -> onnx.ModelProto:
-    """input -> constant BatchNormalization -> a step that mixes samples only once N > 64, the most verify
-    ever runs: `x - x[0]` through Where (Gather is no op verify names), or `x - op(x)` over the batch axis
-    inside an If branch (ops verify names, out of its sight in a subgraph)."""
+def gated_past_every_probed_batch(mixer: str) -> onnx.ModelProto:
+    """input -> constant BatchNormalization -> a step that mixes samples only once N > GATE: `x - x[0]`
+    through Where, or `x - op(x)` over the batch axis inside an If branch. No batch verify runs is that
+    large, so the structural check alone can catch them."""
     spec = GraphSpec(rank=3, channels=3, opset=DEFAULT_OPSET)
     b = GraphBuilder()
     t = b.batch_norm("input", spec.channels, seed=0)
     if mixer == "Gather":
         mixed = b.op("Sub", t, b.op("Gather", t, b.const(0, np.int64), axis=0))
-        out = b.op("Where", b.batch_larger_than(t, GENERATED_SAMPLES), mixed, t)
+        out = b.op("Where", b.batch_larger_than(t, GATE), mixed, t)
     else:
-        out = _if_batch_larger_than(b, t, GENERATED_SAMPLES, _mixing_branch(b, mixer, t, spec))
+        out = _if_batch_larger_than(b, t, GATE, _mixing_branch(b, mixer, t, spec))
     return b.model(out, spec)
 
 
-@pytest.mark.parametrize("mixer", GATED_PAST_64)
-def test_graphs_gated_past_64_samples_mix_samples_in_larger_batches(mixer: str) -> None:
-    """The graphs of the two xfail tests below are real batch-statistics graphs, by onnxruntime."""
-    session = ort.InferenceSession(gated_past_generated_samples(mixer).SerializeToString(), providers=[CPU])
-    x = np.random.default_rng(0).standard_normal((GENERATED_SAMPLES + 1, 3, 4)).astype(np.float32)
+@pytest.mark.parametrize("mixer", GATED_MIXERS)
+def test_graphs_gated_past_every_probed_batch_mix_samples_in_larger_batches(mixer: str) -> None:
+    """The gated graphs below are real batch-mixing graphs, by onnxruntime: equal to per-sample runs up to
+    GATE samples, not one more."""
+    session = ort.InferenceSession(gated_past_every_probed_batch(mixer).SerializeToString(), providers=[CPU])
+    x = np.random.default_rng(0).standard_normal((GATE + 1, 3, 4)).astype(np.float32)
     alone = np.concatenate([session.run(None, {"input": x[i : i + 1]})[0] for i in range(len(x))])
-    np.testing.assert_array_equal(session.run(None, {"input": x[:GENERATED_SAMPLES]})[0], alone[:-1])
+    np.testing.assert_array_equal(session.run(None, {"input": x[:GATE]})[0], alone[:-1])
     assert not np.array_equal(session.run(None, {"input": x})[0], alone)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="verify never runs a batch of more than 64 samples (16 for invariance, 64 for the formula) and "
-    "no_batch_reductions does not name Gather over the batch axis: a graph that mixes samples only once "
-    "N > 64 passes every check, then mixes them when a server batches 65 or more samples",
-)
-def test_mixing_past_the_checked_batch_sizes_fails() -> None:
-    report = verify_model(gated_past_generated_samples("Gather"))
-    assert not report.passed, report.render()
+def test_mixing_past_the_checked_batch_sizes_fails_the_structural_check() -> None:
+    report = verify_model(gated_past_every_probed_batch("Gather"))
+    assert failed(report) == {STRUCTURE}, report.render()
+    detail = next(check.detail for check in report.checks if check.name == STRUCTURE)
+    assert "reads the batch size" in detail, detail
+    assert "picks samples along the batch axis" in detail, detail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="no_batch_reductions reads the main graph only, not If/Loop/Scan subgraphs: a ReduceMean, "
-    "CumSum or Softmax over axis 0 in an If branch taken once N > 64 (past every batch verify runs) "
-    "passes every check",
-)
 @pytest.mark.parametrize("mixer", ["ReduceMean", "CumSum", "Softmax"])
 def test_batch_statistics_inside_a_subgraph_fail_the_structural_check(mixer: str) -> None:
-    report = verify_model(gated_past_generated_samples(mixer))
-    assert STRUCTURE in failed(report), report.render()
+    report = verify_model(gated_past_every_probed_batch(mixer))
+    assert failed(report) == {STRUCTURE}, report.render()
+    detail = next(check.detail for check in report.checks if check.name == STRUCTURE)
+    assert "control flow over the data is not proven per-sample" in detail, detail
 
 
 def test_single_logit_head_that_cancels_passes_batch_invariance(tmp_path: Path) -> None:
