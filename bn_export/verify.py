@@ -371,7 +371,7 @@ def _find_statistics(g: _Graph) -> FrozenStatistics | str:
 
 
 @dataclass(frozen=True)
-class LinearHead:
+class _HeadTerms:
     """`logits = pool(source) @ weight + bias` as found in a graph, with |weight| and |bias| in float64.
 
     source: the graph output the head reads (the normalized `output`); pool_axes: the axes a ReduceMean (or
@@ -394,22 +394,24 @@ class LinearHead:
             axes = tuple(a + y.ndim if a < 0 else a for a in self.pool_axes)
             if not axes or any(not 0 < a < y.ndim for a in axes):
                 return None
+            pool = np.mean if self.mean else np.sum
             with np.errstate(all="ignore"):
-                pooled = y.mean(axis=axes, keepdims=self.keepdims) if self.mean else y.sum(axis=axes)
-            y = pooled if self.mean or not self.keepdims else np.expand_dims(pooled, axes)
+                y = pool(y, axis=axes, keepdims=self.keepdims)
         if y.ndim < 1 or y.shape[-1] != self.weight.shape[0]:
             return None
         with np.errstate(all="ignore"):
             terms = y @ self.weight
-        if np.broadcast_shapes(terms.shape, self.bias.shape) != terms.shape:
-            return None
-        return np.asarray(terms + self.bias, dtype=np.float64)
+        try:
+            fits = np.broadcast_shapes(terms.shape, self.bias.shape) == terms.shape
+        except ValueError:  # a bias that does not broadcast: not a head this bound knows
+            fits = False
+        return np.asarray(terms + self.bias, dtype=np.float64) if fits else None
 
 
 _PASS_THROUGH = frozenset({"Cast", "Identity"})
 
 
-def _find_linear_head(g: _Graph, logits: str) -> LinearHead | None:
+def _find_linear_head(g: _Graph, logits: str) -> _HeadTerms | None:
     """The linear head computing graph output `logits` from another graph output, or None.
 
     Recognized: [Cast] <- [Add constant bias] <- MatMul(A, constant W) or Gemm(A, constant B[, constant C],
@@ -479,7 +481,7 @@ def _find_linear_head(g: _Graph, logits: str) -> LinearHead | None:
     source = aliases.get(pooled)
     if source is None or source == logits:
         return None
-    return LinearHead(source, pool_axes, mean, keepdims, weight, bias)
+    return _HeadTerms(source, pool_axes, mean, keepdims, weight, bias)
 
 
 # -- the checks ---------------------------------------------------------------------------------------------
