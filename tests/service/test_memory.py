@@ -34,6 +34,7 @@ def test_trimming_returns_the_free_holes_of_a_fragmented_heap() -> None:
     # alive leaves freed holes (about 170 MiB) that free() alone cannot give back: only the heap's top
     # can shrink. The figure is taken against the peak, not against the resident size after free(),
     # because a server thread left by an earlier in-process test may trim concurrently.
+    release_free_memory()  # free heap pages left by earlier tests would be reused, not newly resident
     start = resident_mib()
     blocks = [_touched_block(100_000) for _ in range(2000)]
     peak = resident_mib()
@@ -51,6 +52,7 @@ def test_the_server_trims_freed_memory_with_drift_turned_off() -> None:
     observability.start()
     try:
         assert "bn-serve-trim" in {thread.name for thread in threading.enumerate()}
+        release_free_memory()  # free heap pages left by earlier tests would be reused, not newly resident
         start = resident_mib()
         blocks = [_touched_block(100_000) for _ in range(2000)]
         peak = resident_mib()
