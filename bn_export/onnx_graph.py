@@ -1,4 +1,4 @@
-"""Build the frozen inference-mode ONNX graph of a fitted BatchNorm layer with `onnx.helper`.
+"""Build the frozen inference-mode ONNX graph of a fitted BatchNorm layer with `onnx.helper`, and read graphs.
 
 Two forms, both taking `input` in the layout the data was fitted on, `(N, *sample_shape)` with the channel at
 `checkpoint.axis`, and producing `output` of the same shape:
@@ -16,12 +16,16 @@ spatial axes when rank > 2).
 `float16` models take and return float16 but compute in float32: onnxruntime's CPU provider has no float16
 BatchNormalization, Mul, Add, MatMul or ReduceMean kernels, and float32 arithmetic rounded once at the end is
 also the more accurate choice. Parameters are then stored in float32.
+
+`GraphIndex`, `node_attribute` and `constant_ints` read any graph (ours or not) for the checks that inspect
+it: `verify` and the `sample_independence` proof.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -246,3 +250,59 @@ def _dims(checkpoint: Checkpoint) -> list[int | str]:
     for a, size in enumerate(checkpoint.sample_shape, start=1):
         dims.append(int(size) if a == checkpoint.axis else f"spatial_{a}")
     return dims
+
+
+# -- reading a graph ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GraphIndex:
+    """Lookups over one model's main graph: its constants (initializers and Constant nodes, as arrays), the
+    node producing each tensor, the metadata, the data inputs (those that are not initializers), the output
+    names and the ai.onnx opset imported (0 when none)."""
+
+    model: onnx.ModelProto
+
+    def __post_init__(self) -> None:
+        graph = self.model.graph
+        self.constants: dict[str, NDArray[Any]] = {
+            t.name: numpy_helper.to_array(t) for t in graph.initializer
+        }
+        for node in graph.node:
+            if node.op_type == "Constant" and node.output:
+                value = _constant_value(node)
+                if value is not None:
+                    self.constants[node.output[0]] = value
+        self.producer = {out: node for node in graph.node for out in node.output if out}
+        self.metadata = {prop.key: prop.value for prop in self.model.metadata_props}
+        initializers = {t.name for t in graph.initializer}
+        self.inputs = [value for value in graph.input if value.name not in initializers]
+        self.outputs = [value.name for value in graph.output]
+        opsets = {o.domain or "ai.onnx": int(o.version) for o in self.model.opset_import}
+        self.opset = opsets.get("ai.onnx", 0)
+
+
+def _constant_value(node: onnx.NodeProto) -> NDArray[Any] | None:
+    """The value of a Constant node, however it is spelled (a tensor, or a number or list attribute)."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_int", "value_ints"):
+            return np.asarray(helper.get_attribute_value(attr), dtype=np.int64)
+        if attr.name in ("value_float", "value_floats"):
+            return np.asarray(helper.get_attribute_value(attr), dtype=np.float32)
+    return None
+
+
+def node_attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of `node`'s attribute `name`, or `default` when it is absent."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def constant_ints(graph: GraphIndex, name: str) -> list[int] | None:
+    """Constant tensor `name` flattened to ints, or None when it is not a constant."""
+    value = graph.constants.get(name)
+    return None if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
