@@ -8,15 +8,24 @@ operator showing that it keeps the samples apart: elementwise and broadcasting o
 line up with axis 0; normalizations, reductions, softmax, sorts and slices along other axes; inference-mode
 BatchNormalization with constant statistics; convolutions and pools; MatMul/Gemm that do not contract the
 batch axis; reshapes that keep it; ... It is an allowlist, not a list of known offenders: an operator without
-a rule is refused, and so are reading the batch size (Shape from axis 0, Size), control flow (If/Loop/Scan)
-over the data, custom-domain operators and random ones, each node with its reason.
+a rule is refused, and so are control flow (If/Loop/Scan) over the data, custom-domain operators and random
+ones, each node with its reason.
+
+The batch size N is the one thing about the rest of the batch a graph can read without touching its values,
+and a graph that computes with it (divides by it, branches on it, sizes a tensor by it) treats a sample
+differently by the company it keeps. Size is refused outright. Shape from axis 0 is followed instead: N may
+flow only through the shape operations PyTorch spells `x.view(x.size(0), -1)` with (Gather or Slice of the
+shape's first entry, Unsqueeze/Squeeze, Cast to int64, Identity, and a Concat with N first and FREE entries
+after it), into the leading entry of a Reshape of the very tensor whose shape was read. That Reshape keeps
+each sample whole on its own row: with N rows of x's N·S elements, row i holds elements i·S .. (i+1)·S - 1,
+sample i's. Any other use of N is refused as reading the batch size, naming the Shape node and the use.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -112,10 +121,45 @@ class _DataParameters(str):
     reported, even when those come from nodes refused already, since it names what the graph does wrong."""
 
 
-# A rule's verdict on a node that reads the samples: the reason it cannot be proven to keep them apart
-# (str); the ranks of its outputs, which then carry the samples on axis 0 (one per output, None where
-# unknown); or None when its outputs do not depend on the samples at all (the per-sample shape, say).
-Verdict = str | tuple[int | None, ...] | None
+@dataclass(frozen=True)
+class _BatchSize:
+    """A tensor holding the batch size N of BATCH tensor `source`, read by the Shape node labelled `reader`:
+    N itself (a scalar), or (`vector`) a 1-D shape of `length` entries (None: unknown) whose first entry is N
+    and whose other entries are FREE."""
+
+    source: str
+    reader: str
+    vector: bool
+    length: int | None = None
+
+
+class _ReadsBatchSize(str):
+    """A refusal because a node uses a batch size other than as the leading entry of a Reshape of its own
+    tensor: the whole problem, naming the Shape node that read it and the node that uses it."""
+
+
+# A rule's verdict on a node that reads the samples (or a batch size): the reason it cannot be proven to
+# keep them apart (str); the ranks of its outputs, which then carry the samples on axis 0 (one per output,
+# None where unknown); the batch size its one output holds; or None when its outputs do not depend on the
+# samples at all (the per-sample shape, say).
+Verdict = str | tuple[int | None, ...] | _BatchSize | None
+
+
+def _sliced(length: int, start: int, end: int, step: int) -> list[int]:
+    """The positions ONNX's Slice takes from an axis of `length` entries (negative bounds count from the end,
+    then clamp: to [0, length] going forward, to [0, length - 1] and [-1, length - 1] going backward)."""
+    start, end = start + length if start < 0 else start, end + length if end < 0 else end
+    if step > 0:
+        start, end = min(max(start, 0), length), min(max(end, 0), length)
+    else:
+        start, end = min(max(start, 0), length - 1), min(max(end, -1), length - 1)
+    return list(range(start, end, step))
+
+
+def _label(node: onnx.NodeProto) -> str:
+    """How a problem names `node`: its operator and its name, or its first output when it has none."""
+    outputs = [name for name in node.output if name]
+    return f"{node.op_type} {node.name or (outputs[0] if outputs else '')!r}"
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
@@ -162,11 +206,12 @@ class _Dataflow:
 
     Every tensor is FREE (the same whatever the batch: initializers, constants, and what nodes compute from
     FREE tensors alone) or BATCH (carries the samples on axis 0, row i computed from input sample i and FREE
-    tensors only; the graph's inputs are BATCH). A node with a BATCH input is accepted only by a rule proving
-    that its outputs are BATCH again (or FREE); anything else, an operator without a rule included, is
-    refused with the reason. Refused nodes' outputs are then taken as BATCH so the proof goes on and reports
-    each problem where it is; a node reading only tensors that follow from refused nodes is not reported
-    again.
+    tensors only; the graph's inputs are BATCH) or a batch size (`_BatchSize`: N, or a shape vector led by N,
+    of one BATCH tensor). A node with a BATCH input is accepted only by a rule proving that its outputs are
+    BATCH again (or FREE); a node with a batch-size input only by one of the few rules that let N through
+    to a Reshape of its own tensor. Anything else, an operator without a rule included, is refused with the
+    reason. Refused nodes' outputs are then taken as BATCH so the proof goes on and reports each problem
+    where it is; a node reading only tensors that follow from refused nodes is not reported again.
     """
 
     def __init__(self, g: GraphIndex) -> None:
@@ -174,6 +219,7 @@ class _Dataflow:
         self.shapes = _shapes(g.model)
         self.batch: dict[str, int | None] = {value.name: self.inferred_rank(value.name) for value in g.inputs}
         self.reads_data = set(self.batch)  # BATCH tensors, and FREE ones computed from the input's shape
+        self.sizes: dict[str, _BatchSize] = {}
         self.follows_refused: set[str] = set()
         self.problems: list[str] = []
         self.accepted = 0
@@ -183,10 +229,10 @@ class _Dataflow:
             implicit = set().union(*(_outer_names(sub) for sub in _subgraphs(node)))
             inputs = [name for name in node.input if name] + sorted(implicit)
             outputs = [name for name in node.output if name]
-            label = f"{node.op_type} {node.name or (outputs[0] if outputs else '')!r}"
+            label = _label(node)
             if any(name in self.reads_data for name in inputs):
                 self.reads_data.update(outputs)
-            carried = [name for name in inputs if name in self.batch]
+            carried = [name for name in inputs if name in self.batch or name in self.sizes]
             if node.op_type in _RANDOM and node.domain in _ONNX_DOMAINS:
                 self.problems.append(f"{label}: draws random numbers, so outputs change from run to run")
                 if carried:
@@ -199,7 +245,9 @@ class _Dataflow:
             after_refused = len(tainted) == len(carried)
             if isinstance(verdict, str):
                 if not tainted or (not after_refused and self.own_problem(node, verdict, tainted)):
-                    self.problems.append(f"{label}: {verdict}")
+                    self.problems.append(
+                        verdict if isinstance(verdict, _ReadsBatchSize) else f"{label}: {verdict}"
+                    )
                 self.refuse(node, outputs)
                 continue
             self.accepted += 1
@@ -207,12 +255,21 @@ class _Dataflow:
                 self.follows_refused.update(outputs)
             if verdict is None:
                 continue
+            if isinstance(verdict, _BatchSize):
+                self.sizes[node.output[0]] = verdict
+                continue
             for index, name in enumerate(node.output):
                 if name:
                     rank = verdict[index] if index < len(verdict) else None
                     self.batch[name] = rank if rank is not None else self.inferred_rank(name)
         for name in self.g.outputs:
-            if name in self.reads_data and name not in self.batch:
+            size = self.sizes.get(name)
+            if size is not None:
+                if name not in self.follows_refused:
+                    self.problems.append(
+                        f"{size.reader}: reads the batch size, which output {name!r} returns"
+                    )
+            elif name in self.reads_data and name not in self.batch:
                 self.problems.append(
                     f"output {name!r} depends on the data but does not carry one row per sample"
                 )
@@ -221,24 +278,30 @@ class _Dataflow:
     def own_problem(self, node: onnx.NodeProto, verdict: str, tainted: list[str]) -> bool:
         """Whether `node` is refused for what it does itself, not only for reading `tainted` tensors (which
         follow refused nodes, and may carry the samples or be no per-sample tensors at all, a batch size say):
-        it is when it stays refused whichever of FREE or BATCH each tainted input is taken as (up to a few
-        of them; past that, all FREE), or when the refusal is that its parameters come from the data."""
+        it is when it stays refused whichever of FREE or what it was found to be (BATCH, or a batch size)
+        each tainted input is taken as (up to a few of them; past that, all FREE), or when the refusal is that
+        its parameters come from the data."""
         if isinstance(verdict, _DataParameters):
             return True
-        saved = {name: self.batch[name] for name in tainted}
+        saved_batch = {name: self.batch[name] for name in tainted if name in self.batch}
+        saved_sizes = {name: self.sizes[name] for name in tainted if name in self.sizes}
         choices = itertools.product((False, True), repeat=len(tainted) if len(tainted) <= 4 else 0)
         try:
-            for carried in choices:
+            for kept in choices:
                 for index, name in enumerate(tainted):
-                    if index < len(carried) and carried[index]:
-                        self.batch[name] = saved[name]
-                    else:
-                        self.batch.pop(name, None)
+                    self.batch.pop(name, None)
+                    self.sizes.pop(name, None)
+                    if index < len(kept) and kept[index]:
+                        if name in saved_batch:
+                            self.batch[name] = saved_batch[name]
+                        else:
+                            self.sizes[name] = saved_sizes[name]
                 if not isinstance(self.verdict(node), str):
                     return False
             return True
         finally:
-            self.batch.update(saved)
+            self.batch.update(saved_batch)
+            self.sizes.update(saved_sizes)
 
     def refuse(self, node: onnx.NodeProto, outputs: list[str]) -> None:
         self.follows_refused.update(outputs)
@@ -246,6 +309,9 @@ class _Dataflow:
             self.batch[name] = self.inferred_rank(name)
 
     def verdict(self, node: onnx.NodeProto) -> Verdict:
+        if any(name in self.sizes for name in node.input):
+            rule = _BATCH_SIZE_RULES.get(node.op_type) if node.domain in _ONNX_DOMAINS else None
+            return rule(self, node) if rule is not None else self.reads_batch_size(node)
         if node.domain not in _ONNX_DOMAINS:
             return f"cannot prove {node.domain}.{node.op_type} keeps samples apart (not an ONNX operator)"
         if _subgraphs(node):
@@ -725,13 +791,148 @@ class _Dataflow:
         return (4, 3, 3)[: len(node.output)]
 
     def shape_of(self, node: onnx.NodeProto) -> Verdict:
-        start = _normalized([int(node_attribute(node, "start", 0))], self.rank(node.input[0]))
-        if start is None or start[0] < 1:
+        data = node.input[0]
+        rank = self.rank(data)
+        start = _normalized([int(node_attribute(node, "start", 0))], rank)
+        if start is None:
             return "reads the batch size"
-        return None  # one sample's shape: the same alone and in any batch
+        if start[0] >= 1:
+            return None  # one sample's shape: the same alone and in any batch
+        end = node_attribute(node, "end")
+        length = rank
+        if end is not None:
+            stop = _normalized([int(end)], rank)
+            if stop is not None and stop[0] <= 0:
+                return None  # no entries at all
+            length = None if stop is None or rank is None else min(stop[0], rank)
+        return _BatchSize(data, _label(node), vector=True, length=length)
 
     def size(self, node: onnx.NodeProto) -> Verdict:
         return "reads the batch size"
+
+    # -- the rules for a batch size: only what leads it into a Reshape of its own tensor ----------------
+
+    def reads_batch_size(self, node: onnx.NodeProto) -> _ReadsBatchSize:
+        size = next(self.sizes[name] for name in node.input if name in self.sizes)
+        return _ReadsBatchSize(
+            f"{size.reader}: reads the batch size, which {_label(node)} uses other than as the first entry "
+            f"of a Reshape of {size.source!r}"
+        )
+
+    def others_free(self, node: onnx.NodeProto, first: int) -> bool:
+        """Whether the inputs from `first` on are FREE: neither the samples nor a batch size."""
+        return not any(self.is_batch(name) or name in self.sizes for name in node.input[first:])
+
+    def size_pass_through(self, node: onnx.NodeProto) -> Verdict:
+        """Identity, and Cast to int64: the value unchanged (a narrower or float type could round it)."""
+        size = self.sizes.get(node.input[0])
+        if size is None or (node.op_type == "Cast" and node_attribute(node, "to") != onnx.TensorProto.INT64):
+            return self.reads_batch_size(node)
+        return size
+
+    def size_gather(self, node: onnx.NodeProto) -> Verdict:
+        """Constant entries of a shape vector: N alone (index 0 as a scalar), a vector still led by N, or
+        per-sample entries only (FREE)."""
+        size = self.sizes.get(node.input[0])
+        indices = self.g.constants.get(node.input[1])
+        if size is None or not size.vector or indices is None or not self.others_free(node, 1):
+            return self.reads_batch_size(node)
+        if _normalized([int(node_attribute(node, "axis", 0))], 1) != [0] or np.ndim(indices) > 1:
+            return self.reads_batch_size(node)
+        positions = _normalized([int(i) for i in np.asarray(indices).reshape(-1)], size.length)
+        if positions is None:
+            return self.reads_batch_size(node)
+        if 0 not in positions:
+            return None
+        if np.ndim(indices) == 0:
+            return replace(size, vector=False, length=None)
+        if positions[0] == 0 and positions.count(0) == 1:
+            return replace(size, length=len(positions))
+        return self.reads_batch_size(node)
+
+    def size_slice(self, node: onnx.NodeProto) -> Verdict:
+        """A constant slice of a shape vector: still led by N when it starts at entry 0, FREE when it skips
+        it."""
+        size = self.sizes.get(node.input[0])
+        if size is None or not size.vector or not self.others_free(node, 1):
+            return self.reads_batch_size(node)
+        bounds: list[list[int] | None]
+        if self.g.opset < 10:
+            bounds = [node_attribute(node, "starts"), node_attribute(node, "ends"), [1]]
+            axes = node_attribute(node, "axes")
+        else:
+            given, axes = self.axes_operand(node, 3, "axes")
+            if given and axes is None:
+                return self.reads_batch_size(node)
+            steps = self.operand(node, 4)
+            bounds = [self.ints(self.operand(node, 1)), self.ints(self.operand(node, 2))]
+            bounds.append(self.ints(steps) if steps else [1])
+        found = [values for values in bounds if values is not None and len(values) == 1]
+        if len(found) != 3 or (axes is not None and _normalized([int(a) for a in axes], 1) != [0]):
+            return self.reads_batch_size(node)
+        start, end, step = (int(values[0]) for values in found)
+        positions: list[int]
+        if size.length is not None and step != 0:
+            positions = _sliced(size.length, start, end, step)
+            if positions != list(range(size.length))[start:end:step]:
+                # Past -length, numpy's clamping (which onnx's reference evaluator follows) takes other
+                # entries than the standard's: refused unless both agree.
+                return self.reads_batch_size(node)
+        elif step > 0 and start >= 1:
+            positions = []  # the first entry skipped, whatever the length
+        elif step > 0 and start == 0 and end >= 0:
+            positions = [0] if end > 0 else []  # led by entry 0; how many more is not known
+        else:
+            return self.reads_batch_size(node)
+        if 0 not in positions:
+            return None
+        if positions[0] != 0:
+            return self.reads_batch_size(node)
+        return replace(size, length=len(positions) if size.length is not None else None)
+
+    def size_unsqueeze(self, node: onnx.NodeProto) -> Verdict:
+        """N as the one-entry vector [N]."""
+        size = self.sizes.get(node.input[0])
+        _, axes = self.axes_operand(node, 1, "axes")
+        if size is None or size.vector or axes is None or not self.others_free(node, 1):
+            return self.reads_batch_size(node)
+        if _normalized(axes, 1) != [0]:
+            return self.reads_batch_size(node)
+        return replace(size, vector=True, length=1)
+
+    def size_squeeze(self, node: onnx.NodeProto) -> Verdict:
+        """The one-entry vector [N] as N."""
+        size = self.sizes.get(node.input[0])
+        given, axes = self.axes_operand(node, 1, "axes")
+        if size is None or not size.vector or not self.others_free(node, 1) or (given and axes is None):
+            return self.reads_batch_size(node)
+        if (axes is not None and _normalized(axes, 1) != [0]) or (axes is None and size.length != 1):
+            return self.reads_batch_size(node)
+        return replace(size, vector=False, length=None)
+
+    def size_concat(self, node: onnx.NodeProto) -> Verdict:
+        """A shape vector led by N, then FREE entries: still led by N."""
+        operands = [name for name in node.input if name]
+        size = self.sizes.get(operands[0])
+        if size is None or not size.vector or not self.others_free(node, 1):
+            return self.reads_batch_size(node)
+        if _normalized([int(node_attribute(node, "axis", 0))], 1) != [0]:
+            return self.reads_batch_size(node)
+        lengths = [size.length, *(self.vector_length(name) for name in operands[1:])]
+        known = [length for length in lengths if length is not None]
+        return replace(size, length=sum(known) if len(known) == len(lengths) else None)
+
+    def vector_length(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return shape[0] if shape is not None and len(shape) == 1 else None
+
+    def size_reshape(self, node: onnx.NodeProto) -> Verdict:
+        """Reshape(x, [N of x, FREE...]): N rows of one sample's elements each, sample i's on row i."""
+        data, target = node.input[0], node.input[1]
+        size = self.sizes.get(target)
+        if size is None or not size.vector or size.source != data or not self.is_batch(data):
+            return self.reads_batch_size(node)
+        return self.same(node, size.length)
 
 
 _RULES: dict[str, Callable[[_Dataflow, onnx.NodeProto], Verdict]] = {
@@ -774,4 +975,16 @@ _RULES: dict[str, Callable[[_Dataflow, onnx.NodeProto], Verdict]] = {
     "TopK": _Dataflow.top_k,
     "Transpose": _Dataflow.transpose,
     "Unsqueeze": _Dataflow.unsqueeze,
+}
+
+# What a batch size may flow through: the spellings of PyTorch's `x.view(x.size(0), -1)` and its kin.
+_BATCH_SIZE_RULES: dict[str, Callable[[_Dataflow, onnx.NodeProto], Verdict]] = {
+    "Cast": _Dataflow.size_pass_through,
+    "Concat": _Dataflow.size_concat,
+    "Gather": _Dataflow.size_gather,
+    "Identity": _Dataflow.size_pass_through,
+    "Reshape": _Dataflow.size_reshape,
+    "Slice": _Dataflow.size_slice,
+    "Squeeze": _Dataflow.size_squeeze,
+    "Unsqueeze": _Dataflow.size_unsqueeze,
 }
