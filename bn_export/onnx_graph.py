@@ -268,11 +268,15 @@ class GraphIndex:
         self.constants: dict[str, NDArray[Any]] = {
             t.name: numpy_helper.to_array(t) for t in graph.initializer
         }
-        for node in graph.node:
+        for node in graph.node:  # in topological order, so an Identity's input is settled before it
             if node.op_type == "Constant" and node.output:
                 value = _constant_value(node)
                 if value is not None:
                     self.constants[node.output[0]] = value
+            elif node.op_type == "Identity" and node.input and node.input[0] in self.constants:
+                # PyTorch's exporter shares equal initializers through Identity (a fresh BatchNorm's
+                # weight and running_var are both ones).
+                self.constants[node.output[0]] = self.constants[node.input[0]]
         self.producer = {out: node for node in graph.node for out in node.output if out}
         self.metadata = {prop.key: prop.value for prop in self.model.metadata_props}
         initializers = {t.name for t in graph.initializer}

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bn_export.cli import main
 from bn_export.errors import ModelFileError
@@ -597,3 +597,27 @@ def test_the_proof_refuses_operators_it_has_no_rule_for(model: onnx.ModelProto, 
     # An allowlist: this Einsum is harmless, but no rule shows it, so it is refused rather than assumed.
     detail = structure(verify_model(model))
     assert reason in detail, detail
+
+
+def test_statistics_shared_through_identity_are_frozen_statistics() -> None:
+    # A fresh torch BatchNorm2d exports weight and running_var (both ones) as one initializer, the second
+    # as Identity of the first: still constants, so still frozen statistics.
+    ones = numpy_helper.from_array(np.ones(3, dtype=np.float32), "ones")
+    zeros = numpy_helper.from_array(np.zeros(3, dtype=np.float32), "zeros")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["ones"], ["running_var"]),
+            helper.make_node("Identity", ["zeros"], ["running_mean"]),
+            helper.make_node(
+                "BatchNormalization", ["input", "ones", "zeros", "running_mean", "running_var"], ["output"]
+            ),
+        ],
+        "shared",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        initializer=[ones, zeros],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    report = verify_model(model)
+    assert report.passed, report.render()
