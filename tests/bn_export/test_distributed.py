@@ -41,6 +41,19 @@ from bn_export.errors import DataError, InvalidInputError, MissingDependencyErro
 from bn_export.fit import fit  # noqa: E402
 
 RTOL = 1e-12
+
+
+def _assert_same_fit(dask: Any, local: Any, dtype: Any) -> None:
+    """The Dask checkpoint holds the single-machine fit's statistics and metadata."""
+    assert dask.moving_mean.dtype == local.moving_mean.dtype
+    rtol = RTOL if dtype == np.float64 else 1e-6  # float32 storage: each side rounds once
+    np.testing.assert_allclose(dask.moving_mean, local.moving_mean, rtol=rtol)
+    np.testing.assert_allclose(dask.moving_var, local.moving_var, rtol=rtol)
+    for field in ("axis", "sample_shape", "stats", "eps", "samples_seen", "data_fingerprint"):
+        assert getattr(dask, field) == getattr(local, field), field
+    assert dask.extras["population_count"] == local.extras["population_count"]
+
+
 CLUSTER_TIMEOUT_S = 60
 
 
@@ -116,13 +129,7 @@ def test_checkpoint_equals_the_single_machine_population_fit(
     _write_shards(tmp_path, x, [4, 5, 30])
     local = fit(tmp_path, stats="population", batch_size=16)
     dask = fit_population_dask(tmp_path, client=client, block_samples=6)
-    assert dask.moving_mean.dtype == local.moving_mean.dtype
-    rtol = RTOL if dtype == np.float64 else 1e-6  # float32 storage: each side rounds once
-    np.testing.assert_allclose(dask.moving_mean, local.moving_mean, rtol=rtol)
-    np.testing.assert_allclose(dask.moving_var, local.moving_var, rtol=rtol)
-    for field in ("axis", "sample_shape", "stats", "eps", "samples_seen", "data_fingerprint"):
-        assert getattr(dask, field) == getattr(local, field), field
-    assert dask.extras["population_count"] == local.extras["population_count"]
+    _assert_same_fit(dask, local, dtype)
 
 
 def test_checkpoint_is_a_population_fit_with_identity_affine_and_the_dataset_fingerprint(
@@ -381,13 +388,7 @@ def test_zarr_fit_equals_the_single_machine_fit_of_the_same_samples_as_npy(
     _write_zarr(zarr, tmp_path / "x.zarr", x, (7, 2, 1, 3))
     local = fit(tmp_path / "x.npy", stats="population", batch_size=16, axis=axis)
     dask = fit_population_dask(tmp_path / "x.zarr", axis=axis, client=client, block_samples=14)
-    assert dask.moving_mean.dtype == local.moving_mean.dtype
-    rtol = RTOL if dtype == np.float64 else 1e-6  # float32 storage: each side rounds once
-    np.testing.assert_allclose(dask.moving_mean, local.moving_mean, rtol=rtol)
-    np.testing.assert_allclose(dask.moving_var, local.moving_var, rtol=rtol)
-    for field in ("axis", "sample_shape", "stats", "eps", "samples_seen", "data_fingerprint"):
-        assert getattr(dask, field) == getattr(local, field), field
-    assert dask.extras["population_count"] == local.extras["population_count"]
+    _assert_same_fit(dask, local, dtype)
     assert dask.extras["engine"] == "dask"
     assert dask.extras["partitions"] == 4  # blocks of 14 samples: two chunks of 7
     assert dask.extras["zarr_chunks"] == [7, 2, 1, 3]
