@@ -7,7 +7,9 @@ reads its data once at about the speed of `np.add.reduce` (benchmarks/README.md,
 
 The sums are float64 like the NumPy path's, over the same blocks, so every exactness argument of
 `bn_export.moments` holds; only the order of additions within a block differs (the compiler may reorder
-them to use SIMD lanes), which moves a result by float64 rounding, not more.
+them to use SIMD lanes), which moves a result by float64 rounding, not more. `fold_kernel` runs
+`BatchNorm.fold_batches`' loop (the EMA over a group of small batches) compiled without fastmath, so it
+gives the same bits as the NumPy loop.
 
 numba is the optional extra `fast` (`pip install 'frozen-bn[fast]'`). Without it, or with
 `BN_EXPORT_KERNELS=numpy`, `block_sums` is None and the NumPy path runs. Compiled code is cached on
