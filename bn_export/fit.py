@@ -200,7 +200,8 @@ def _statistics_pass(
     total = Moments.empty(layer.num_channels)
     if batch_size * dataset.sample_bytes < GROUPED_BATCH_BYTES:
         groups = dataset.batch_groups(batch_size, shuffle=shuffle, seed=seed, epoch=epoch)
-        for group in _prefetched_groups(groups):
+        # A group is about GROUP_BYTES: always large enough for reading ahead to pay.
+        for group in prefetched(groups):
             total = total.merge(_fold_group(group, dataset, layer, channel, batch_size, recorder))
             bar.update(sum(len(batch.indices) for batch in group.batches))
         return total
@@ -232,8 +233,8 @@ def _fold_group(
     else:
         counts, means, m2s = sums
         bad = ~(np.all(np.isfinite(means), axis=1) & np.all(np.isfinite(m2s), axis=1))
-        for g in np.flatnonzero(bad)[:1]:
-            _moments(group.batches[int(g)], channel, dataset.path)  # raises the DataError naming the samples
+        if np.any(bad):  # the first bad batch's own moments raise the DataError that names its samples
+            _moments(group.batches[int(np.argmax(bad))], channel, dataset.path)
     merged = merge_rows(counts, means, m2s)
     # A batch with one value per channel has no variance to fold into the EMA (the update needs >= 2).
     usable = counts >= 2
@@ -249,11 +250,6 @@ def _fold_group(
         )
         recorder.record_folded(before, seen + np.cumsum(samples), stored_means, stored_vars)
     return merged
-
-
-def _prefetched_groups(groups: Iterator[BatchGroup]) -> Iterator[BatchGroup]:
-    """Groups read ahead on a helper thread (each is a whole shuffle block: always large enough to pay)."""
-    return prefetched(groups)
 
 
 @dataclass
