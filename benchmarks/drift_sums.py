@@ -1,4 +1,4 @@
-"""CPU per served batch of the drift sums, `service.drift.shifted_moments`, against `Moments.from_batch`.
+"""CPU per served batch of the drift sums, `bn_export.moments.shifted_moments`, against `Moments.from_batch`.
 
     python benchmarks/drift_sums.py [--calls 100] [--gap-ms 2]
 
@@ -21,8 +21,7 @@ SHAPE = (8, 3, 224, 224)
 
 
 def measure(method: str, calls: int, gap_s: float) -> None:
-    from bn_export.moments import Moments
-    from service.drift import shifted_moments
+    from bn_export.moments import Moments, shifted_moments
 
     x = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     shift = np.zeros(SHAPE[1])

@@ -1,25 +1,27 @@
 """The HTTP layer: `create_app(settings)` builds the app whose routes only translate.
 
 request -> codec -> one call into `InferenceCore` -> codec -> response. Every request enters through
-`service.front.Front` (request id, authentication, access record), which answers infer requests itself and
-hands the rest to the FastAPI routes below. Every error is a `ServiceError` mapped to a status by the one
-table in `service.http_errors`; framework errors (unknown route, wrong method, request validation) are
-rewritten to the same V2 body `{"error": "..."}`.
+`service.front.Front`, the middleware around the app (request id, authentication, access record), which
+answers infer requests itself (the one infer route) and hands the rest to the FastAPI routes below. Every
+error is a `ServiceError` mapped to a status by the one table in `service.http_errors`; framework errors
+(unknown route, wrong method, request validation) are rewritten to the same V2 body `{"error": "..."}`.
+Work leaves the event loop through one helper, `service.offload.offload`, which carries the request's
+context (its id in the logs) into the thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -29,14 +31,15 @@ from service.admission import Admission, AdmissionGate
 from service.auth import Authenticator, load_api_keys
 from service.batching import Batcher, BatchPolicy
 from service.errors import ConfigurationError, InvalidInput, ServiceError
-from service.front import Front, ServingApp
+from service.front import Front
 from service.http_errors import error_answer
 from service.http_request import read_body, request_headers
-from service.infer_route import INLINE_BODY_BYTES, InferRoute, response_headers
+from service.infer_route import INLINE_BODY_BYTES, InferRoute
 from service.inference import InferenceCore
 from service.lifecycle import ModelLifecycle
 from service.log import configure_logging
 from service.observability import Observability
+from service.offload import offload
 from service.protocol import ServerMetadata
 from service.repository import ModelRepository, ModelState
 from service.runtime import resolve_providers
@@ -48,8 +51,6 @@ SERVER_NAME = "frozen-bn"
 EXTENSIONS = ["binary_tensor_data"]
 JSON = "application/json"
 __all__ = ["INLINE_BODY_BYTES", "app_from_environment", "create_app"]
-
-T = TypeVar("T")
 
 
 def json_response(content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -72,6 +73,7 @@ def build_core(settings: Settings, observability: Observability | None = None) -
         warmup=settings.warmup,
         max_request_elements=settings.max_request_elements,
         observability=observability,
+        default_policy=BatchPolicy(settings.max_batch_size, settings.max_batch_delay_us),
     )
 
 
@@ -85,12 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     core = build_core(settings, observability)
     executor = ThreadPoolExecutor(settings.resolved_inference_threads(), thread_name_prefix="bn-serve")
-    batcher = Batcher(
-        core,
-        executor,
-        BatchPolicy(settings.max_batch_size, settings.max_batch_delay_us),
-        max_batch_elements=settings.max_batch_elements,
-    )
+    batcher = Batcher(core, executor, max_batch_elements=settings.max_batch_elements)
 
     authenticator = Authenticator(load_api_keys(settings.api_key, settings.api_keys_file))
     lifecycle = ModelLifecycle(core)
@@ -104,7 +101,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Loading runs beside the server so that liveness answers while models load and warm up.
         observability.start()
-        loading = asyncio.get_running_loop().run_in_executor(None, core.load_all)
+        loading = asyncio.ensure_future(offload(None, core.load_all))
         loading.add_done_callback(_freeze_heap)
         try:
             yield
@@ -113,8 +110,9 @@ def create_app(settings: Settings) -> FastAPI:
             observability.close()
             executor.shutdown(wait=True)
 
-    app = ServingApp(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.front = Front(app.framework, route, authenticator, observability.metrics)
+    app = FastAPI(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(Front, route=route, authenticator=authenticator, metrics=observability.metrics)
+    app.openapi = lambda: _openapi_with_infer(app)  # type: ignore[method-assign]
     app.state.lifecycle = lifecycle
     app.state.core = core
     app.state.observability = observability
@@ -170,14 +168,14 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         # Queued drift inputs are applied first, so a scrape sees every request answered before it.
-        body, content_type = await asyncio.to_thread(_flushed_render, observability)
+        body, content_type = await offload(None, observability.render)
         return Response(body, media_type=content_type)
 
     @app.get("/v2/models/{model_name}/stats")
     @app.get("/v2/models/{model_name}/versions/{model_version}/stats")
     async def model_stats(model_name: str, model_version: str | None = None) -> Response:
         entry = core.model(model_name, model_version)
-        await asyncio.to_thread(observability.flush)
+        await offload(None, observability.flush)
         return json_response(observability.drift_stats(entry))
 
     @app.get("/v2/models/{model_name}/ready")
@@ -189,16 +187,6 @@ def create_app(settings: Settings) -> FastAPI:
             return json_response({**body, "ready": True})
         reason = entry.reason or "it is still loading"
         return json_response({**body, "ready": False, "reason": reason}, 503)
-
-    @app.post("/v2/models/{model_name}/infer")
-    @app.post("/v2/models/{model_name}/versions/{model_version}/infer")
-    async def infer(request: Request, model_name: str, model_version: str | None = None) -> Response:
-        # Declared for the OpenAPI schema and for requests the front passes on; the front answers the
-        # others with the same `InferRoute.answer`.
-        encoded = await route.answer(
-            model_name, model_version, request_headers(request.scope), request.receive
-        )
-        return Response(encoded.body, headers={k.decode(): v.decode() for k, v in response_headers(encoded)})
 
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> Response:
@@ -212,22 +200,47 @@ def create_app(settings: Settings) -> FastAPI:
     async def repository_load(request: Request, model_name: str) -> Response:
         if (await _repository_body(request)).get("parameters"):
             raise InvalidInput("load parameters (config overrides, model files) are not supported")
-        await _in_thread(lifecycle.load, model_name)
+        # On the default pool, not the inference pool: a reload must not take its threads.
+        await offload(None, lifecycle.load, model_name)
         return json_response({})
 
     @app.post("/v2/repository/models/{model_name}/unload")
     async def repository_unload(request: Request, model_name: str) -> Response:
         await _repository_body(request)
-        await _in_thread(lifecycle.unload, model_name)
+        await offload(None, lifecycle.unload, model_name)
         return json_response({})
 
     return app
 
 
-async def _in_thread(function: Callable[..., T], *args: Any) -> T:
-    """`function(*args)` on the default pool (not the inference pool: a reload must not take its threads)."""
-    context = contextvars.copy_context()
-    return await asyncio.get_running_loop().run_in_executor(None, context.run, function, *args)
+def _openapi_with_infer(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the infer operations, which the front serves (their bodies are read raw)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+
+        def parameter(name: str) -> dict[str, Any]:
+            title = name.replace("_", " ").title()
+            return {
+                "name": name,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "title": title},
+            }
+
+        for path, names in (
+            ("/v2/models/{model_name}/infer", ["model_name"]),
+            ("/v2/models/{model_name}/versions/{model_version}/infer", ["model_name", "model_version"]),
+        ):
+            schema["paths"][path] = {
+                "post": {
+                    "summary": "Infer",
+                    "operationId": "infer_" + "_".join(names),
+                    "parameters": [parameter(name) for name in names],
+                    "responses": {"200": {"description": "The V2 inference response"}},
+                }
+            }
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 REPOSITORY_BODY_LIMIT = 64 * 1024
@@ -243,18 +256,12 @@ def _freeze_heap(_: object) -> None:
     """Put every object alive once the models are loaded (modules, routes, schemas, sessions: some 70,000)
     out of the garbage collector's reach.
 
-    Each full collection otherwise walks all of them while requests wait: at W1 over 32 connections they
-    made the p99 latency 24-29 ms against 3.3 ms frozen, and cost 3-5 % of the CPU per request
-    (benchmarks/README.md, "Serving performance"). Garbage is collected first so none is kept for good;
-    objects made later (requests, reloaded models) are collected as usual.
+    Each full collection otherwise walks all of them while requests wait, which shows in the tail latency
+    and the CPU per request (measured in benchmarks/README.md, "Serving performance"). Garbage is collected
+    first so none is kept for good; objects made later (requests, reloaded models) are collected as usual.
     """
     gc.collect()
     gc.freeze()
-
-
-def _flushed_render(observability: Observability) -> tuple[bytes, str]:
-    observability.flush()
-    return observability.metrics.render()
 
 
 def app_from_environment() -> FastAPI:

@@ -22,12 +22,18 @@ When a merged run fails, each of its requests is run again alone, so each gets i
 
 Per-model settings. `DIR/<name>/config.json` beside the version directories overrides the server's
 defaults for that model, e.g. `{"max_batch_size": 64, "max_batch_delay_us": 500}`; either key may be left
-out. `max_batch_size` 1 turns merging off for the model.
+out. `max_batch_size` 1 turns merging off for the model. The file is read and validated when the model
+loads (`read_policy`): a bad one refuses the load, and the policy is part of the loaded model.
+
+Context. Each request's runs happen in its own context (`contextvars`): a run alone in the request's, a
+merged run in the first request's with `service.log.batch_request_ids` naming every request in it, so
+that a record logged during a run, on the event loop or in the pool, carries the ids of its requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import json
 import logging
@@ -42,7 +48,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.errors import ModelLoadError, ServiceError
-from service.repository import MODEL_FILE, ModelVersion
+from service.log import batch_request_ids, request_id
+from service.offload import offload
+from service.repository import ModelVersion
 
 if TYPE_CHECKING:
     from service.inference import InferenceCore, InferResponse, PreparedRequest
@@ -84,45 +92,41 @@ class BatchPolicy:
 
 def model_directory(entry: ModelVersion) -> Path | None:
     """`DIR/<name>` of a repository entry (`DIR/<name>/<version>/model.onnx`); None for a single file."""
-    path = entry.path
-    if (
-        path.name == MODEL_FILE
-        and path.parent.name == str(entry.version)
-        and path.parent.parent.name == entry.name
-    ):
-        return path.parent.parent
-    return None
+    return entry.model_directory
 
 
-def read_policy(model_dir: Path | None, default: BatchPolicy) -> BatchPolicy:
-    """The policy of the model in `model_dir`: `default` overridden by its `config.json`, if any.
+def read_policy(model_dir: Path | None, default: BatchPolicy, name: str | None = None) -> BatchPolicy:
+    """The policy of the model in `model_dir` (named `name`): `default` overridden by its `config.json`.
 
-    Raises `ModelLoadError` for a file that is not a JSON object of known, valid keys: a typo must not
-    silently leave batching at the server's default.
+    Read once, when the model loads. Raises `ModelLoadError` for a file that is not a JSON object of known,
+    valid keys: a typo must not silently leave batching at the server's default. The message names the
+    model's `config.json`, never its path on the server.
     """
     if model_dir is None:
         return default
     path = model_dir / CONFIG_FILE
+    what = f"{name or model_dir.name}/{CONFIG_FILE}"
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return default
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ModelLoadError(f"cannot read {what}: {reason}") from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
+        raise ModelLoadError(f"{what} is not valid JSON: {exc}") from None
     known = ("max_batch_size", "max_batch_delay_us")
     if not isinstance(document, dict) or set(document) - set(known):
         raise ModelLoadError(
-            f"{path} must be a JSON object with keys among {', '.join(known)}, got {text.strip()[:200]!r}"
+            f"{what} must be a JSON object with keys among {', '.join(known)}, got {text.strip()[:200]!r}"
         )
     values = {key: document.get(key, getattr(default, key)) for key in known}
     try:
         return BatchPolicy(**values)
     except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: {exc}") from None
+        raise ModelLoadError(f"{what}: {exc}") from None
 
 
 def merge_key(prepared: PreparedRequest) -> Hashable | None:
@@ -161,6 +165,7 @@ class _Pending:
     elements: int
     future: asyncio.Future[InferResponse]
     arrived: float
+    context: contextvars.Context  # the request's, copied when it queued: its runs happen in it
 
 
 @dataclass
@@ -176,18 +181,18 @@ class _Queue:
 class Batcher:
     """Runs prepared requests on `core`: merged per `merge_key` where the model's policy allows, else alone.
 
-    `default` is the server's policy, overridden per model by its `config.json` (`read_policy`). Used from
-    the event loop's thread only. A merged run holds at most `max_batch_elements` input elements (None: no
-    bound beyond `max_batch_size`); a request that reaches it runs alone. Runs of more than
-    `inline_max_elements` input elements go to `executor` (onnxruntime releases the GIL there); smaller ones
-    run on the loop.
+    Each loaded model carries its policy (the server's, overridden by its `config.json`); `policy`, when
+    given, applies to every model instead (to compare policies on one core). Used from the event loop's
+    thread only. A merged run holds at most `max_batch_elements` input elements (None: no bound beyond
+    `max_batch_size`); a request that reaches it runs alone. Runs of more than `inline_max_elements` input
+    elements go to `executor` (onnxruntime releases the GIL there); smaller ones run on the loop.
     """
 
     def __init__(
         self,
         core: InferenceCore,
         executor: Executor,
-        default: BatchPolicy,
+        policy: BatchPolicy | None = None,
         *,
         max_batch_elements: int | None = None,
         inline_max_elements: int = INLINE_MAX_ELEMENTS,
@@ -197,9 +202,7 @@ class Batcher:
         self._core = core
         self._max_batch_elements = max_batch_elements
         self._executor = executor
-        self._default = default
-        # id(entry) -> (entry, its policy); the entry is held so that its id is not reused while cached.
-        self._policies: dict[int, tuple[ModelVersion, BatchPolicy]] = {}
+        self._policy = policy
         self._inline_max_elements = inline_max_elements
         self._queues: dict[Hashable, _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
@@ -207,7 +210,7 @@ class Batcher:
 
     async def infer(self, prepared: PreparedRequest) -> InferResponse:
         """`prepared`'s response, from a merged run when one is possible; raises as `InferenceCore.run`."""
-        policy = self.policy(prepared.entry)
+        policy = self._policy or prepared.model.policy
         key = merge_key(prepared) if policy.enabled else None
         if key is None:
             return await self._alone(prepared)
@@ -219,7 +222,8 @@ class Batcher:
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = _Queue(policy)
-        pending = _Pending(prepared, samples, elements, loop.create_future(), loop.time())
+        context = contextvars.copy_context()
+        pending = _Pending(prepared, samples, elements, loop.create_future(), loop.time(), context)
         queue.items.append(pending)
         queue.samples += samples
         queue.elements += elements
@@ -233,15 +237,6 @@ class Batcher:
         ):
             queue.filled.set()
         return await pending.future
-
-    def policy(self, entry: ModelVersion) -> BatchPolicy:
-        """The policy of `entry`, its model's `config.json` read once per loaded version."""
-        cached = self._policies.get(id(entry))
-        if cached is not None and cached[0] is entry:
-            return cached[1]
-        policy = read_policy(model_directory(entry), self._default)
-        self._policies[id(entry)] = (entry, policy)
-        return policy
 
     async def _collect(self, key: Hashable, queue: _Queue) -> None:
         policy = queue.policy
@@ -319,19 +314,23 @@ class Batcher:
             return
         first = live[0].prepared
         feeds = {name: np.concatenate([p.prepared.feeds[name] for p in live]) for name in first.feeds}
+        context = live[0].context.copy()
+        context.run(batch_request_ids.set, tuple(p.context.get(request_id) for p in live))
         try:
             outputs = await self._call(
                 sum(p.elements for p in live),
+                context,
                 self._core.run,
-                first.entry,
-                first.session,
+                first.model,
                 first.output_names,
                 feeds,
                 len(live),
             )
             parts = _split(outputs, [p.samples for p in live])
         except Exception as exc:  # any failure of the merged run: each request is retried alone
-            log.warning("a merged run of %d requests failed (%s); running each alone", len(live), exc)
+            context.run(
+                log.warning, "a merged run of %d requests failed (%s); running each alone", len(live), exc
+            )
             for pending in live:
                 await self._settle(pending)
             return
@@ -341,7 +340,7 @@ class Batcher:
 
     async def _settle(self, pending: _Pending) -> None:
         try:
-            response = await self._alone(pending.prepared)
+            response = await self._alone(pending.prepared, pending.context)
         except Exception as exc:  # handed to the one request it concerns
             if not pending.future.done():
                 pending.future.set_exception(exc)
@@ -349,22 +348,27 @@ class Batcher:
         if not pending.future.done():
             pending.future.set_result(response)
 
-    async def _alone(self, prepared: PreparedRequest) -> InferResponse:
+    async def _alone(
+        self, prepared: PreparedRequest, context: contextvars.Context | None = None
+    ) -> InferResponse:
+        """`prepared` run alone, in `context` (None: the caller's, the request's own task)."""
         outputs = await self._call(
             input_elements(prepared),
+            context,
             self._core.run,
-            prepared.entry,
-            prepared.session,
+            prepared.model,
             prepared.output_names,
             prepared.feeds,
         )
         return prepared.response(outputs)
 
-    async def _call(self, elements: int, function: Callable[..., T], *args: Any) -> T:
+    async def _call(
+        self, elements: int, context: contextvars.Context | None, function: Callable[..., T], *args: Any
+    ) -> T:
         self.runs += 1
         if elements <= self._inline_max_elements:
-            return function(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+            return function(*args) if context is None else context.run(function, *args)
+        return await offload(self._executor, function, *args, context=context)
 
 
 def _split(outputs: list[NDArray[Any]], sizes: list[int]) -> list[list[NDArray[Any]]]:

@@ -23,12 +23,12 @@ It is 0 without drift, and reads in familiar units: a shift of half a standard d
 the default threshold. The snapshot also reports max_c |d_c| and max_c |log r_c| to find one bad channel
 among many good ones.
 
-The live moments come from `shifted_moments`: float64 sums of `x - k` and `(x - k)²` per channel, with `k`
-the frozen moving mean on the data's grid, in cache-sized chunks, without BLAS. On an 8x3x224x224 request
-arriving every few milliseconds it takes ~0.85 ms of CPU where `Moments.from_batch` takes 4-7 ms summed
-over OpenBLAS's threads (which spin after each call, and whose time the drift worker's own CPU clock would
-not see); it stays exact to float64 rounding: served data sit near the moving mean, and a batch that does
-not (its `Σ(x-k)² > 64·M2`) is summed again about its own mean.
+The live moments come from `bn_export.moments.shifted_moments`: float64 sums of `x - k` and `(x - k)²` per
+channel, with `k` the frozen moving mean on the data's grid, in cache-sized chunks, without BLAS, whose
+threads spin after each call and whose time the drift worker's own CPU clock would not see (the cost
+against `Moments.from_batch` is in benchmarks/README.md, "Serving costs"). It stays exact to float64 rounding:
+served data sit near the moving mean, and a batch that does not (its `Σ(x-k)² > 64·M2`) is summed again
+about its own mean.
 """
 
 from __future__ import annotations
@@ -43,80 +43,15 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from bn_export.errors import InvalidInputError
-from bn_export.moments import Moments
+from bn_export.moments import Moments, shifted_moments
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.25
 DEFAULT_MIN_SAMPLES = 100
-# The share of one core the server's drift work may take (`BN_SERVE_DRIFT_MAX_FRACTION`): a twentieth covers
-# every request up to ~60 8x3x224x224 requests/s (~0.8 ms each) and any rate of small ones.
+# The share of one core the server's drift work may take (`BN_SERVE_DRIFT_MAX_FRACTION`); what it covers is
+# measured in benchmarks/README.md, "Serving costs".
 DEFAULT_MAX_CPU_FRACTION = 0.05
-# Values per chunk summed at once: a 2 MiB float64 scratch per thread, reused across batches.
-_CHUNK_VALUES = 1 << 18
-# Sums about the shift are kept while Σ(x-k)² <= this × M2 (at most 6 bits lost to cancellation).
-CANCELLATION = 64.0
-_SCRATCH = threading.local()
-
-
-def shifted_moments(x: NDArray[Any], axis: int, shift: NDArray[np.float64]) -> Moments | None:
-    """Per-channel moments of `x: (..., C at axis, ...)` over every other axis, or None when x holds NaN/±Inf.
-
-    With `d = x - k`, `k` = `shift: (C,)` rounded to the data's dtype (so `d` is exact in float64):
-
-        n = values per channel,  mean = k + Σd/n,  M2 = Σd² - (Σd)²/n
-
-    Channels where `Σd² > 64·M2` (k far from the batch mean) are summed again about their own mean, so the
-    result agrees with a two-pass float64 computation to rounding, like `Moments.from_batch`.
-    """
-    C = x.shape[axis]
-    A = math.prod(x.shape[:axis])
-    B = math.prod(x.shape[axis + 1 :])
-    view = x.reshape(A, C, B)
-    n = A * B
-    if n == 0:
-        return Moments.empty(C)
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf show in the sums, checked below
-        k = on_grid(shift, x.dtype)
-        s1, s2 = _sums(view, k)
-        if not (np.isfinite(s1).all() and np.isfinite(s2).all()):
-            return None
-        m2 = s2 - s1 * s1 / n
-        if np.any(s2 > CANCELLATION * m2):
-            k = on_grid(k + s1 / n, x.dtype)
-            s1, s2 = _sums(view, k)
-            m2 = s2 - s1 * s1 / n
-    # Rounding can push a constant channel's M2 just below 0.
-    return Moments(n, k + s1 / n, np.maximum(m2, 0.0))
-
-
-def on_grid(shift: NDArray[np.float64], dtype: np.dtype[Any]) -> NDArray[np.float64]:
-    """`shift` rounded to float data's dtype, or 0 where that is not finite (a float16 grid is small)."""
-    if dtype.kind != "f":
-        return shift
-    rounded = shift.astype(dtype).astype(np.float64)
-    return np.where(np.isfinite(rounded), rounded, 0.0)
-
-
-def _sums(view: NDArray[Any], k: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """`Σ(x-k)` and `Σ(x-k)²` per channel of the (A, C, B) `view`, chunk by chunk in a float64 scratch."""
-    A, C, B = view.shape
-    cols = min(B, max(1, _CHUNK_VALUES // C))
-    rows = max(1, _CHUNK_VALUES // (C * cols))
-    scratch: NDArray[np.float64] | None = getattr(_SCRATCH, "array", None)
-    if scratch is None or scratch.size < rows * C * cols:
-        scratch = _SCRATCH.array = np.empty(rows * C * cols)
-    s1, s2 = np.zeros(C), np.zeros(C)
-    column = k[:, None]
-    for a in range(0, A, rows):
-        for b in range(0, B, cols):
-            block = view[a : a + rows, :, b : b + cols]
-            r, _, w = block.shape
-            d = scratch[: r * C * w].reshape(r, C, w)
-            np.subtract(block, column, out=d)
-            s1 += np.add.reduce(d, axis=(0, 2))
-            s2 += np.einsum("rcw,rcw->c", d, d)
-    return s1, s2
 
 
 def drift_figures(

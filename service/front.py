@@ -1,17 +1,17 @@
-"""The server's front: one pure-ASGI layer that every HTTP request enters first.
+"""The server's front: the pure-ASGI middleware around the FastAPI app that every HTTP request enters first.
 
 In one pass it gives the request its id (the client's `X-Request-ID` when safe, else generated; echoed in
 the response and set in `service.log.request_id` for every record logged on the request's behalf), checks
 its bearer token (counting refusals in `bn_serve_auth_rejected_total`), and writes its access record
 when it is answered. Then `POST /v2/models/{name}[/versions/{v}]/infer`, the hot path, is answered right
-here from raw ASGI messages by `InferRoute`; everything else (metadata, health, metrics, repository, the
-schema) goes on to FastAPI.
+here from raw ASGI messages by `InferRoute`: it is the one infer route (FastAPI only documents it in the
+schema), with one set of error handlers below. Everything else (metadata, health, metrics, repository, the
+schema) goes on to FastAPI's routes, whose errors FastAPI's handlers answer with the same table.
 
 Why: FastAPI's own path costs a small request more than the request itself (about six middleware layers,
 routing, dependency solving, a `Request` and a `Response` object); here a small JSON request pays for a
-regular expression match and two `send` calls. Behaviour does not fork: the FastAPI infer route (kept for
-the OpenAPI schema and for the requests the front passes on) calls the same `InferRoute.answer`, and both
-answer errors through `service.http_errors.error_answer`, the one table of statuses.
+regular expression match and two `send` calls. Both paths answer a `ServiceError` through
+`service.http_errors.error_answer`, the one table of statuses.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import logging
 import re
 import time
 
-from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,16 +33,17 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger("bn_serve")
 
-# The FastAPI routes' patterns, `{name}` being Starlette's `[^/]+`, on the percent-decoded path.
+# The infer paths, `{name}` being Starlette's `[^/]+`, on the percent-decoded path below any root_path.
 INFER_PATH = re.compile(r"/v2/models/([^/]+)/(?:versions/([^/]+)/)?infer")
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class Front:
-    """The ASGI app in front of `app` (FastAPI's own handling); see the module docstring."""
+    """The ASGI middleware around `app` (the FastAPI app's routes); see the module docstring. Added with
+    `app.add_middleware(Front, route=..., authenticator=..., metrics=...)`."""
 
     def __init__(
-        self, app: ASGIApp, route: InferRoute, authenticator: Authenticator, metrics: ServiceMetrics
+        self, app: ASGIApp, *, route: InferRoute, authenticator: Authenticator, metrics: ServiceMetrics
     ) -> None:
         self.app = app
         self.route = route
@@ -69,8 +69,7 @@ class Front:
                 status = await self._send_error(send, exc, method, path, rid)
                 self.metrics.observe_auth_rejected(status)
                 return
-            # Behind a root_path, route paths differ from the scope's: FastAPI resolves those.
-            match = INFER_PATH.fullmatch(path) if method == "POST" and not scope.get("root_path") else None
+            match = INFER_PATH.fullmatch(_route_path(scope)) if method == "POST" else None
             if match is not None:
                 status = await self._infer(match[1], match[2], headers, receive, send, method, path, rid)
                 return
@@ -142,18 +141,10 @@ async def _send(
     return status
 
 
-class ServingApp(FastAPI):
-    """FastAPI with a `Front` before it: once `front` is set, every HTTP request enters there first and
-    reaches FastAPI through `framework`; lifespan and other scopes go to FastAPI directly."""
-
-    front: Front | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.front is not None and scope["type"] == "http":
-            await self.front(scope, receive, send)
-        else:
-            await self.framework(scope, receive, send)
-
-    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """FastAPI's own handling: its middleware, routing and exception handlers."""
-        await super().__call__(scope, receive, send)
+def _route_path(scope: Scope) -> str:
+    """The path routes match: below the root_path the server is mounted at, as Starlette routes it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path

@@ -2,18 +2,14 @@
 
 framing -> body (size limit) -> codec -> `InferenceCore.prepare` -> `Batcher` -> codec, inside a place of
 the admission gate and the request's deadline, counted in the request metrics by model, version and status.
-`service.front` serves it straight from ASGI messages; the FastAPI route, kept for the OpenAPI schema and
-for requests the front passes on, calls the same `answer`.
+`service.front` serves it straight from ASGI messages: this is the one infer route.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import time
-from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any, TypeVar
 
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
@@ -26,10 +22,9 @@ from service.http_errors import status_for
 from service.http_request import JSON, OCTET_STREAM, Headers, framing, read_body
 from service.inference import InferenceCore, PreparedRequest
 from service.observability import Observability
+from service.offload import offload
 
 INLINE_BODY_BYTES = 64 * 1024  # about 3,000 JSON floats: well under a millisecond to parse
-
-T = TypeVar("T")
 
 
 def response_headers(encoded: codec.EncodedResponse) -> list[tuple[bytes, bytes]]:
@@ -103,7 +98,9 @@ class InferRoute:
             return self._core.prepare(model_name, model_version, decoded), fmt
 
         # Small bodies are decoded and encoded on the event loop: a trip to the pool costs them more.
-        prepared, fmt = prepare() if len(body) <= INLINE_BODY_BYTES else await self._in_pool(prepare)
+        prepared, fmt = (
+            prepare() if len(body) <= INLINE_BODY_BYTES else await offload(self._executor, prepare)
+        )
         result = await self._batcher.infer(prepared)
         # Binary outputs cost their encoding a view and a length: only JSON ones are worth a trip to the pool.
         if (
@@ -111,10 +108,4 @@ class InferRoute:
             <= INLINE_MAX_ELEMENTS
         ):
             return codec.encode_response(result, fmt)
-        return await self._in_pool(codec.encode_response, result, fmt)
-
-    async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
-        # The context travels into the thread, so that records logged there carry the request id.
-        context = contextvars.copy_context()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, context.run, function, *args)
+        return await offload(self._executor, codec.encode_response, result, fmt)

@@ -5,32 +5,23 @@ The HTTP layer calls one method per request; nothing here knows about HTTP, JSON
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from service.batching import BatchPolicy
 from service.datatypes import convert_lossless, numpy_dtype
-from service.errors import (
-    InferenceFailed,
-    InvalidInput,
-    ModelLoadError,
-    ModelNotReady,
-    PayloadTooLarge,
-    ServiceError,
-)
+from service.errors import InferenceFailed, InvalidInput, ModelNotReady, PayloadTooLarge
+from service.model import LoadedModel, LoadOptions, timed_load
 from service.observability import Observability
 from service.protocol import MetadataTensor, ModelMetadata
 from service.repository import ModelRepository, ModelState, ModelVersion
 from service.runtime import Session, TensorSpec, is_invalid_argument
-from service.verification import verify_frozen
-
-log = logging.getLogger("bn_serve")
 
 PLATFORM = "onnxruntime_onnx"
 
@@ -59,20 +50,23 @@ class InferResponse:
 class PreparedRequest:
     """A request validated against one loaded version of its model, ready to run alone or merged.
 
-    `session` is the one validated against: a reload that swaps the model does not change what this runs on.
+    `model` is the one validated against: a reload that swaps the model does not change what this runs on.
     """
 
-    entry: ModelVersion
-    session: Session
+    model: LoadedModel
     id: str | None
     feeds: dict[str, NDArray[Any]]
     output_names: list[str]
 
+    @property
+    def session(self) -> Session:
+        return self.model.session
+
     def response(self, outputs: list[NDArray[Any]]) -> InferResponse:
         """The response carrying `outputs`, one per name in `output_names`."""
         return InferResponse(
-            model_name=self.entry.name,
-            model_version=str(self.entry.version),
+            model_name=self.model.name,
+            model_version=self.model.labels[1],
             id=self.id,
             outputs=list(zip(self.output_names, outputs, strict=True)),
         )
@@ -81,8 +75,9 @@ class PreparedRequest:
 class InferenceCore:
     """Serves the models of `repository` on `providers`.
 
-    Loading (`load_all`) verifies each graph's frozen statistics, then warms it up with one run; a model that
-    fails any step is marked UNAVAILABLE with the reason and the others carry on. The server is ready once
+    Loading (`load_all`) builds each version's `LoadedModel` (verified, warmed up, its `config.json` read);
+    a version that fails is marked UNAVAILABLE with the reason and the others carry on. Every version of a
+    model is swapped in at once (`commit`), and only then do its metrics change. The server is ready once
     every model has finished loading and at least one of them serves.
     """
 
@@ -96,14 +91,21 @@ class InferenceCore:
         warmup: bool = True,
         observability: Observability | None = None,
         max_request_elements: int | None = None,
+        default_policy: BatchPolicy | None = None,
     ) -> None:
         self.repository = repository
         self.max_request_elements = max_request_elements
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
         self.allow_non_finite = allow_non_finite
-        self.warmup = warmup
         self.observability = observability
+        self.options = LoadOptions(
+            providers=self.providers,
+            intra_op_threads=intra_op_threads,
+            warmup=warmup,
+            default_policy=default_policy or BatchPolicy(),
+            observability=observability,
+        )
         self._loaded = threading.Event()
 
     @property
@@ -134,51 +136,27 @@ class InferenceCore:
         return f"no model is ready ({refused})"
 
     def load_all(self) -> None:
-        """Load every model version; never raises for a single model's failure."""
-        for entry in self.repository:
-            self.load(entry)
+        """Load every version of every model, one model at a time; never raises for one model's failure."""
+        for name in self.repository.names():
+            self.commit(name, [self.build(entry) for entry in self.repository.held(name)])
         self._loaded.set()
 
-    def load(self, entry: ModelVersion) -> None:
-        """Load, verify and warm up one model version, recording READY or UNAVAILABLE with the reason."""
-        started = time.perf_counter()
-        if self.observability is not None:
-            self.observability.model_loading(entry)
-        self._load(entry)
-        if self.observability is not None:
-            self.observability.model_state(entry, time.perf_counter() - started)
-
-    def _load(self, entry: ModelVersion) -> None:
-        started = time.perf_counter()
-        entry.state, entry.reason = ModelState.LOADING, None
-        try:
-            # Read once: the session and the check both use these bytes, and later changes to the file
-            # (rewritten, truncated, deleted) cannot reach a loaded model.
-            try:
-                data = entry.path.read_bytes()
-            except OSError as exc:
-                raise ModelLoadError(f"cannot read {entry.path}: {exc.strerror or exc}") from None
-            session = Session(entry.path, self.providers, self.intra_op_threads, data=data)
-            entry.session = session
-            entry.verification = verify_frozen(entry.path, session.providers, data=data)
-            if self.warmup:
-                _warm_up(session)
-        except ServiceError as exc:
-            entry.state, entry.reason = ModelState.UNAVAILABLE, str(exc)
-            log.error("model %s version %d is not ready: %s", entry.name, entry.version, exc)
-            return
-        except Exception as exc:  # a fault in a checker or runtime must not take the other models down
-            entry.state, entry.reason = ModelState.UNAVAILABLE, f"unexpected error while loading: {exc!r}"
-            log.exception("model %s version %d is not ready", entry.name, entry.version)
-            return
-        entry.state = ModelState.READY
-        log.info(
-            "model %s version %d ready in %.2fs on %s",
-            entry.name,
-            entry.version,
-            time.perf_counter() - started,
-            ", ".join(session.providers),
+    def build(self, entry: ModelVersion) -> ModelVersion:
+        """`entry` loaded: READY with its `LoadedModel`, or UNAVAILABLE with the reason. Changes nothing else:
+        the caller swaps it in with `commit`."""
+        model, reason, seconds = timed_load(
+            entry.name, entry.version, entry.path, entry.model_directory, self.options
         )
+        state = ModelState.READY if model is not None else ModelState.UNAVAILABLE
+        return replace(entry, state=state, reason=reason, model=model, load_seconds=seconds)
+
+    def commit(self, name: str, versions: list[ModelVersion], *, unloaded: bool = False) -> None:
+        """Serve `versions` as every version of model `name` from now on, in one swap; then update its
+        metrics (for an unload, `unloaded`: remove them). Callers serialize commits of one model."""
+        old = self.repository.held(name)
+        self.repository.replace(name, versions)
+        if self.observability is not None:
+            self.observability.swapped(old, versions, export=not unloaded)
 
     def metadata(self, name: str, version: str | None = None) -> ModelMetadata:
         """The V2 model metadata; `parameters` carries state, reason, providers and the verification."""
@@ -218,8 +196,7 @@ class InferenceCore:
         `ModelNotFound`, and `InferenceFailed` only for a runtime fault on a valid request.
         """
         prepared = self.prepare(name, version, request)
-        outputs = self.run(prepared.entry, prepared.session, prepared.output_names, prepared.feeds)
-        return prepared.response(outputs)
+        return prepared.response(self.run(prepared.model, prepared.output_names, prepared.feeds))
 
     def prepare(self, name: str, version: str | None, request: InferRequest) -> PreparedRequest:
         """Everything of `infer` short of running: the model resolved, the inputs validated and converted.
@@ -227,37 +204,44 @@ class InferenceCore:
         Raises as `infer` does, so a request that fails here never reaches a run (nor a merged batch).
         """
         entry = self.repository.get(name, version)
-        session = entry.session
-        if entry.state is not ModelState.READY or session is None:
+        model = entry.model
+        if model is None:
             detail = entry.reason or "it is still loading"
             raise ModelNotReady(f"model {entry.name!r} version {entry.version} is not ready: {detail}")
         self._check_size(request.inputs)
-        feeds = self._feeds(session, request.inputs)
-        output_names = self._output_names(session, request.outputs)
-        return PreparedRequest(entry, session, request.id, feeds, output_names)
+        feeds = self._feeds(model.session, request.inputs)
+        output_names = self._output_names(model.session, request.outputs)
+        return PreparedRequest(model, request.id, feeds, output_names)
 
     def run(
         self,
-        entry: ModelVersion,
-        session: Session,
+        model: LoadedModel,
         output_names: list[str],
         feeds: dict[str, NDArray[Any]],
         requests: int = 1,
     ) -> list[NDArray[Any]]:
         """One onnxruntime run of validated `feeds` (one request's, or `requests` merged); blocking.
 
-        Raises `InvalidInput` when onnxruntime refuses the inputs, `InferenceFailed` for any other fault.
+        Raises `InvalidInput` when onnxruntime refuses the inputs, `InferenceFailed` for any other fault;
+        both name the model and version.
         """
         started = time.perf_counter()
         try:
-            results = session.run(output_names, feeds)
+            results = model.session.run(output_names, feeds)
         except Exception as exc:  # onnxruntime's own exception types; classified below
+            what = f"model {model.name!r} version {model.version}"
             if is_invalid_argument(exc):
-                raise InvalidInput(f"the model rejected the inputs: {exc}") from None
-            raise InferenceFailed(f"model {entry.name!r} failed to run: {exc}") from None
-        if self.observability is not None:
-            self.observability.ran(entry, time.perf_counter() - started, _batch_size(feeds))
-            self.observability.served(entry, feeds, requests)
+                raise InvalidInput(f"{what} rejected the inputs: {exc}") from None
+            raise InferenceFailed(f"{what} failed to run: {exc}") from None
+        observability = self.observability
+        if observability is not None:
+            name, version = model.labels
+            observability.ran(name, version, time.perf_counter() - started, _batch_size(feeds))
+            watch = model.drift
+            if watch is not None:
+                array = feeds.get(watch.input_name)
+                if array is not None:
+                    observability.sample(watch, array, requests)
         return results
 
     def _check_size(self, inputs: list[tuple[str, NDArray[Any]]]) -> None:
@@ -326,15 +310,3 @@ def _batch_size(feeds: dict[str, NDArray[Any]]) -> int:
     """Samples in a run: the leading (batch) dimension of its inputs, 1 for scalar inputs."""
     first = next(iter(feeds.values()), None)
     return int(first.shape[0]) if first is not None and first.ndim else 1
-
-
-def _warm_up(session: Session) -> None:
-    """One run on zeros, every dynamic dimension 1, so the first request does not pay for allocation."""
-    feeds = {
-        spec.name: np.zeros([1 if d is None else d for d in spec.shape], dtype=numpy_dtype(spec.datatype))
-        for spec in session.inputs
-    }
-    try:
-        session.run([spec.name for spec in session.outputs], feeds)
-    except Exception as exc:  # onnxruntime's own exception types
-        raise ModelLoadError(f"the warm-up run failed: {exc}") from None

@@ -1,11 +1,13 @@
 """Triton's model repository extension: list the repository, (re)load a model, unload it.
 
-A load is atomic. Every version of the model is read from disk once, verified to hold frozen statistics and
-warmed up on new sessions while the old ones keep serving; only when all of them are READY does one
-assignment make them the model (`ModelRepository.replace`). Requests already running finish on the old
-sessions, which they hold; later requests get the new ones. A load that fails in any version (missing,
-corrupt, non-frozen) is refused with the reasons and changes nothing. An unload marks every version
-UNAVAILABLE ("unloaded") in one assignment, so new requests get 503 while running ones finish.
+A load is atomic. Every version of the model is built into a `LoadedModel` (its files read once, verified
+to hold frozen statistics, its `config.json` validated, warmed up) while the old ones keep serving; only
+when all of them are READY does one assignment make them the model (`InferenceCore.commit`), and only then
+do its metrics change. Requests already running finish on the old models, which they hold; later requests
+get the new ones. A load that fails in any version (missing, corrupt, non-frozen, a bad `config.json`) is
+refused with the reasons and changes nothing, its gauges and drift figures included. An unload marks every
+version UNAVAILABLE ("unloaded") in one assignment, so new requests get 503 while running ones finish, and
+removes the model's gauges and drift series.
 """
 
 from __future__ import annotations
@@ -62,28 +64,24 @@ class ModelLifecycle:
         """
         self._require_ready()
         with self._lock:
-            versions = self._versions_on_disk(name)
-            for entry in versions:
-                self.core.load(entry)
+            versions = [self.core.build(entry) for entry in self._versions_on_disk(name)]
             failed = [entry for entry in versions if entry.state is not ModelState.READY]
             if failed:
                 reasons = "; ".join(f"version {e.version}: {e.reason}" for e in failed)
                 raise LoadRefused(f"model {name!r} was not loaded, the current one keeps serving: {reasons}")
-            self.core.repository.replace(name, versions)
+            self.core.commit(name, versions)
         log.info("model %s loaded: versions %s", name, ", ".join(str(e.version) for e in versions))
 
     def unload(self, name: str) -> None:
         """Mark every version of model `name` UNAVAILABLE; requests already running finish."""
         self._require_ready()
         with self._lock:
-            held = [self.core.repository.get(name, str(v)) for v in self.core.repository.versions(name)]
-            self.core.repository.replace(
-                name,
-                [
-                    ModelVersion(e.name, e.version, e.path, state=ModelState.UNAVAILABLE, reason=UNLOADED)
-                    for e in held
-                ],
-            )
+            self.core.repository.versions(name)  # raises ModelNotFound for a model not held
+            unloaded = [
+                ModelVersion(e.name, e.version, e.path, state=ModelState.UNAVAILABLE, reason=UNLOADED)
+                for e in self.core.repository.held(name)
+            ]
+            self.core.commit(name, unloaded, unloaded=True)
         log.info("model %s unloaded", name)
 
     def _require_ready(self) -> None:

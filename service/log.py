@@ -36,6 +36,10 @@ _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime
 ACCESS_LOGGER = "bn_serve.access"
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+# Set during a run that merged several requests (adaptive batching): the ids of all of them, in order.
+batch_request_ids: contextvars.ContextVar[tuple[str | None, ...] | None] = contextvars.ContextVar(
+    "batch_request_ids", default=None
+)
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 _second: tuple[int, str] = (-1, "")
@@ -60,7 +64,8 @@ def utc_timestamp(seconds: float) -> str:
 
 
 class JsonFormatter(logging.Formatter):
-    """`{"ts", "level", "logger", "message", "request_id"?, **extra, "exception"?}` as one line of JSON."""
+    """`{"ts", "level", "logger", "message", "request_id"?, "request_ids"?, **extra, "exception"?}` as one
+    line of JSON; `request_ids` lists every request of a merged run."""
 
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
@@ -72,6 +77,9 @@ class JsonFormatter(logging.Formatter):
         current = request_id.get()
         if current is not None:
             document["request_id"] = current
+        merged = batch_request_ids.get()
+        if merged is not None:
+            document["request_ids"] = list(merged)
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 document[key] = value

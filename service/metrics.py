@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING, Literal, get_args
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -79,143 +80,136 @@ def multiprocess_mode() -> bool:
     return MULTIPROC_ENV in os.environ or MULTIPROC_ENV.lower() in os.environ
 
 
+@dataclass(frozen=True)
+class MetricDefinition:
+    """One metric: its kind, name (after `bn_serve_`), help text, labels and kind-specific options.
+
+    `per_model` marks what describes one loaded version (its state and its drift): those series are removed
+    when the version is unloaded, so that a dashboard does not show a gauge of a model no longer held.
+    """
+
+    attribute: str
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str
+    documentation: str
+    labels: tuple[str, ...] = ()
+    buckets: tuple[float, ...] | None = None
+    multiprocess_mode: str | None = None
+    per_model: bool = False
+
+    def build(self, registry: CollectorRegistry) -> Counter | Gauge | Histogram:
+        options: dict[str, Any] = {"namespace": NAMESPACE, "registry": registry}
+        if self.buckets is not None:
+            options["buckets"] = self.buckets
+        if self.multiprocess_mode is not None:
+            options["multiprocess_mode"] = self.multiprocess_mode
+        return self.kind(self.name, self.documentation, self.labels, **options)
+
+
+_MODEL = ("model", "version")
+_DRIFT_OUTCOME = (*_MODEL, "outcome")
+METRICS: tuple[MetricDefinition, ...] = (
+    MetricDefinition(
+        "requests", Counter, "requests",
+        "Inference requests answered, by model, version and status (HTTP status code).",
+        (*_MODEL, "status"),
+    ),
+    MetricDefinition(
+        "request_seconds", Histogram, "request_seconds",
+        "Time from a request's arrival to its response, in seconds.", _MODEL, LATENCY_BUCKETS_SECONDS,
+    ),
+    MetricDefinition(
+        "inference_seconds", Histogram, "inference_seconds",
+        "Time onnxruntime spent running one batch, in seconds.", _MODEL, LATENCY_BUCKETS_SECONDS,
+    ),
+    MetricDefinition(
+        "batch_size", Histogram, "batch_size_samples",
+        "Samples in each batch run by onnxruntime.", _MODEL, BATCH_SIZE_BUCKETS,
+    ),
+    MetricDefinition(
+        "auth_rejected", Counter, "auth_rejected",
+        "Requests refused by authentication before any route, by status: 401 no or malformed token, "
+        "403 a token that is not a key.",
+        ("status",),
+    ),
+    MetricDefinition(
+        "in_flight", Gauge, "requests_in_flight", "Requests being processed right now.",
+        multiprocess_mode="livesum",
+    ),
+    MetricDefinition(
+        "model_ready", Gauge, "model_ready", "1 when the model version is loaded and ready to serve, else 0.",
+        _MODEL, multiprocess_mode="livemax", per_model=True,
+    ),
+    MetricDefinition(
+        "model_load_seconds", Gauge, "model_load_seconds",
+        "Time the last load of the model version took, in seconds.",
+        _MODEL, multiprocess_mode="livemax", per_model=True,
+    ),
+    MetricDefinition(
+        "drift_score", Gauge, "drift_score",
+        "Mean over channels of the symmetric KL divergence between the served inputs' per-channel "
+        "Gaussian and the frozen statistics' (0 = no drift).",
+        _MODEL, multiprocess_mode="liveall", per_model=True,
+    ),
+    MetricDefinition(
+        "drift_mean_shift", Gauge, "drift_max_abs_mean_shift",
+        "Largest |live mean - moving mean| / sqrt(moving var + eps) over channels.",
+        _MODEL, multiprocess_mode="liveall", per_model=True,
+    ),
+    MetricDefinition(
+        "drift_log_var_ratio", Gauge, "drift_max_abs_log_var_ratio",
+        "Largest |log((live var + eps) / (moving var + eps))| over channels.",
+        _MODEL, multiprocess_mode="liveall", per_model=True,
+    ),
+    MetricDefinition(
+        "drift_samples", Gauge, "drift_samples", "Served samples (rows) behind the live drift statistics.",
+        _MODEL, multiprocess_mode="liveall", per_model=True,
+    ),
+    MetricDefinition(
+        "drift_requests", Counter, "drift_requests",
+        "Requests served, by what the drift monitor did with them (outcome): covered (in the figures), "
+        "skipped (over its CPU budget), dropped (its queue full) or unusable (NaN/Inf, wrong shape).",
+        _DRIFT_OUTCOME, per_model=True,
+    ),
+    MetricDefinition(
+        "drift_request_samples", Counter, "drift_request_samples",
+        "Samples (batch rows) of the requests counted in bn_serve_drift_requests_total, by outcome.",
+        _DRIFT_OUTCOME, per_model=True,
+    ),
+    MetricDefinition(
+        "drift_alerting", Gauge, "drift_alerting", "1 while the drift score is above its threshold, else 0.",
+        _MODEL, multiprocess_mode="liveall", per_model=True,
+    ),
+)  # fmt: skip
+
+
 class ServiceMetrics:
-    """The server's metrics: request counts and latencies, batching, model state and input drift.
+    """The server's metrics (`METRICS`): request counts and latencies, batching, model state, input drift.
 
     Build one per app; the app calls the `observe_*`/`set_*` methods from its request path (all are
     thread-safe and O(1)) and serves `render()` on `GET /metrics`.
     """
 
+    requests: Counter
+    request_seconds: Histogram
+    inference_seconds: Histogram
+    batch_size: Histogram
+    auth_rejected: Counter
+    in_flight: Gauge
+    model_ready: Gauge
+    model_load_seconds: Gauge
+    drift_score: Gauge
+    drift_mean_shift: Gauge
+    drift_log_var_ratio: Gauge
+    drift_samples: Gauge
+    drift_requests: Counter
+    drift_request_samples: Counter
+    drift_alerting: Gauge
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
-        reg = self.registry
-        self.requests = Counter(
-            "requests",
-            "Inference requests answered, by model, version and status (HTTP status code).",
-            ("model", "version", "status"),
-            namespace=NAMESPACE,
-            registry=reg,
-        )
-        self.request_seconds = Histogram(
-            "request_seconds",
-            "Time from a request's arrival to its response, in seconds.",
-            ("model", "version"),
-            namespace=NAMESPACE,
-            buckets=LATENCY_BUCKETS_SECONDS,
-            registry=reg,
-        )
-        self.queue_seconds = Histogram(
-            "queue_seconds",
-            "Time a request waited for a batch slot before its inference started, in seconds.",
-            ("model", "version"),
-            namespace=NAMESPACE,
-            buckets=LATENCY_BUCKETS_SECONDS,
-            registry=reg,
-        )
-        self.inference_seconds = Histogram(
-            "inference_seconds",
-            "Time onnxruntime spent running one batch, in seconds.",
-            ("model", "version"),
-            namespace=NAMESPACE,
-            buckets=LATENCY_BUCKETS_SECONDS,
-            registry=reg,
-        )
-        self.batch_size = Histogram(
-            "batch_size_samples",
-            "Samples in each batch run by onnxruntime.",
-            ("model", "version"),
-            namespace=NAMESPACE,
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=reg,
-        )
-        self.auth_rejected = Counter(
-            "auth_rejected",
-            "Requests refused by authentication before any route, by status: 401 no or malformed token, "
-            "403 a token that is not a key.",
-            ("status",),
-            namespace=NAMESPACE,
-            registry=reg,
-        )
-        self.in_flight = Gauge(
-            "requests_in_flight",
-            "Requests being processed right now.",
-            namespace=NAMESPACE,
-            multiprocess_mode="livesum",
-            registry=reg,
-        )
-        self.model_ready = Gauge(
-            "model_ready",
-            "1 when the model version is loaded and ready to serve, else 0.",
-            ("model", "version"),
-            namespace=NAMESPACE,
-            multiprocess_mode="livemax",
-            registry=reg,
-        )
-        self.model_load_seconds = Gauge(
-            "model_load_seconds",
-            "Time the last load of the model version took, in seconds.",
-            ("model", "version"),
-            namespace=NAMESPACE,
-            multiprocess_mode="livemax",
-            registry=reg,
-        )
-        drift_labels = ("model", "version")
-        self.drift_score = Gauge(
-            "drift_score",
-            "Mean over channels of the symmetric KL divergence between the served inputs' per-channel "
-            "Gaussian and the frozen statistics' (0 = no drift).",
-            drift_labels,
-            namespace=NAMESPACE,
-            multiprocess_mode="liveall",
-            registry=reg,
-        )
-        self.drift_mean_shift = Gauge(
-            "drift_max_abs_mean_shift",
-            "Largest |live mean - moving mean| / sqrt(moving var + eps) over channels.",
-            drift_labels,
-            namespace=NAMESPACE,
-            multiprocess_mode="liveall",
-            registry=reg,
-        )
-        self.drift_log_var_ratio = Gauge(
-            "drift_max_abs_log_var_ratio",
-            "Largest |log((live var + eps) / (moving var + eps))| over channels.",
-            drift_labels,
-            namespace=NAMESPACE,
-            multiprocess_mode="liveall",
-            registry=reg,
-        )
-        self.drift_samples = Gauge(
-            "drift_samples",
-            "Served samples (rows) behind the live drift statistics.",
-            drift_labels,
-            namespace=NAMESPACE,
-            multiprocess_mode="liveall",
-            registry=reg,
-        )
-        self.drift_requests = Counter(
-            "drift_requests",
-            "Requests served, by what the drift monitor did with them (outcome): covered (in the figures), "
-            "skipped (over its CPU budget), dropped (its queue full) or unusable (NaN/Inf, wrong shape).",
-            (*drift_labels, "outcome"),
-            namespace=NAMESPACE,
-            registry=reg,
-        )
-        self.drift_request_samples = Counter(
-            "drift_request_samples",
-            "Samples (batch rows) of the requests counted in bn_serve_drift_requests_total, by outcome.",
-            (*drift_labels, "outcome"),
-            namespace=NAMESPACE,
-            registry=reg,
-        )
-        self.drift_alerting = Gauge(
-            "drift_alerting",
-            "1 while the drift score is above its threshold, else 0.",
-            drift_labels,
-            namespace=NAMESPACE,
-            multiprocess_mode="liveall",
-            registry=reg,
-        )
+        for definition in METRICS:
+            setattr(self, definition.attribute, definition.build(self.registry))
 
     def observe_request(self, model: str, version: str, status: int | str, seconds: float) -> None:
         """Count one answered request and record its end-to-end latency.
@@ -229,10 +223,6 @@ class ServiceMetrics:
     def observe_auth_rejected(self, status: int) -> None:
         """Count one request refused by authentication (401 or 403): it never reaches a route."""
         self.auth_rejected.labels(str(status)).inc()
-
-    def observe_queue(self, model: str, version: str, seconds: float) -> None:
-        """Record how long one request waited before its batch started running."""
-        self.queue_seconds.labels(model, version).observe(seconds)
 
     def observe_inference(self, model: str, version: str, seconds: float, batch_size: int) -> None:
         """Record one onnxruntime run: its duration and the number of samples it held."""
@@ -257,22 +247,15 @@ class ServiceMetrics:
             self.model_load_seconds.labels(model, version).set(load_seconds)
 
     def forget_model(self, model: str, version: str) -> None:
-        """Drop an unloaded model version's gauges so they stop being exported."""
-        for gauge in (
-            self.model_ready,
-            self.model_load_seconds,
-            self.drift_score,
-            self.drift_mean_shift,
-            self.drift_log_var_ratio,
-            self.drift_samples,
-            self.drift_alerting,
-        ):
-            with suppress(KeyError):  # never set for this version: nothing to drop
-                gauge.remove(model, version)
-        for counter in (self.drift_requests, self.drift_request_samples):
-            for outcome in DRIFT_OUTCOMES:
-                with suppress(KeyError):  # never counted for this version
-                    counter.remove(model, version, outcome)
+        """Drop the series describing an unloaded model version (`per_model`) so they stop being exported."""
+        for definition in METRICS:
+            if not definition.per_model:
+                continue
+            metric = getattr(self, definition.attribute)
+            extra = [(o,) for o in DRIFT_OUTCOMES] if "outcome" in definition.labels else [()]
+            for rest in extra:
+                with suppress(KeyError):  # never set for this version: nothing to drop
+                    metric.remove(model, version, *rest)
 
     def observe_drift(self, model: str, version: str, snapshot: DriftSnapshot) -> None:
         """Export a drift monitor's latest figures; figures not yet defined (no samples) are left unset."""

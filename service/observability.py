@@ -30,32 +30,23 @@ Inputs holding NaN/±Inf (served with `allow_non_finite`) or of a shape the moni
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
 from numpy.typing import NDArray
 
 from bn_export.errors import InvalidInputError
-from bn_export.moments import Moments, merge_all
-from service.drift import (
-    CANCELLATION,
-    DEFAULT_MAX_CPU_FRACTION,
-    DEFAULT_THRESHOLD,
-    DriftMonitor,
-    DriftSnapshot,
-    on_grid,
-)
+from bn_export.moments import Moments, ShiftedSums, merge_all, shifted_sums
+from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD, DriftMonitor, DriftSnapshot
 from service.errors import ModelNotFound
 from service.memory import release_free_memory
 from service.metrics import DRIFT_OUTCOMES, UNKNOWN_MODEL, DriftOutcome, ServiceMetrics
-from service.repository import ModelRepository, ModelState, ModelVersion
+from service.repository import ModelRepository, ModelVersion
 
 log = logging.getLogger("bn_serve")
 
@@ -129,66 +120,31 @@ class Coverage:
         return {o: {"requests": self.requests[o], "samples": self.samples[o]} for o in DRIFT_OUTCOMES}
 
 
-@dataclass(frozen=True)
 class DriftWatch:
-    """A model version's drift monitor and the graph input it watches (the one feeding its BatchNorm)."""
+    """A loaded model version's drift monitor, the graph input it watches, and what was fed to it.
 
-    monitor: DriftMonitor
-    input_name: str
-
-
-def drift_watch(
-    path: Any, name: str, *, threshold: float, window: int | None
-) -> tuple[DriftWatch | None, str | None]:
-    """The drift watch of the model at `path`, or None and why not (no frozen statistics, no single input).
-
-    The statistics come from `bn_export.verify.find_statistics`, the one reader of frozen graphs: the
-    BatchNormalization node's constants, or the folded form's `metadata_props`, with the channel axis of the
-    graph input (`perm[1]` when a Transpose feeds the node).
+    Built once with its model (`Observability.watch`) and never shared with another load: a reload builds a
+    new one, and the swap retires the old one, whose queued inputs and sums then go nowhere.
     """
-    from bn_export.verify import FrozenStatistics, find_statistics  # loads onnx's checker: only with models
 
-    model = onnx.load(str(path))
-    statistics = find_statistics(model)
-    if not isinstance(statistics, FrozenStatistics):
-        return None, statistics
-    input_name = _watched_input(model.graph)
-    if input_name is None:
-        return None, "cannot tell which graph input feeds the BatchNormalization node"
-    try:
-        monitor = DriftMonitor(
-            statistics.mean,
-            statistics.var,
-            statistics.eps,
-            axis=statistics.axis,
-            name=name,
-            threshold=threshold,
-            window=window,
-        )
-    except InvalidInputError as exc:  # statistics the monitor cannot compare with
-        return None, f"the frozen statistics cannot be monitored: {exc}"
-    return DriftWatch(monitor, input_name), None
+    __slots__ = ("coverage", "input_name", "model", "monitor", "pending", "retired", "sums", "version")
 
-
-def _watched_input(graph: onnx.GraphProto) -> str | None:
-    """The graph input that feeds the BatchNormalization node, directly or through one Transpose."""
-    constants = {init.name for init in graph.initializer}
-    inputs = [str(value.name) for value in graph.input if value.name not in constants]
-    if len(inputs) == 1:
-        return inputs[0]
-    producers = {out: node for node in graph.node for out in node.output}
-    for node in graph.node:
-        if node.op_type == "BatchNormalization":
-            source = node.input[0]
-            producer = producers.get(source)
-            if producer is not None and producer.op_type == "Transpose":
-                source = producer.input[0]
-            return str(source) if source in inputs else None
-    return None
+    def __init__(self, monitor: DriftMonitor, input_name: str, model: str, version: str) -> None:
+        self.monitor = monitor
+        self.input_name = input_name
+        self.model = model
+        self.version = version
+        # The rest is the sampler's and needs its lock.
+        self.coverage = Coverage()
+        self.sums: dict[str, ShiftedSums] = {}  # running sums of small inputs, per dtype
+        # Behind `sums`: covered requests and samples, unusable requests and samples, inputs with NaN/Inf.
+        self.pending = [0, 0, 0, 0, 0]
+        self.retired = False
 
 
 class Observability:
-    """The app's metrics and its per-model drift monitors, fed from a bounded queue by one thread.
+    """The app's metrics and its drift sampler: each loaded model's `DriftWatch` fed from a bounded queue
+    by one thread. It holds no model state: the watches belong to the loaded models.
 
     Call `start()` before serving and `close()` after; `flush()` applies every input queued so far, so that
     figures read after it include every request answered before.
@@ -212,15 +168,12 @@ class Observability:
         self.interval_s = interval_s
         self.max_pending_bytes = max_pending_bytes
         self.inline_values = inline_values
-        self._watches: dict[tuple[str, int], DriftWatch] = {}
-        self._no_drift: dict[tuple[str, int], str] = {}
-        # The queue of inputs to sum; the queue, its byte count and the budget need the lock.
+        # The queue of inputs to sum; the queue, its byte count, the budget, the watches whose running sums
+        # hold something (`_summed`) and every watch's sums and coverage need the lock.
         self._pending: deque[_Queued] = deque()
         self._pending_bytes = 0
         self._budget = CpuBudget(max_cpu_fraction)
-        self._coverage: dict[tuple[str, int], Coverage] = {}
-        # The running sums of small inputs, per model version and dtype; they need the lock too.
-        self._inline: dict[tuple[str, int], dict[str, _Sums]] = {}
+        self._summed: set[DriftWatch] = set()
         self._queue_lock = threading.Lock()
         # Held by whoever drains and applies, so a flush returns only after every earlier input is applied.
         self._apply_lock = threading.Lock()
@@ -270,51 +223,65 @@ class Observability:
 
     # -- models ------------------------------------------------------------------------------------------
 
-    def model_loading(self, entry: ModelVersion) -> None:
-        """A (re)load of `entry` starts: not ready until it ends; its old monitor and queued inputs go."""
-        self.metrics.set_model_state(entry.name, str(entry.version), ready=False)
-        self._watches.pop((entry.name, entry.version), None)
+    def watch(
+        self, statistics: Any, input_names: Sequence[str], model: str, version: str
+    ) -> tuple[DriftWatch | None, str | None]:
+        """The drift watch of a model being loaded, or None and why not.
 
-    def model_state(self, entry: ModelVersion, load_seconds: float | None = None) -> None:
-        """Record `entry`'s state: the ready gauge, the load time, and a fresh drift monitor once READY."""
-        key = (entry.name, entry.version)
-        ready = entry.state is ModelState.READY
-        self.metrics.set_model_state(entry.name, str(entry.version), ready=ready, load_seconds=load_seconds)
-        self._watches.pop(key, None)
-        self._no_drift.pop(key, None)
-        with self._queue_lock:  # the stats' coverage is that of the loaded version's monitor
-            self._coverage.pop(key, None)
-            self._inline.pop(key, None)
-        if not ready:
-            return
+        `statistics` is what `bn_export.verify.find_statistics` read from the graph (`FrozenStatistics`, or
+        a sentence saying why there are none); the watched input is the model's one input.
+        """
         if not self.drift:
-            self._no_drift[key] = "drift monitoring is off (BN_SERVE_DRIFT=false)"
-            return
+            return None, "drift monitoring is off (BN_SERVE_DRIFT=false)"
+        if isinstance(statistics, str):
+            return None, statistics
+        if len(input_names) != 1:
+            return None, f"drift is watched on a model's one input; this one has {len(input_names)}"
         try:
-            watch, reason = drift_watch(
-                entry.path,
-                f"model {entry.name!r} version {entry.version}",
+            monitor = DriftMonitor(
+                statistics.mean,
+                statistics.var,
+                statistics.eps,
+                axis=statistics.axis,
+                name=f"model {model!r} version {version}",
                 threshold=self.drift_threshold,
                 window=self.drift_window,
             )
-        except Exception as exc:  # the model serves without drift figures rather than not at all
-            watch, reason = None, f"reading the frozen statistics failed: {exc!r}"
-        if watch is None:
-            self._no_drift[key] = reason or "no frozen statistics"
-            log.warning("model %s version %d: no drift monitoring: %s", entry.name, entry.version, reason)
-            return
-        self._watches[key] = watch
-        self.metrics.observe_drift(entry.name, str(entry.version), watch.monitor.snapshot())
+        except InvalidInputError as exc:  # statistics the monitor cannot compare with
+            return None, f"the frozen statistics cannot be monitored: {exc}"
+        return DriftWatch(monitor, input_names[0], model, version), None
 
-    def model_removed(self, entry: ModelVersion) -> None:
-        """Forget an unloaded model version: its gauges stop being exported, its monitor is dropped."""
-        key = (entry.name, entry.version)
-        self._watches.pop(key, None)
-        self._no_drift.pop(key, None)
-        with self._queue_lock:
-            self._coverage.pop(key, None)
-            self._inline.pop(key, None)
-        self.metrics.forget_model(entry.name, str(entry.version))
+    def swapped(
+        self, old: Sequence[ModelVersion], new: Sequence[ModelVersion], *, export: bool = True
+    ) -> None:
+        """A model's versions `old` were replaced by `new` (committed): retire the old drift watches, drop
+        the old versions' series, and export the new ones' (unless `export` is False: an unload).
+
+        Under the apply lock, so neither a flush nor a scrape (`render`) sees half of it.
+        """
+        with self._apply_lock:
+            with self._queue_lock:
+                for entry in old:
+                    if entry.model is not None and entry.model.drift is not None:
+                        entry.model.drift.retired = True
+            for entry in old:
+                self.metrics.forget_model(entry.name, str(entry.version))
+            if not export:
+                return
+            for entry in new:
+                model, version = entry.name, str(entry.version)
+                ready = entry.model is not None
+                self.metrics.set_model_state(model, version, ready=ready, load_seconds=entry.load_seconds)
+                drift = entry.model.drift if entry.model is not None else None
+                if drift is not None:
+                    self.metrics.observe_drift(model, version, drift.monitor.snapshot())
+
+    def render(self) -> tuple[bytes, str]:
+        """`/metrics`: every input queued so far applied first, so a scrape sees every request answered
+        before it; never in the middle of a swap."""
+        with self._apply_lock:
+            self._flush_locked()
+            return self.metrics.render()
 
     @staticmethod
     def labels(repository: ModelRepository, name: str, version: str | None) -> tuple[str, str]:
@@ -335,29 +302,18 @@ class Observability:
 
     # -- runs --------------------------------------------------------------------------------------------
 
-    def queued(self, entry: ModelVersion, seconds: float) -> None:
-        """Record how long one request waited in the batch queue before the run that carried it began."""
-        self.metrics.observe_queue(entry.name, str(entry.version), seconds)
-
-    def ran(self, entry: ModelVersion, seconds: float, batch_size: int) -> None:
+    def ran(self, model: str, version: str, seconds: float, batch_size: int) -> None:
         """Record one onnxruntime run of `batch_size` samples that took `seconds`."""
-        self.metrics.observe_inference(entry.name, str(entry.version), seconds, batch_size)
+        self.metrics.observe_inference(model, version, seconds, batch_size)
 
-    def served(self, entry: ModelVersion, feeds: dict[str, NDArray[Any]], requests: int = 1) -> None:
-        """Sum the watched input of a run of `requests` served requests into its model's running sums when
-        small (O(C)), else queue it for the drift worker (O(1)); never blocks on the worker. Left out (and
+    def sample(self, watch: DriftWatch, array: NDArray[Any], requests: int = 1) -> None:
+        """Add the watched input `array` of a run of `requests` served requests to `watch`: summed here when
+        small (O(C)), else queued for the drift worker (O(1)); never blocks on the worker. Left out (and
         counted) while the CPU budget is spent or the queue is full.
 
         A queued array is kept by reference: callers must not write into it afterwards (decoded request
         arrays are never reused).
         """
-        key = (entry.name, entry.version)
-        watch = self._watches.get(key)
-        if watch is None:
-            return
-        array = feeds.get(watch.input_name)
-        if array is None:
-            return
         samples = int(array.shape[0]) if array.ndim else 1
         monitor = watch.monitor
         if (
@@ -366,86 +322,71 @@ class Observability:
             and array.shape[monitor.axis] == monitor.num_channels
             and array.dtype.kind in "fiu"
         ):
-            self._sum_inline(entry, monitor, array, requests, samples)
+            self._sum_inline(watch, array, requests, samples)
             return
         with self._queue_lock:
+            if watch.retired:
+                return
             if self._pending_bytes + array.nbytes > self.max_pending_bytes:
                 outcome: DriftOutcome = "dropped"
-                if self._coverage_locked(key).requests["dropped"] == 0:
+                if watch.coverage.requests["dropped"] == 0:
                     log.warning(
-                        "drift of model %s version %d: the worker is behind; inputs beyond %d queued bytes "
+                        "drift of model %s version %s: the worker is behind; inputs beyond %d queued bytes "
                         "are left out of the drift figures",
-                        entry.name,
-                        entry.version,
+                        watch.model,
+                        watch.version,
                         self.max_pending_bytes,
                     )
             else:
                 estimate = self._budget.admit(array.nbytes)
                 if estimate is not None:
                     self._pending_bytes += array.nbytes
-                    self._pending.append((key, array, requests, estimate))
+                    self._pending.append((watch, array, requests, estimate))
                     if 2 * self._pending_bytes > self.max_pending_bytes:
                         self._wake.set()
                     return
                 outcome = "skipped"
-            self._count_locked(key, outcome, requests, samples)
-        self.metrics.observe_drift_coverage(entry.name, str(entry.version), outcome, requests, samples)
+            self._count_locked(watch, outcome, requests, samples)
 
-    def _sum_inline(
-        self, entry: ModelVersion, monitor: DriftMonitor, x: NDArray[Any], requests: int, samples: int
-    ) -> None:
-        """Add the per-channel sums of a small `x: (N, ..., C at axis, ...)` to its model's running sums,
+    def _sum_inline(self, watch: DriftWatch, x: NDArray[Any], requests: int, samples: int) -> None:
+        """Add the per-channel sums of a small `x: (N, ..., C at axis, ...)` to `watch`'s running sums,
         charging the CPU they took (this thread's own) to the budget like the worker's."""
-        key = (entry.name, entry.version)
         with self._queue_lock:
+            if watch.retired:
+                return
             estimate = self._budget.admit(x.nbytes)
-            if estimate is not None:
-                by_dtype = self._inline.setdefault(key, {})
-                sums = by_dtype.get(x.dtype.str)
-                if sums is None:
-                    sums = by_dtype[x.dtype.str] = _Sums(monitor, x.dtype)
-                shift = sums.shift
-            else:
-                self._count_locked(key, "skipped", requests, samples)
-                sums = None
-        if estimate is None or sums is None:
-            self.metrics.observe_drift_coverage(entry.name, str(entry.version), "skipped", requests, samples)
-            return
+            if estimate is None:
+                self._count_locked(watch, "skipped", requests, samples)
+                return
+            sums = watch.sums.get(x.dtype.str)
+            if sums is None:
+                sums = watch.sums[x.dtype.str] = ShiftedSums(watch.monitor.moving_mean, x.dtype)
+            shift = sums.shift
         started = time.thread_time()
-        axis = monitor.axis
-        view = x.reshape(math.prod(x.shape[:axis]), x.shape[axis], math.prod(x.shape[axis + 1 :]))
-        with np.errstate(invalid="ignore", over="ignore"):  # NaN/Inf show in the sums, checked below
-            d = view - shift[:, None]  # float64, exact: x and the shift are on one grid
-            s1 = np.add.reduce(d, axis=(0, 2))
-            s2 = np.einsum("acb,acb->c", d, d)
-            finite = bool(np.isfinite(s2).all())
+        n, s1, s2 = shifted_sums(x, watch.monitor.axis, shift)
+        finite = bool(np.isfinite(s2).all())  # NaN/Inf anywhere in x show here
         spent = time.thread_time() - started
         with self._queue_lock:
             # Settled as work on no bytes: the cost per byte the budget learns is the worker's, which
             # small inputs' per-call overhead would swing.
             self._budget.settle(0, estimate, spent)
-            sums.add(view.shape[0] * view.shape[2], shift, s1, s2, requests, samples, finite=finite)
+            pending = watch.pending
+            if finite:
+                sums.add(n, shift, s1, s2)
+                pending[0] += requests
+                pending[1] += samples
+            else:
+                pending[2] += requests
+                pending[3] += samples
+                pending[4] += 1
+            self._summed.add(watch)
 
-    def _take_inline_locked(self) -> list[tuple[tuple[str, int], _Sums, Moments | None, list[int]]]:
-        """Every model version's running sums so far, as moments with their counts; reset for what follows."""
-        taken = []
-        for key, by_dtype in self._inline.items():
-            for sums in by_dtype.values():
-                moments, counts = sums.take()
-                if any(counts):
-                    taken.append((key, sums, moments, counts))
-        return taken
-
-    def _coverage_locked(self, key: tuple[str, int]) -> Coverage:
-        coverage = self._coverage.get(key)
-        if coverage is None:
-            coverage = self._coverage[key] = Coverage()
-        return coverage
-
-    def _count_locked(self, key: tuple[str, int], outcome: DriftOutcome, requests: int, samples: int) -> None:
-        coverage = self._coverage_locked(key)
-        coverage.requests[outcome] += requests
-        coverage.samples[outcome] += samples
+    def _count_locked(self, watch: DriftWatch, outcome: DriftOutcome, requests: int, samples: int) -> None:
+        """Count requests left out of (or added to) `watch`'s figures, in its stats and its counters."""
+        watch.coverage.requests[outcome] += requests
+        watch.coverage.samples[outcome] += samples
+        if not watch.retired:
+            self.metrics.observe_drift_coverage(watch.model, watch.version, outcome, requests, samples)
 
     def flush(self) -> None:
         """Apply every input queued so far to its monitor, one merge per model; charge the CPU it took.
@@ -454,39 +395,37 @@ class Observability:
         input) with the GIL released between chunks, so a request never waits behind more than one chunk.
         """
         with self._apply_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        with self._queue_lock:
+            remaining = len(self._pending)
+            summed, self._summed = self._summed, set()
+            inline = []
+            for watch in summed:
+                parts = [moments for sums in watch.sums.values() if (moments := sums.take()) is not None]
+                counts, watch.pending = watch.pending, [0, 0, 0, 0, 0]
+                inline.append((watch, parts, counts))
+        tallies: dict[DriftWatch, _Tally] = {}
+        for watch, parts, counts in inline:
+            tallies.setdefault(watch, _Tally(watch.monitor)).add_sums(parts, counts)
+        while remaining:
+            started = time.thread_time()
             with self._queue_lock:
-                remaining = len(self._pending)
-                inline = self._take_inline_locked()
-            tallies: dict[tuple[str, int], _Tally] = {}
-            for key, sums, moments, counts in inline:
-                watch = self._watches.get(key)
-                if watch is None or watch.monitor is not sums.monitor:  # summed for an unloaded version
-                    continue
-                tally = tallies.get(key)
-                if tally is None:
-                    tally = tallies[key] = _Tally(watch.monitor)
-                tally.add_sums(moments, counts)
-            while remaining:
-                started = time.thread_time()
-                with self._queue_lock:
-                    chunk, nbytes, estimated = self._take_locked(remaining)
-                remaining -= len(chunk)
-                for unit in _units(chunk):
-                    key = unit[0][0]
-                    watch = self._watches.get(key)
-                    if watch is None:  # unloaded or reloaded since: these inputs belong to no monitor
-                        continue
-                    tally = tallies.get(key)
-                    if tally is None:
-                        tally = tallies[key] = _Tally(watch.monitor)
-                    tally.add(unit)
-                spent = time.thread_time() - started
-                with self._queue_lock:
-                    self._budget.settle(nbytes, estimated, spent)
-                if remaining:
-                    time.sleep(_YIELD_S)
-            for key, tally in tallies.items():
-                self._apply(key, tally)
+                chunk, nbytes, estimated = self._take_locked(remaining)
+            remaining -= len(chunk)
+            for unit in _units(chunk):
+                watch = unit[0][0]
+                if not watch.retired:  # else unloaded or reloaded since: these inputs go nowhere
+                    tallies.setdefault(watch, _Tally(watch.monitor)).add(unit)
+            spent = time.thread_time() - started
+            with self._queue_lock:
+                self._budget.settle(nbytes, estimated, spent)
+            if remaining:
+                time.sleep(_YIELD_S)
+        for watch, tally in tallies.items():
+            if not watch.retired:
+                self._apply(watch, tally)
 
     def _take_locked(self, limit: int) -> tuple[list[_Queued], int, float]:
         """The next chunk to sum, its bytes and the CPU seconds charged for it: the oldest queued inputs up
@@ -502,30 +441,27 @@ class Observability:
         self._pending_bytes -= nbytes
         return chunk, nbytes, estimated
 
-    def _apply(self, key: tuple[str, int], tally: _Tally) -> None:
-        """Merge one model version's tally into its monitor, export the figures, count the requests."""
+    def _apply(self, watch: DriftWatch, tally: _Tally) -> None:
+        """Merge one watch's tally into its monitor, export the figures, count the requests."""
         monitor = tally.monitor
         merged = merge_all(tally.parts) if tally.parts else Moments.empty(monitor.num_channels)
         snapshot = monitor.add(merged, tally.counts["covered"][1], skipped_batches=tally.non_finite)
-        model, version = key[0], str(key[1])
-        self.metrics.observe_drift(model, version, snapshot)
+        self.metrics.observe_drift(watch.model, watch.version, snapshot)
         with self._queue_lock:
             for outcome, (requests, samples) in tally.counts.items():
-                self._count_locked(key, outcome, requests, samples)
-        for outcome, (requests, samples) in tally.counts.items():
-            self.metrics.observe_drift_coverage(model, version, outcome, requests, samples)
+                self._count_locked(watch, outcome, requests, samples)
 
     def drift_stats(self, entry: ModelVersion) -> dict[str, Any]:
         """The JSON body of `GET /v2/models/{name}[/versions/{v}]/stats` (after a `flush`)."""
-        key = (entry.name, entry.version)
         body: dict[str, Any] = {"name": entry.name, "version": str(entry.version), "state": entry.state.value}
-        watch = self._watches.get(key)
-        if watch is None:
-            reason = self._no_drift.get(key) or f"the model is {entry.state.value.lower()}"
-            return {**body, "drift": None, "reason": reason}
+        model = entry.model
+        if model is None or model.drift is None:
+            reason = model.drift_reason if model is not None else None
+            return {**body, "drift": None, "reason": reason or f"the model is {entry.state.value.lower()}"}
+        watch = model.drift
         snapshot: DriftSnapshot = watch.monitor.snapshot()
         with self._queue_lock:
-            coverage = self._coverage_locked(key).to_json()
+            coverage = watch.coverage.to_json()
         return {
             **body,
             "input": watch.input_name,
@@ -537,8 +473,9 @@ class Observability:
         }
 
 
-_Queued = tuple[tuple[str, int], NDArray[Any], int, float]
-"""A queued input: (model key, the watched input array, requests in its run, CPU seconds charged for it)."""
+_Queued = tuple[DriftWatch, NDArray[Any], int, float]
+"""A queued input: (its model's drift watch, the watched input array, requests in its run, CPU seconds
+charged for it)."""
 
 
 class _Tally:
@@ -567,10 +504,9 @@ class _Tally:
         counts[0] += sum(requests for _, _, requests, _ in unit)
         counts[1] += int(batch.shape[0]) if batch.ndim else 1
 
-    def add_sums(self, moments: Moments | None, counts: list[int]) -> None:
-        """Add the moments and counts taken from a `_Sums`."""
-        if moments is not None:
-            self.parts.append(moments)
+    def add_sums(self, parts: list[Moments], counts: list[int]) -> None:
+        """Add the moments and counts taken from a watch's running sums."""
+        self.parts.extend(parts)
         covered, unusable = self.counts["covered"], self.counts["unusable"]
         covered[0] += counts[0]
         covered[1] += counts[1]
@@ -579,76 +515,10 @@ class _Tally:
         self.non_finite += counts[4]
 
 
-class _Sums:
-    """One model version's running per-channel float64 sums of its small inputs of one dtype, about a shift
-    `k: (C,)` on that dtype's grid (the frozen mean at first), and the requests and samples behind them:
-
-        n = values per channel,  s1 = Σ(x-k),  s2 = Σ(x-k)²  ->  mean = k + s1/n,  M2 = s2 - s1²/n
-
-    the sums `shifted_moments` takes over a chunk. Unlike a chunk, the inputs are gone when `s2 > 64·M2`
-    (they sit over 8 of their std from k) shows: that flush's M2 keeps ~2^-53·s2/M2 relative error (1e-13
-    at 30 std), and `take` moves k to their mean for the sums that follow. Not thread-safe: the caller
-    holds a lock.
-    """
-
-    __slots__ = ("counts", "dtype", "monitor", "n", "s1", "s2", "shift")
-
-    def __init__(self, monitor: DriftMonitor, dtype: np.dtype[Any]) -> None:
-        self.monitor = monitor
-        self.dtype = dtype
-        self.shift = on_grid(monitor.moving_mean, dtype)
-        self.n = 0
-        self.s1 = np.zeros(monitor.num_channels)
-        self.s2 = np.zeros(monitor.num_channels)
-        # covered requests and samples, unusable requests and samples, inputs left out for NaN/Inf
-        self.counts = [0, 0, 0, 0, 0]
-
-    def add(
-        self,
-        n: int,
-        shift: NDArray[np.float64],
-        s1: NDArray[np.float64],
-        s2: NDArray[np.float64],
-        requests: int,
-        samples: int,
-        *,
-        finite: bool,
-    ) -> None:
-        """Add sums over `n` values per channel about `shift` (when not `finite`, only count them)."""
-        if not finite:
-            self.counts[2] += requests
-            self.counts[3] += samples
-            self.counts[4] += 1
-            return
-        if shift is not self.shift:  # summed about the shift that `take` has moved since: re-centre
-            delta = shift - self.shift
-            s2 = s2 + 2.0 * delta * s1 + n * delta * delta
-            s1 = s1 + n * delta
-        self.n += n
-        self.s1 += s1
-        self.s2 += s2
-        self.counts[0] += requests
-        self.counts[1] += samples
-
-    def take(self) -> tuple[Moments | None, list[int]]:
-        """The moments summed so far (None without any) and the counts behind them; starts afresh."""
-        counts, self.counts = self.counts, [0, 0, 0, 0, 0]
-        if self.n == 0:
-            return None, counts
-        n, s1, s2 = self.n, self.s1, self.s2
-        m2 = s2 - s1 * s1 / n
-        # Rounding can push a constant channel's M2 just below 0.
-        moments = Moments(n, self.shift + s1 / n, np.maximum(m2, 0.0))
-        if np.any(s2 > CANCELLATION * m2):
-            self.shift = on_grid(np.asarray(moments.mean, dtype=np.float64), self.dtype)
-        self.n, self.s1, self.s2 = 0, np.zeros_like(s1), np.zeros_like(s2)
-        return moments, counts
-
-
 def _units(chunk: list[_Queued]) -> list[list[_Queued]]:
     """`chunk` in summing units: small inputs grouped by model, sample shape and dtype (stacked, one pass for
     many), each large one alone (a stacked copy would cost memory and time for nothing)."""
-    small: dict[tuple[tuple[str, int], tuple[int, ...], np.dtype[Any]], list[_Queued]] = {}
+    small: dict[tuple[DriftWatch, tuple[int, ...], np.dtype[Any]], list[_Queued]] = {}
     units: list[list[_Queued]] = []
     for queued in chunk:
         key, array = queued[0], queued[1]

@@ -1,4 +1,5 @@
-"""Models on disk: a Triton-style repository `DIR/<name>/<version>/model.onnx`, or one file, and their state.
+"""Models on disk: a Triton-style repository `DIR/<name>/<version>/model.onnx`, or one file, and what each
+version's load made of it.
 
 Names and versions come from directory names and from URLs, so both are validated: a name is 1-128 of
 `[A-Za-z0-9_.-]` starting with a letter or digit (so never `.`, `..` or a path), a version is a decimal
@@ -14,10 +15,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.errors import ConfigurationError, ModelNotFound
-from service.runtime import Session
+
+if TYPE_CHECKING:
+    from service.model import LoadedModel
+    from service.runtime import Session
 
 log = logging.getLogger("bn_serve")
 
@@ -41,17 +45,39 @@ class ModelState(str, enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelVersion:
-    """One version of one model and what its load made of it; mutated only by the loader."""
+    """One version of one model as the repository holds it: where it is on disk and what its load made of
+    it, READY with its `LoadedModel`, or LOADING/UNAVAILABLE with the reason. Never changed: a load or an
+    unload builds new entries and swaps them in (`ModelRepository.replace`)."""
 
     name: str
     version: int
     path: Path
     state: ModelState = ModelState.LOADING
     reason: str | None = None
-    session: Session | None = None
-    verification: dict[str, Any] | None = field(default=None, repr=False)
+    model: LoadedModel | None = field(default=None, repr=False)
+    load_seconds: float | None = None
+
+    @property
+    def session(self) -> Session | None:
+        return None if self.model is None else self.model.session
+
+    @property
+    def verification(self) -> dict[str, Any] | None:
+        return None if self.model is None else self.model.verification
+
+    @property
+    def model_directory(self) -> Path | None:
+        """`DIR/<name>` of a repository entry (`DIR/<name>/<version>/model.onnx`); None for a single file."""
+        path = self.path
+        if (
+            path.name == MODEL_FILE
+            and path.parent.name == str(self.version)
+            and path.parent.parent.name == self.name
+        ):
+            return path.parent.parent
+        return None
 
 
 class ModelRepository:
@@ -92,6 +118,11 @@ class ModelRepository:
         repository = cls([ModelVersion(path.stem, 1, path)])
         repository.file = path
         return repository
+
+    def held(self, name: str) -> list[ModelVersion]:
+        """The entries of model `name`, by version ascending; [] for a model not held."""
+        versions = self._models.get(name, {})
+        return [versions[v] for v in sorted(versions)]
 
     def names(self) -> list[str]:
         """The names of the models held, sorted."""

@@ -94,7 +94,7 @@ class Session:
     """One loaded ONNX model on onnxruntime. `run` is thread-safe and releases the GIL.
 
     Built from `data`, the file's bytes when given (so the graph served is the graph verified, whatever
-    happens to the file later), else from `path`; `path` names the model in errors.
+    happens to the file later), else from `path`; errors name the file, not where it is on the server.
     """
 
     def __init__(
@@ -112,7 +112,7 @@ class Session:
                 providers=exact_providers(providers),
             )
         except Exception as exc:  # onnxruntime raises its own untyped errors for unreadable graphs
-            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from None
+            raise ModelLoadError(f"onnxruntime cannot load {path.name}: {exc}") from None
         self.providers: list[str] = list(self._session.get_providers())
         self.inputs = [_spec(node) for node in self._session.get_inputs()]
         self.outputs = [_spec(node) for node in self._session.get_outputs()]

@@ -4,21 +4,28 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from service.errors import ModelLoadError
 
 
-def verify_frozen(path: Path, providers: Sequence[str], data: bytes | None = None) -> dict[str, Any]:
-    """Run `bn_export.verify.verify_model` on the model at `path`; its report as a dict when it passed.
+def parse_model(data: bytes, what: str) -> Any:
+    """The ONNX ModelProto in `data` (the bytes of `what`, e.g. "model 'digits' version 1");
+    `ModelLoadError` when it is not one."""
+    import onnx  # with the models, not with the service
 
-    `data`, when given, is the model's bytes already read from `path`: that is what gets verified, so the
-    check and the session built from the same bytes cannot see two different files.
+    try:
+        return onnx.load_model_from_string(data)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors: all mean "not ONNX"
+        raise ModelLoadError(f"{what} is not an ONNX model: {exc}") from None
+
+
+def verify_frozen(model: Any, providers: Sequence[str], what: str) -> dict[str, Any]:
+    """Run `bn_export.verify.verify_model` on `model` (a parsed ModelProto, the very bytes the session was
+    built from); its report as a dict when it passed.
 
     Raises `ModelLoadError` with the failed checks when the graph normalizes with batch statistics (or fails
-    any other check), when the file is not ONNX, or when the check itself is not installed: a model is never
-    served unverified.
+    any other check), or when the check itself is not installed: a model is never served unverified.
     """
     try:
         # Imported when a model loads, not with the service, so that the service runs without it installed
@@ -31,22 +38,11 @@ def verify_frozen(path: Path, providers: Sequence[str], data: bytes | None = Non
     from bn_export.errors import BnExportError
 
     try:
-        model: Any = path if data is None else _parse(path, data)
         report = verify_model(model, providers=list(providers))
     except BnExportError as exc:
-        raise ModelLoadError(f"{path} failed verification: {exc}") from None
+        raise ModelLoadError(f"{what} failed verification: {exc}") from None
     if not report.passed:
         failed = "; ".join(f"{c.name}: {c.detail}" for c in report.checks if not c.passed)
         raise ModelLoadError(f"refused: the graph does not pass the frozen-statistics checks ({failed})")
     result: dict[str, Any] = report.to_dict()
     return result
-
-
-def _parse(path: Path, data: bytes) -> Any:
-    """The ONNX ModelProto in `data`; `ModelLoadError` when it is not one."""
-    import onnx
-
-    try:
-        return onnx.load_model_from_string(data)
-    except Exception as exc:  # protobuf's DecodeError and onnx's own errors: all mean "not ONNX"
-        raise ModelLoadError(f"{path} is not an ONNX model: {exc}") from None

@@ -22,6 +22,7 @@ from onnx import TensorProto, helper, numpy_helper
 from service.batching import Batcher, BatchPolicy, model_directory, read_policy
 from service.errors import InvalidInput, ModelLoadError
 from service.inference import InferenceCore, InferRequest, InferResponse
+from service.model import LoadedModel
 from service.repository import ModelRepository, ModelState, ModelVersion
 from service.runtime import CPU, Session
 from tests.service.conftest import (
@@ -139,14 +140,13 @@ class RecordingCore(InferenceCore):
 
     def run(
         self,
-        entry: ModelVersion,
-        session: Session,
+        model: LoadedModel,
         output_names: list[str],
         feeds: dict[str, NDArray[Any]],
         requests: int = 1,
     ) -> list[NDArray[Any]]:
         self.elements.append(sum(a.size for a in feeds.values()))
-        return super().run(entry, session, output_names, feeds, requests)
+        return super().run(model, output_names, feeds, requests)
 
 
 def test_max_batch_elements_bounds_every_merged_run(repository: Any, executor: ThreadPoolExecutor) -> None:
@@ -156,7 +156,7 @@ def test_max_batch_elements_bounds_every_merged_run(repository: Any, executor: T
     batches = samples(seed=6, count=40)  # 1 to 9 rows of 4 channels: 4 to 36 elements each
     batches.append(np.ones((12, 4), np.float32))  # 48 elements: over the cap, runs alone
     limit = 40
-    batcher = Batcher(core=recording, executor=executor, default=MERGING, max_batch_elements=limit)
+    batcher = Batcher(core=recording, executor=executor, policy=MERGING, max_batch_elements=limit)
     responses = serve_concurrently(batcher, recording, [request(x) for x in batches])
     merged = [e for e in recording.elements if e <= limit]
     assert len(recording.elements) == batcher.runs < len(batches), "concurrent requests were not merged"
@@ -222,7 +222,8 @@ def test_a_failed_merged_run_fails_only_the_request_that_caused_it(
     # in the repository as loaded on purpose, to make a merged run fail at run time.
     path = tmp_path / "gather" / "1" / "model.onnx"
     path.parent.mkdir(parents=True)
-    entry = ModelVersion("gather", 1, path, state=ModelState.READY, session=gather_model(path))
+    loaded = LoadedModel("gather", 1, gather_model(path), {}, MERGING, None, "not watched", ("gather", "1"))
+    entry = ModelVersion("gather", 1, path, state=ModelState.READY, model=loaded)
     gather_core = InferenceCore(ModelRepository([entry]), providers=[CPU], intra_op_threads=1)
     inputs = [np.full((2, 4), i % 10, dtype=np.float32) for i in range(12)]
     inputs[5][1, 3] = np.float32(40.0)  # out of the table: this request's run fails, alone or merged

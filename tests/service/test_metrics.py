@@ -85,17 +85,15 @@ def test_latency_lands_in_the_buckets_around_it_from_microseconds_to_seconds() -
     }
 
 
-def test_batch_sizes_and_queue_waits_are_recorded_per_model_version() -> None:
+def test_batch_sizes_are_recorded_per_model_version() -> None:
     metrics = ServiceMetrics()
     for size in (1, 3, 64):
         metrics.observe_inference("digits", "1", 0.001, batch_size=size)
-    metrics.observe_queue("digits", "1", 0.002)
     name = "bn_serve_batch_size_samples"
     assert value(metrics, f"{name}_bucket", model="digits", version="1", le="2.0") == 1
     assert value(metrics, f"{name}_bucket", model="digits", version="1", le="4.0") == 2
     assert value(metrics, f"{name}_bucket", model="digits", version="1", le="64.0") == 3
     assert value(metrics, f"{name}_sum", model="digits", version="1") == 68
-    assert value(metrics, "bn_serve_queue_seconds_count", model="digits", version="1") == 1
 
 
 def test_in_flight_counts_the_open_blocks_and_returns_to_zero_after_an_error() -> None:
