@@ -16,8 +16,10 @@ from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import UNKNOWN_MODEL
-from service.observability import CpuBudget, Observability
+from service.model import LoadOptions, load_model
+from service.observability import CpuBudget, DriftWatch, Observability
 from service.repository import ModelState, ModelVersion
+from service.runtime import CPU
 from tests.service.conftest import CHANNELS, FrozenParams, InProcess, Repository
 
 # The layer's epsilon as the graph stores it (a float32 attribute), which is what the monitor reads.
@@ -298,12 +300,11 @@ def test_drift_off_by_environment_leaves_no_drift_figures(
 
 
 def test_a_full_drift_queue_drops_inputs_and_counts_them(repository: Repository) -> None:
-    entry = ModelVersion("frozen", 1, repository.root / "frozen" / "1" / "model.onnx", ModelState.READY)
     x = np.ones((8, CHANNELS), dtype=np.float32)  # 128 bytes
     observability = Observability(max_pending_bytes=3 * x.nbytes, inline_values=0)  # every input queued
-    observability.model_state(entry, load_seconds=0.5)
+    entry = _loaded(repository, observability)
     for _ in range(5):
-        observability.served(entry, {"input": x})
+        observability.sample(_watch(entry), x)
     observability.flush()
     stats = observability.drift_stats(entry)
     assert (stats["drift"]["samples"], stats["dropped_batches"]) == (24, 2)
@@ -358,8 +359,21 @@ def test_cpu_budget_refills_at_its_fraction_up_to_one_second_of_it() -> None:
     assert budget.credit == pytest.approx(0.1)
 
 
-def _entry(repository: Repository) -> ModelVersion:
-    return ModelVersion("frozen", 1, repository.root / "frozen" / "1" / "model.onnx", ModelState.READY)
+def _loaded(repository: Repository, observability: Observability, version: int = 1) -> ModelVersion:
+    """Version `version` of the repository's model loaded with `observability`'s drift, and swapped in."""
+    path = repository.root / "frozen" / str(version) / "model.onnx"
+    options = LoadOptions([CPU], 1, observability=observability)
+    entry = ModelVersion(
+        "frozen", version, path, ModelState.READY, model=load_model("frozen", version, path, None, options)
+    )
+    observability.swapped([], [entry])
+    return entry
+
+
+def _watch(entry: ModelVersion) -> DriftWatch:
+    assert entry.model is not None
+    assert entry.model.drift is not None
+    return entry.model.drift
 
 
 def _serve_one_by_one(
@@ -369,7 +383,7 @@ def _serve_one_by_one(
     outcomes = []
     for x in runs:
         before = observability.drift_stats(entry)["coverage"]
-        observability.served(entry, {"input": x})
+        observability.sample(_watch(entry), x)
         observability.flush()
         after = observability.drift_stats(entry)["coverage"]
         (moved,) = [o for o in after if after[o]["requests"] != before[o]["requests"]]
@@ -381,9 +395,8 @@ def _serve_one_by_one(
 def test_over_budget_whole_requests_are_skipped_and_counted(repository: Repository) -> None:
     # A millionth of a core: the first request is admitted on the initial credit, its cost overdraws the
     # budget for far longer than this test, so every later one is skipped whole.
-    entry = _entry(repository)
     observability = Observability(max_cpu_fraction=1e-6)
-    observability.model_state(entry, load_seconds=0.5)
+    entry = _loaded(repository, observability)
     rng = np.random.default_rng(8)
     runs = [served_inputs(repository.params[1], rng, n, shift_std=0.5) for n in (5, 3, 9, 1)]
     assert _serve_one_by_one(observability, entry, runs) == ["covered", "skipped", "skipped", "skipped"]
@@ -403,9 +416,8 @@ def test_the_figures_are_exact_over_the_covered_requests_whichever_the_budget_co
 ) -> None:
     # Two thousandths of a core covers some of these requests and skips others, depending on the machine:
     # whichever they are, the figures are those of exactly the covered ones.
-    entry = _entry(repository)
     observability = Observability(max_cpu_fraction=2e-3)
-    observability.model_state(entry, load_seconds=0.5)
+    entry = _loaded(repository, observability)
     rng = np.random.default_rng(9)
     params = repository.params[1]
     runs = [served_inputs(params, rng, int(n), shift_std=0.3) for n in rng.integers(1, 200, size=40)]
@@ -453,20 +465,15 @@ def test_one_flush_over_many_chunks_is_exact(repository: Repository) -> None:
     # 3,000 one-row requests (16 bytes each: several chunks of stacked inputs) and three requests over a
     # chunk (alone each), for two versions at once: the figures are those of every row, whatever the chunks.
     rng = np.random.default_rng(11)
-    entries = {
-        v: ModelVersion("frozen", v, repository.root / "frozen" / str(v) / "model.onnx") for v in (1, 2)
-    }
     # The whole core: every request is covered; every input is queued, none summed where served.
     observability = Observability(max_cpu_fraction=1.0, inline_values=0)
+    entries = {v: _loaded(repository, observability, v) for v in (1, 2)}
     served: dict[int, list[NDArray[Any]]] = {1: [], 2: []}
-    for entry in entries.values():
-        entry.state = ModelState.READY
-        observability.model_state(entry, load_seconds=0.5)
     sizes = [1] * 3000 + [4096, 1, 5000, 2048]
     for i, n in enumerate(sizes):
         version = 1 + i % 2
         x = served_inputs(repository.params[version], rng, n, shift_std=0.2)
-        observability.served(entries[version], {"input": x})
+        observability.sample(_watch(entries[version]), x)
         served[version].append(x)
 
     observability.flush()
@@ -488,16 +495,15 @@ def test_small_inputs_summed_where_served_give_the_float64_figures_of_every_row(
     # Requests of 1-40 rows (at most 160 values: all summed where served, none queued) over three flushes,
     # near the frozen mean and 30 std away from it (past the cancellation bound: the running sums move
     # their shift to the inputs' mean after the first flush): the figures are those of every row.
-    entry = _entry(repository)
     params = repository.params[1]
     observability = Observability(max_cpu_fraction=1.0, inline_values=CHANNELS * 40)
-    observability.model_state(entry, load_seconds=0.5)
+    entry = _loaded(repository, observability)
     rng = np.random.default_rng(12)
     served = []
     for _ in range(3):
         for n in rng.integers(1, 41, size=200):
             x = served_inputs(params, rng, int(n), shift_std=shift_std)
-            observability.served(entry, {"input": x})
+            observability.sample(_watch(entry), x)
             served.append(x)
         assert not observability._pending  # nothing was left to the worker
         observability.flush()
@@ -515,17 +521,16 @@ def test_small_inputs_summed_where_served_give_the_float64_figures_of_every_row(
 
 
 def test_small_inputs_holding_nan_are_counted_unusable_and_left_out(repository: Repository) -> None:
-    entry = _entry(repository)
     params = repository.params[1]
     observability = Observability(max_cpu_fraction=1.0)
-    observability.model_state(entry, load_seconds=0.5)
+    entry = _loaded(repository, observability)
     rng = np.random.default_rng(13)
     good = served_inputs(params, rng, 150, shift_std=0.5)
     bad = served_inputs(params, rng, 3, shift_std=0.5)
     bad[1, 2] = np.nan
-    observability.served(entry, {"input": good[:100]})
-    observability.served(entry, {"input": bad})
-    observability.served(entry, {"input": good[100:]})
+    observability.sample(_watch(entry), good[:100])
+    observability.sample(_watch(entry), bad)
+    observability.sample(_watch(entry), good[100:])
     observability.flush()
 
     stats = observability.drift_stats(entry)
