@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import tritonclient.http as triton
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
@@ -107,6 +108,56 @@ def test_a_refused_reload_changes_nothing_and_the_old_version_serves_on(
     assert "keeps serving" in response.json()["error"]
     assert serves(client, A)
     assert client.get("/v2/models/m/ready").status_code == 200
+
+
+def ready_gauge(client: Any) -> list[float]:
+    """The values of `bn_serve_model_ready{model="m",version="1"}` in a scrape ([] when not exported)."""
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    labels = {"model": "m", "version": "1"}
+    return [
+        s.value
+        for f in families
+        for s in f.samples
+        if s.name == "bn_serve_model_ready" and s.labels == labels
+    ]
+
+
+def test_after_a_refused_reload_the_model_stays_ready_and_its_drift_measured(
+    serve: Any, models: Path
+) -> None:
+    client = serve()
+    output_of(client)
+    path = models / "m" / "1" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    assert client.post("/v2/repository/models/m/load").status_code == 400
+    assert ready_gauge(client) == [1.0]
+    assert client.get("/v2/health/ready").status_code == 200
+    output_of(client)
+    drift = client.get("/v2/models/m/stats").json()["drift"]
+    assert drift is not None
+    assert drift["samples"] == 2 * len(X)
+
+
+def test_after_unload_the_ready_gauge_is_gone(serve: Any) -> None:
+    client = serve()
+    assert ready_gauge(client) == [1.0]
+    assert client.post("/v2/repository/models/m/unload").status_code == 200
+    assert ready_gauge(client) == []
+    assert client.post("/v2/repository/models/m/load").status_code == 200
+    assert ready_gauge(client) == [1.0]
+
+
+def test_a_bad_config_json_refuses_the_load_with_400_and_the_old_version_serves_on(
+    serve: Any, models: Path
+) -> None:
+    client = serve()
+    (models / "m" / "config.json").write_text('{"max_batch_size": "lots"}')
+    response = client.post("/v2/repository/models/m/load")
+    assert response.status_code == 400
+    assert "m/config.json" in response.json()["error"]
+    assert str(models) not in response.json()["error"]
+    assert serves(client, A)  # and on every request: the file is not read per request
+    assert client.post(INFER, json=BODY).status_code == 200
 
 
 def test_a_reload_refused_in_one_version_keeps_every_old_version(serve: Any, models: Path) -> None:
