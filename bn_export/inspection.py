@@ -10,6 +10,7 @@ import numpy as np
 from numpy.typing import NDArray
 from onnx import numpy_helper
 
+from bn_export.layer import folded_scale_shift
 from bn_export.verify import FrozenStatistics, find_statistics, load_model
 
 
@@ -73,8 +74,7 @@ def inspect_model(model: Any | str | os.PathLike[str]) -> ModelSummary:
         shift = numpy_helper.to_array(initializers["shift"]).astype(np.float64).reshape(-1)
     elif stats is not None:
         with np.errstate(all="ignore"):  # negative variances show up as NaN scales, which is the point
-            scale = stats.gamma / np.sqrt(stats.var + stats.eps)
-        shift = stats.beta - stats.mean * scale
+            scale, shift = folded_scale_shift(stats.gamma, stats.beta, stats.mean, stats.var, stats.eps)
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return ModelSummary(
         model=name,

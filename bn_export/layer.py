@@ -184,6 +184,20 @@ def inference_forward(
     return y.astype(data.dtype if dtype is None else dtype, copy=False)
 
 
+def folded_scale_shift(
+    gamma: ArrayLike, beta: ArrayLike, mean: ArrayLike, var: ArrayLike, eps: float
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """The frozen formula folded into `y = x*scale + shift`, both (C,) float64:
+
+        scale = gamma/sqrt(var + eps),  shift = beta - mean*scale
+
+    No checks: a negative variance gives NaN scales, which inspection reports as such.
+    """
+    g, b, m, v = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+    scale = g / np.sqrt(v + float(eps))
+    return scale, b - m * scale
+
+
 @dataclass(frozen=True)
 class TrainingCache:
     """What `backward` needs from a training forward.

@@ -36,6 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bn_export import __version__
 from bn_export.checkpoint import Checkpoint
 from bn_export.errors import ExportError
+from bn_export.layer import folded_scale_shift
 
 Form = Literal["batchnorm", "folded"]
 Dtype = Literal["float32", "float16", "float64"]
@@ -69,14 +70,9 @@ def ir_version_for(opset: int) -> int:
 
 
 def folded_parameters(checkpoint: Checkpoint) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    """`scale = gamma/sqrt(moving_var + eps)`, `shift = beta - moving_mean*scale`, both (C,) float64."""
-    gamma = np.asarray(checkpoint.gamma, dtype=np.float64)
-    var = np.asarray(checkpoint.moving_var, dtype=np.float64)
-    scale = gamma / np.sqrt(var + float(checkpoint.eps))
-    shift = (
-        np.asarray(checkpoint.beta, dtype=np.float64) - np.asarray(checkpoint.moving_mean, np.float64) * scale
-    )
-    return scale, shift
+    """The checkpoint's frozen formula as `scale`, `shift` (C,) float64 (`layer.folded_scale_shift`)."""
+    c = checkpoint
+    return folded_scale_shift(c.gamma, c.beta, c.moving_mean, c.moving_var, c.eps)
 
 
 def layout_name(axis: int, rank: int) -> str:

@@ -59,7 +59,7 @@ log = logging.getLogger("bn_serve")
 
 CONFIG_FILE = "config.json"
 # Runs on at most this many input elements go on the event loop itself: for them, handing the run to a
-# thread and back (two context switches, ~50-100 µs under load) costs more than the run.
+# thread and back (two context switches; measured in benchmarks/README.md) costs more than the run.
 INLINE_MAX_ELEMENTS = 16 * 1024
 
 T = TypeVar("T")

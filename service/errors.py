@@ -1,4 +1,4 @@
-"""The errors the service raises on purpose. No HTTP here: `service.app` maps each class to a status code."""
+"""The errors the service raises on purpose. No HTTP here: `service.http_errors` maps each to a status."""
 
 from __future__ import annotations
 

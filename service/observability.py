@@ -1,18 +1,21 @@
-"""What the server reports about itself: Prometheus metrics and, per model, the drift of its served inputs.
+"""What the server reports about itself: plain Prometheus metrics (`service.metrics`) and a drift sampler.
 
-`Observability` belongs to one app. The core tells it when a model's state changes and what each run
-served; the HTTP layer counts requests and serves `/metrics` and `/v2/models/{name}/stats` from it.
+`Observability` belongs to one app and holds no model state: each loaded model carries its own
+`DriftWatch` (built here at its load, with the model). The core hands each run's watched input to
+`sample(watch, array)`; after a swap commits, `swapped` retires the old watches and moves the gauges; the
+HTTP layer counts requests and serves `/metrics` and `/v2/models/{name}/stats` from it.
 
 Drift stays off the request's critical path. A small input (at most `inline_values` values, e.g. one 1x64
 row) is summed where it is served: its per-channel float64 `Σ(x-k)`, `Σ(x-k)²` about the frozen mean `k`
-(~3 µs for 1x64) are added to its model version's running sums under a lock, O(C), and the next flush hands
-them to the monitor as one `Moments`. Queuing such inputs for the worker instead made the requests that
-arrived while it summed them wait for the GIL. A larger input only appends a reference to its array to a
-bounded queue (about a microsecond); a background thread wakes every `interval_s`, sums what arrived one
-chunk at a time (up to 16 KiB of small inputs stacked once: 64 1x64 rows in ~60 µs, or one large input),
+(`bn_export.moments.shifted_sums`) are added to its watch's running sums (`ShiftedSums`) under a lock,
+O(C), and the next flush hands them to the monitor as one `Moments`. Queuing such inputs for the worker
+instead made the requests that arrived while it summed them wait for the GIL. A larger input only appends
+a reference to its array to a bounded queue; a background thread wakes every `interval_s`, sums what
+arrived one chunk at a time (up to `_CHUNK_BYTES` of small inputs stacked once, or one large input),
 sleeping briefly between chunks so that the GIL goes to the event loop whenever a request is waiting, and
-adds each model's sums to its `DriftMonitor` in one merge. Holding the GIL for a whole flush (~1 ms for
-the ~700 requests of a tenth of a second at 7,000 req/s) made the requests arriving meanwhile wait for it.
+adds each watch's sums to its `DriftMonitor` in one merge. Holding the GIL for a whole flush made the
+requests arriving meanwhile wait for it. What each of these costs is measured in benchmarks/README.md,
+"Serving costs".
 
 Its cost is bounded twice, and whatever is left out is counted, per model version, in the stats body and
 the `bn_serve_drift_requests_total` / `bn_serve_drift_request_samples_total` counters:
@@ -56,13 +59,12 @@ TRIM_INTERVAL_S = 1.0
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
 # The drift sums hold the GIL one chunk at a time: inputs up to this many bytes together (each no larger
 # is stacked with the others of its model and sample shape: one pass for many), or one larger input.
-# 16 KiB of 1x64 float32 requests (64 of them) take ~60 us.
 _CHUNK_BYTES = 16 * 1024
 # The pause between chunks: a real sleep, so that a thread waiting for the GIL gets it (`sleep(0)` lets
 # this thread take it straight back).
 _YIELD_S = 50e-6
-# Inputs of at most this many values are summed where they are served (O(C) numpy calls, ~3 µs for 1x64);
-# larger ones are queued for the worker, whose chunked sums cost less per value.
+# Inputs of at most this many values are summed where they are served (O(C) numpy calls); larger ones are
+# queued for the worker, whose chunked sums cost less per value.
 DEFAULT_INLINE_VALUES = 4096
 
 
