@@ -31,7 +31,7 @@ from service.admission import Admission, AdmissionGate
 from service.auth import Authenticator, load_api_keys
 from service.batching import Batcher, BatchPolicy
 from service.errors import ConfigurationError, InvalidInput, ServiceError
-from service.front import Front
+from service.front import Front, ServingApp
 from service.http_errors import error_answer
 from service.http_request import read_body, request_headers
 from service.infer_route import INLINE_BODY_BYTES, InferRoute
@@ -110,8 +110,8 @@ def create_app(settings: Settings) -> FastAPI:
             observability.close()
             executor.shutdown(wait=True)
 
-    app = FastAPI(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(Front, route=route, authenticator=authenticator, metrics=observability.metrics)
+    app = ServingApp(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.front = Front(app.framework, route=route, authenticator=authenticator, metrics=observability.metrics)
     app.openapi = lambda: _openapi_with_infer(app)  # type: ignore[method-assign]
     app.state.lifecycle = lifecycle
     app.state.core = core

@@ -135,7 +135,7 @@ def merge_key(prepared: PreparedRequest) -> Hashable | None:
     Mergeable: every model input has a dynamic axis 0 and every fed array the same size on it. The key is
     the session, the outputs asked for, and each input's name, dtype and non-batch dimensions.
     """
-    specs = prepared.session.inputs
+    specs = prepared.model.session.inputs
     if not specs or any(not spec.shape or spec.shape[0] is not None for spec in specs):
         return None
     signature = []
@@ -145,7 +145,7 @@ def merge_key(prepared: PreparedRequest) -> Hashable | None:
             return None
         batch = array.shape[0]
         signature.append((name, array.dtype.str, array.shape[1:]))
-    return id(prepared.session), tuple(prepared.output_names), tuple(signature)
+    return id(prepared.model), tuple(prepared.output_names), tuple(signature)
 
 
 def batch_size(prepared: PreparedRequest) -> int:

@@ -20,12 +20,13 @@ import logging
 import re
 import time
 
+from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import Authenticator
 from service.errors import ServiceError
-from service.http_errors import INTERNAL_ERROR, error_answer
+from service.http_errors import INTERNAL_ERROR, error_answer, error_body
 from service.http_request import header, request_headers
 from service.infer_route import InferRoute, response_headers
 from service.log import RequestIds, request_id, write_access_record
@@ -39,8 +40,8 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class Front:
-    """The ASGI middleware around `app` (the FastAPI app's routes); see the module docstring. Added with
-    `app.add_middleware(Front, route=..., authenticator=..., metrics=...)`."""
+    """The ASGI middleware around `app` (FastAPI's own handling); see the module docstring and
+    `ServingApp`, which puts it in place."""
 
     def __init__(
         self, app: ASGIApp, *, route: InferRoute, authenticator: Authenticator, metrics: ServiceMetrics
@@ -69,9 +70,13 @@ class Front:
                 status = await self._send_error(send, exc, method, path, rid)
                 self.metrics.observe_auth_rejected(status)
                 return
-            match = INFER_PATH.fullmatch(_route_path(scope)) if method == "POST" else None
+            match = INFER_PATH.fullmatch(_route_path(scope) if scope.get("root_path") else path)
             if match is not None:
-                status = await self._infer(match[1], match[2], headers, receive, send, method, path, rid)
+                if method == "POST":
+                    status = await self._infer(match[1], match[2], headers, receive, send, method, path, rid)
+                else:
+                    body = error_body(f"{method} {path}: Method Not Allowed")
+                    status = await _send(send, 405, [*_JSON_HEADERS, (b"allow", b"POST")], body, rid)
                 return
 
             rid_header = (b"x-request-id", rid.encode())
@@ -148,3 +153,24 @@ def _route_path(scope: Scope) -> str:
     if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
         return path[len(root) :]
     return path
+
+
+class ServingApp(FastAPI):
+    """FastAPI with `Front` around it: once `front` is set, every HTTP request enters there first and
+    reaches FastAPI through `framework`; lifespan and other scopes go to FastAPI directly.
+
+    Around, not inside: `add_middleware` would put the front behind FastAPI's own outer layers (error,
+    telemetry and body-limit middleware), which every infer request would then pay for.
+    """
+
+    front: Front | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.front is not None and scope["type"] == "http":
+            await self.front(scope, receive, send)
+        else:
+            await self.framework(scope, receive, send)
+
+    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """FastAPI's own handling: its middleware, routing and exception handlers."""
+        await super().__call__(scope, receive, send)

@@ -11,10 +11,9 @@ import httpx
 import numpy as np
 import orjson
 import pytest
-from fastapi import FastAPI
 
 from service.app import create_app
-from service.front import INFER_PATH
+from service.front import INFER_PATH, ServingApp
 from tests.service import conftest
 from tests.service.conftest import InProcess, Repository
 
@@ -58,8 +57,9 @@ COMPARED_HEADERS = ("content-type", "content-length", "inference-header-content-
 
 
 @pytest.fixture(scope="module")
-def app_and_server(repository: Repository) -> Iterator[tuple[FastAPI, InProcess]]:
+def app_and_server(repository: Repository) -> Iterator[tuple[ServingApp, InProcess]]:
     app = create_app(conftest.test_settings(repository.root, max_request_bytes=1 << 20))
+    assert isinstance(app, ServingApp)
     server = InProcess(app)
     try:
         server.wait_ready()
@@ -72,7 +72,7 @@ def app_and_server(repository: Repository) -> Iterator[tuple[FastAPI, InProcess]
     ("path", "body", "headers", "status"), [pytest.param(*case[1:], id=case[0]) for case in CASES]
 )
 def test_every_outcome_of_infer_has_its_status_and_a_v2_body(
-    app_and_server: tuple[FastAPI, InProcess], path: str, body: bytes, headers: dict[str, str], status: int
+    app_and_server: tuple[ServingApp, InProcess], path: str, body: bytes, headers: dict[str, str], status: int
 ) -> None:
     _, server = app_and_server
     response = server.post(path, content=body, headers={**headers, "X-Request-ID": "outcome"})
@@ -85,7 +85,7 @@ def test_every_outcome_of_infer_has_its_status_and_a_v2_body(
         assert "/tmp" not in response.text  # no path on the server reaches a client
 
 
-def test_binary_outputs_from_the_front_match_the_json_ones(app_and_server: tuple[FastAPI, Any]) -> None:
+def test_binary_outputs_from_the_front_match_the_json_ones(app_and_server: tuple[ServingApp, Any]) -> None:
     _, server = app_and_server
     response = server.post("/v2/models/frozen/infer", content=BINARY, headers=BINARY_HEADERS)
     length = int(response.headers["inference-header-content-length"])
@@ -97,7 +97,7 @@ def test_binary_outputs_from_the_front_match_the_json_ones(app_and_server: tuple
 
 
 def test_the_infer_pattern_matches_the_routes_fastapi_declares(
-    app_and_server: tuple[FastAPI, InProcess],
+    app_and_server: tuple[ServingApp, InProcess],
 ) -> None:
     app, _ = app_and_server
     schema = app.openapi()
@@ -112,7 +112,7 @@ def test_the_infer_pattern_matches_the_routes_fastapi_declares(
 
 
 def test_every_request_leaves_one_access_record_with_its_status_and_id(
-    app_and_server: tuple[FastAPI, InProcess], caplog: pytest.LogCaptureFixture
+    app_and_server: tuple[ServingApp, InProcess], caplog: pytest.LogCaptureFixture
 ) -> None:
     _, server = app_and_server
     sent = [
@@ -133,7 +133,7 @@ def test_every_request_leaves_one_access_record_with_its_status_and_id(
 
 
 def test_behind_a_root_path_the_front_answers_infer_the_same(
-    app_and_server: tuple[FastAPI, InProcess],
+    app_and_server: tuple[ServingApp, InProcess],
 ) -> None:
     app, server = app_and_server
     prefixed = httpx.AsyncClient(
