@@ -4,8 +4,10 @@
 
 The app of `--tree` (a checkout of this repository; default this one) serves a 1x4 float32 request to a
 frozen model again and again; printed: the process CPU time per request in each round (all threads: the
-drift worker's included). Comparing two checkouts in alternation on one machine isolates the cost of the
-request path's code from the network and the load generator, which dominate `serve.py` on a busy machine.
+drift worker's included), and the Python and C function calls one request makes on the event loop's
+thread (counted with a profile hook: exact, whatever else the machine runs). Comparing two checkouts on
+one machine isolates the cost of the request path's code from the network and the load generator, which
+dominate `serve.py` on a busy machine.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def main() -> None:
         "client": ("127.0.0.1", 1),
     }
 
-    async def run() -> list[float]:
+    async def run() -> tuple[list[float], float, float]:
         async with app.router.lifespan_context(app):
             while app.state.core.unready_reason() is not None:
                 await asyncio.sleep(0.01)
@@ -76,14 +78,25 @@ def main() -> None:
                 for _ in range(args.requests):
                     await app(dict(scope), receive, send)
                 rounds.append((time.process_time() - started) / args.requests * 1e6)
+            calls = {"call": 0, "c_call": 0}
+
+            def count(frame: Any, event: str, arg: Any) -> None:
+                if event in calls:
+                    calls[event] += 1
+
+            counted = 200
+            sys.setprofile(count)
+            for _ in range(counted):
+                await app(dict(scope), receive, send)
+            sys.setprofile(None)
             if statuses != {200}:
                 raise RuntimeError(f"requests answered {sorted(statuses)}, not only 200")
-            return rounds
+            return rounds, calls["call"] / counted, calls["c_call"] / counted
 
-    rounds = asyncio.run(run())
-    print(
-        f"{args.tree}: µs of CPU per request: {' '.join(f'{r:.1f}' for r in rounds)}; min {min(rounds):.1f}"
-    )
+    rounds, python_calls, c_calls = asyncio.run(run())
+    figures = " ".join(f"{r:.1f}" for r in rounds)
+    print(f"{args.tree}: µs of CPU per request: {figures}; min {min(rounds):.1f}")
+    print(f"{args.tree}: calls per request: {python_calls:.0f} Python, {c_calls:.0f} C")
 
 
 if __name__ == "__main__":
