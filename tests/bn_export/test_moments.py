@@ -12,7 +12,7 @@ from numpy.typing import NDArray
 
 from bn_export.errors import InvalidInputError
 from bn_export.kernels import ENV_VAR
-from bn_export.moments import Moments, merge_all
+from bn_export.moments import Moments, ShiftedSums, merge_all, shifted_sums
 
 
 @pytest.fixture(autouse=True, params=["numpy", "numba"])
@@ -213,3 +213,43 @@ def test_nan_or_inf_anywhere_is_refused(
     x[where] = bad
     with pytest.raises(InvalidInputError, match="1 NaN or Inf"):
         Moments.from_batch(x, axis)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e4])
+def test_running_shifted_sums_give_the_float64_moments_of_every_batch_across_takes(offset: float) -> None:
+    # Batches 1e4 std from the starting shift (the sums then move it to their mean at the first take) and
+    # near it: each take is the float64 two-pass moments of the batches added since the one before.
+    rng = np.random.default_rng(3)
+    sums = ShiftedSums(np.zeros(3), np.dtype(np.float32))
+    for _ in range(3):
+        batches = [
+            (offset + rng.standard_normal((int(n), 3))).astype(np.float32) for n in rng.integers(1, 20, 30)
+        ]
+        for x in batches:
+            shift = sums.shift
+            n, s1, s2 = shifted_sums(x, 1, shift)
+            sums.add(n, shift, s1, s2)
+        taken = sums.take()
+        assert taken is not None
+        rows = np.concatenate(batches).astype(np.float64)
+        np.testing.assert_allclose(taken.mean, rows.mean(axis=0), rtol=1e-13)
+        np.testing.assert_allclose(taken.m2, ((rows - rows.mean(axis=0)) ** 2).sum(axis=0), rtol=1e-6)
+    assert sums.take() is None  # nothing added since
+
+
+def test_sums_made_about_a_shift_that_moved_since_are_recentred() -> None:
+    x = np.random.default_rng(4).standard_normal((50, 2)) + 100.0
+    sums = ShiftedSums(np.zeros(2), np.dtype(np.float64))
+    old = sums.shift
+    first = sums.take()  # nothing yet: the shift stays
+    assert first is None
+    n, s1, s2 = shifted_sums(x[:25], 1, old)
+    sums.add(n, old, s1, s2)
+    sums.take()  # 100 std from 0: the shift moves to the mean
+    assert not np.array_equal(sums.shift, old)
+    n, s1, s2 = shifted_sums(x[25:], 1, old)  # summed about the old shift meanwhile
+    sums.add(n, old, s1, s2)
+    taken = sums.take()
+    assert taken is not None
+    np.testing.assert_allclose(taken.mean, x[25:].mean(axis=0), rtol=1e-14)
+    np.testing.assert_allclose(taken.m2, ((x[25:] - x[25:].mean(axis=0)) ** 2).sum(axis=0), rtol=1e-9)
