@@ -233,7 +233,16 @@ def own_server(extra_env: dict[str, str] | None = None, timeout_s: float = 60.0)
     with tempfile.TemporaryDirectory(prefix="bn-soak-") as tmp:
         write_repository(Path(tmp), (make_model(MODEL, (FEATURES,), seed=0),))
         port = free_port()
-        command = [sys.executable, "-m", "service.cli", "--model-repository", tmp, "--device", "cpu"]
+        command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--model-repository",
+            tmp,
+            "--device",
+            "cpu",
+            "--no-grpc",
+        ]
         command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
         env = {**os.environ, **(extra_env or {})}
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -155,6 +155,7 @@ def test_settings(root: Path, **overrides: Any) -> Settings:
         "device": "cpu",
         "intra_op_threads": 1,
         "inference_threads": 2,
+        "grpc_port": 0,  # in-process apps serve REST only; tests/service/test_grpc.py starts real servers
         **overrides,
     }
     return Settings(**values)
@@ -254,8 +255,14 @@ class Server:
 
 
 def start_server(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Server:
-    """`bn-serve ARGS --port <free>` as a real process, returned once /v2/health/ready answers 200."""
+    """`bn-serve ARGS --port <free>` as a real process, returned once /v2/health/ready answers 200.
+
+    Unless ARGS choose otherwise, its gRPC service listens on another free port (`--grpc-port`), never on
+    the default 8001 that concurrent servers would contend for.
+    """
     port = free_port()
+    if not any(arg.startswith(("--grpc-port", "--no-grpc")) for arg in args):
+        args = (*args, "--grpc-port", str(free_port()))
     command = [sys.executable, "-m", "service.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
     log = tempfile.NamedTemporaryFile(prefix="bn-serve-", suffix=".log")  # noqa: SIM115 (closed in stop_server)
     process = subprocess.Popen(
