@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from service.datatypes import convert_lossless, numpy_dtype, v2_datatype
+from service.datatypes import numpy_dtype, v2_datatype
 from service.errors import InvalidInput
 from service.inference import InferRequest, InferResponse
 from service.proto import grpc_service_pb2 as pb
@@ -115,8 +115,19 @@ def _from_contents(
             f"{len(values)}"
         )
     array = np.array(values, dtype=wire)
-    # INT8 travels in int32's field: a value out of INT8's range is the client's mistake, not wrapped.
-    return convert_lossless(array, dtype, name=tensor.name).reshape(shape)
+    if (
+        wire != dtype
+    ):  # INT8, INT16, UINT8, UINT16 travel in a wider field: out of range is refused, not wrapped
+        info = np.iinfo(dtype)
+        outside = (array < info.min) | (array > info.max)
+        if outside.any():
+            index = int(np.argmax(outside))
+            raise InvalidInput(
+                f"input {tensor.name!r}: {tensor.datatype} element {array[index]} at flat index {index} is "
+                f"outside {tensor.datatype}'s range [{info.min}, {info.max}]"
+            )
+        array = array.astype(dtype)
+    return array.reshape(shape)
 
 
 def encode_response(response: InferResponse, raw: bool) -> pb.ModelInferResponse:

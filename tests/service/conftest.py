@@ -244,6 +244,7 @@ class Server:
     host_port: str
     # The server's output goes to a file, not a pipe: an undrained pipe fills up and blocks the server.
     log: Any = None
+    grpc_target: str = ""  # host:port of its gRPC service; empty when it has none
 
     def output(self) -> str:
         """Everything the server has written to stdout and stderr so far."""
@@ -263,6 +264,8 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
     port = free_port()
     if not any(arg.startswith(("--grpc-port", "--no-grpc")) for arg in args):
         args = (*args, "--grpc-port", str(free_port()))
+    grpc_port = args[args.index("--grpc-port") + 1] if "--grpc-port" in args else "0"
+    grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port != "0" else ""
     command = [sys.executable, "-m", "service.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
     log = tempfile.NamedTemporaryFile(prefix="bn-serve-", suffix=".log")  # noqa: SIM115 (closed in stop_server)
     process = subprocess.Popen(
@@ -278,7 +281,7 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
         try:
             with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as response:
                 if response.status == 200:
-                    return Server(process, url, f"127.0.0.1:{port}", log)
+                    return Server(process, url, f"127.0.0.1:{port}", log, grpc_target)
         except OSError:
             pass
         if time.monotonic() > deadline:
