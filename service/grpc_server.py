@@ -48,6 +48,7 @@ INLINE_MESSAGE_BYTES = 64 * 1024
 # `grpc.health.v1` service names: "" and the inference service follow readiness; "live" answers SERVING
 # while the process runs, for a liveness probe.
 LIVE_SERVICE = "live"
+READY_SERVICES = ("", SERVICE)
 HEALTH_POLL_S = 1.0
 
 T = TypeVar("T")
@@ -304,7 +305,7 @@ class GrpcHealth(health_pb2_grpc.HealthServicer):
         serving = health_pb2.HealthCheckResponse.SERVING
         if service == LIVE_SERVICE:
             return serving
-        if service in ("", SERVICE):
+        if service in READY_SERVICES:
             return serving if self._core.ready else health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 
