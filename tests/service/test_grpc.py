@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,7 +21,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
 
+from service.cli import build_parser
 from service.proto import grpc_service_pb2 as pb
+from service.settings import Settings
 from tests.service.conftest import (
     CHANNELS,
     Repository,
@@ -450,3 +454,40 @@ def test_kserves_grpc_client_gets_rests_answer(served: Server) -> None:
     assert answer["live"]
     assert answer["ready"]
     assert np.array(answer["logits"], np.float32).tobytes() == rest_binary(served, x)["logits"].tobytes()
+
+
+# -- settings --------------------------------------------------------------------------------------------
+
+
+def test_grpc_port_comes_from_flags_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    parser = build_parser()
+    assert parser.parse_args(["--no-grpc"]).grpc_port == 0
+    assert parser.parse_args(["--grpc-port", "9001"]).grpc_port == 9001
+    assert parser.parse_args([]).grpc_port is None  # not given: the setting's default or environment
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--no-grpc", "--grpc-port", "9001"])
+    assert Settings(model=tmp_path / "m.onnx").grpc_port == 8001
+    monkeypatch.setenv("BN_SERVE_GRPC_PORT", "0")
+    assert Settings(model=tmp_path / "m.onnx").grpc_port == 0
+
+
+def test_no_grpc_serves_rest_only(repository: Repository) -> None:
+    server = start_server("--model-repository", str(repository.root), "--device", "cpu", "--no-grpc")
+    try:
+        assert server.grpc_target == ""
+        assert httpx.get(f"{server.url}/v2/health/live", timeout=30).status_code == 200
+    finally:
+        stop_server(server)
+
+
+def test_a_taken_grpc_port_stops_the_server_with_a_clear_error(repository: Repository) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=r"cannot listen for gRPC on 127\.0\.0\.1:"):
+            start_server(
+                "--model-repository", str(repository.root), "--device", "cpu", "--grpc-port", str(port)
+            )
