@@ -3,13 +3,14 @@ KServe's gRPC client, compared with the same server's REST answers."""
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import json
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -397,24 +398,36 @@ def test_unload_then_load_over_the_repository_calls(repository: Repository) -> N
 
 
 def test_shutdown_lets_a_call_in_flight_finish(repository: Repository) -> None:
-    server = start_server(
-        "--model-repository", str(repository.root), "--device", "cpu", "--max-batch-delay-us", "1000000"
-    )
-    x = samples(1)
+    """A stream open when SIGTERM arrives is still answered, then the server exits 0 once it closes."""
+    server = start_server("--model-repository", str(repository.root), "--device", "cpu")
+    client = tritongrpc.InferenceServerClient(server.grpc_target)
     answers: list[Any] = []
+    answered = threading.Condition()
 
-    def infer() -> None:
-        answers.append(triton_infer(server, x).as_numpy("logits"))
+    def collect(result: Any, error: Any) -> None:
+        with answered:
+            answers.append(error or result.as_numpy("logits"))
+            answered.notify_all()
 
-    thread = threading.Thread(target=infer)
-    thread.start()
+    tensor = tritongrpc.InferInput("input", [1, CHANNELS], "FP32")
+    tensor.set_data_from_numpy(samples(1))
+    client.start_stream(callback=collect)
     try:
-        asyncio.run(asyncio.sleep(0.3))  # the call is queued for its batch's delay when the signal arrives
+        client.async_stream_infer("frozen", [tensor])
+        with answered:
+            assert answered.wait_for(lambda: len(answers) == 1, 30)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # HTTP has drained (nothing in flight): the gRPC server is stopping, the stream open
+        assert server.process.poll() is None
+        client.async_stream_infer("frozen", [tensor])
+        with answered:
+            assert answered.wait_for(lambda: len(answers) == 2, 30)
     finally:
-        assert stop_server(server) == 0
-    thread.join(30)
-    assert len(answers) == 1
-    assert answers[0].shape == (1, 3)
+        client.stop_stream()
+        status = stop_server(server)
+    assert all(isinstance(answer, np.ndarray) for answer in answers), answers
+    assert answers[0].tobytes() == answers[1].tobytes()
+    assert status == 0
 
 
 # -- KServe's client ---------------------------------------------------------------------------------------
@@ -491,3 +504,35 @@ def test_a_taken_grpc_port_stops_the_server_with_a_clear_error(repository: Repos
             start_server(
                 "--model-repository", str(repository.root), "--device", "cpu", "--grpc-port", str(port)
             )
+
+
+def test_a_full_gate_is_unavailable_with_retry_after(repository: Repository) -> None:
+    server = start_server(
+        "--model-repository", str(repository.root), "--device", "cpu", "--inference-threads", "1",
+        "--intra-op-threads", "1", env={"BN_SERVE_MAX_QUEUED_REQUESTS": "0"},
+    )  # fmt: skip
+    try:
+        request = typed_request(samples(20_000)).SerializeToString()
+        outcomes: list[grpc.RpcError | None] = []
+
+        def one() -> None:
+            try:
+                call(server, "ModelInfer", request, pb.ModelInferResponse)
+                outcomes.append(None)
+            except grpc.RpcError as error:
+                outcomes.append(error)
+
+        threads = [threading.Thread(target=one) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        refusals = [error for error in outcomes if error is not None]
+        assert refusals, "twelve concurrent calls all found the one place free"
+        assert None in outcomes
+        for error in refusals:
+            assert error.code() is StatusCode.UNAVAILABLE
+            assert "at capacity" in error.details()
+            assert dict(error.trailing_metadata() or ())["retry-after"] == "1"
+    finally:
+        stop_server(server)
