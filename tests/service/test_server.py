@@ -99,18 +99,7 @@ def test_device_cuda_refuses_to_start_without_cuda(repository: Any, tmp_path: Pa
         pytest.skip("CUDA is usable here")
     model = repository.root / "frozen" / "1" / "model.onnx"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "--model",
-            str(model),
-            "--device",
-            "cuda",
-            "--port",
-            "0",
-            "--no-grpc",
-        ],
+        [sys.executable, "-m", "service.cli", "--model", str(model), "--device", "cuda", "--port", "0"],
         capture_output=True,
         text=True,
         timeout=60,
