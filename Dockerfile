@@ -61,9 +61,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     BN_SERVE_HOST=0.0.0.0 \
     BN_SERVE_PORT=8000 \
+    BN_SERVE_GRPC_PORT=8001 \
     BN_SERVE_MODEL_REPOSITORY=/models
 USER 10001:10001
+# REST, then the gRPC inference service (inference.GRPCInferenceService, grpc.health.v1.Health).
 EXPOSE 8000
+EXPOSE 8001
 # Mount a model repository here (read-only is enough); the demo model is its default content.
 VOLUME ["/models"]
 # Ready means every model is loaded; urllib raises on any non-2xx answer, so the exit status follows.

@@ -234,7 +234,7 @@ def own_server(extra_env: dict[str, str] | None = None, timeout_s: float = 60.0)
         write_repository(Path(tmp), (make_model(MODEL, (FEATURES,), seed=0),))
         port = free_port()
         command = [sys.executable, "-m", "service.cli", "--model-repository", tmp, "--device", "cpu"]
-        command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-grpc"]
         env = {**os.environ, **(extra_env or {})}
         process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}"

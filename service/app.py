@@ -32,6 +32,7 @@ from service.auth import Authenticator, load_api_keys
 from service.batching import Batcher, BatchPolicy
 from service.errors import ConfigurationError, InvalidInput, ServiceError
 from service.front import Front, ServingApp
+from service.grpc_server import GrpcHealth, GrpcInference, GrpcServer
 from service.http_errors import error_answer
 from service.http_request import read_body, request_headers
 from service.infer_route import INLINE_BODY_BYTES, InferRoute
@@ -96,6 +97,20 @@ def create_app(settings: Settings) -> FastAPI:
 
     admission = Admission(gate, settings.request_timeout_s)
     route = InferRoute(core, batcher, executor, observability, admission, settings.max_request_bytes)
+    grpc_server = None
+    if settings.grpc_port:
+        metadata = ServerMetadata(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
+        grpc_inference = GrpcInference(
+            core, lifecycle, batcher, executor, observability, admission, authenticator, metadata
+        )
+        grpc_server = GrpcServer(
+            grpc_inference,
+            GrpcHealth(core),
+            host=settings.host,
+            port=settings.grpc_port,
+            max_receive_bytes=settings.max_request_bytes,
+            share_port=settings.workers > 1,
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -104,8 +119,12 @@ def create_app(settings: Settings) -> FastAPI:
         loading = asyncio.ensure_future(offload(None, core.load_all))
         loading.add_done_callback(_freeze_heap)
         try:
+            if grpc_server is not None:
+                await grpc_server.start()
             yield
         finally:
+            if grpc_server is not None:  # after HTTP has drained: its calls in flight get the same grace
+                await grpc_server.stop(settings.graceful_shutdown_s)
             await loading
             observability.close()
             executor.shutdown(wait=True)
@@ -116,6 +135,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.lifecycle = lifecycle
     app.state.core = core
     app.state.observability = observability
+    app.state.grpc_server = grpc_server
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:

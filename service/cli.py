@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", metavar="PATH", help="one .onnx file, served under the name of its stem")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to bind (default 8000)")
+    grpc = parser.add_mutually_exclusive_group()
+    grpc.add_argument(
+        "--grpc-port", type=int, help="port of the gRPC inference service (default 8001; 0 turns it off)"
+    )
+    grpc.add_argument(
+        "--no-grpc", dest="grpc_port", action="store_const", const=0, help="serve REST only (--grpc-port 0)"
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="execution device (default auto)")
     parser.add_argument("--workers", type=int, help="server processes (default 1)")
     parser.add_argument(

@@ -111,12 +111,14 @@ _DRIFT_OUTCOME = (*_MODEL, "outcome")
 METRICS: tuple[MetricDefinition, ...] = (
     MetricDefinition(
         "requests", Counter, "requests",
-        "Inference requests answered, by model, version and status (HTTP status code).",
-        (*_MODEL, "status"),
+        "Inference requests answered, by model, version, status (HTTP status code; over gRPC the one "
+        "REST would answer) and protocol (rest or grpc).",
+        (*_MODEL, "status", "protocol"),
     ),
     MetricDefinition(
         "request_seconds", Histogram, "request_seconds",
-        "Time from a request's arrival to its response, in seconds.", _MODEL, LATENCY_BUCKETS_SECONDS,
+        "Time from a request's arrival to its response, in seconds, by model, version and protocol.",
+        (*_MODEL, "protocol"), LATENCY_BUCKETS_SECONDS,
     ),
     MetricDefinition(
         "inference_seconds", Histogram, "inference_seconds",
@@ -211,14 +213,16 @@ class ServiceMetrics:
         for definition in METRICS:
             setattr(self, definition.attribute, definition.build(self.registry))
 
-    def observe_request(self, model: str, version: str, status: int | str, seconds: float) -> None:
+    def observe_request(
+        self, model: str, version: str, status: int | str, seconds: float, protocol: str = "rest"
+    ) -> None:
         """Count one answered request and record its end-to-end latency.
 
-        `model` must be a known model name (or `UNKNOWN_MODEL`) and `status` the HTTP status code, so that
-        the number of series stays bounded whatever clients send.
+        `model` must be a known model name (or `UNKNOWN_MODEL`), `status` the HTTP status code and
+        `protocol` "rest" or "grpc", so that the number of series stays bounded whatever clients send.
         """
-        self.requests.labels(model, version, str(status)).inc()
-        self.request_seconds.labels(model, version).observe(seconds)
+        self.requests.labels(model, version, str(status), protocol).inc()
+        self.request_seconds.labels(model, version, protocol).observe(seconds)
 
     def observe_auth_rejected(self, status: int) -> None:
         """Count one request refused by authentication (401 or 403): it never reaches a route."""

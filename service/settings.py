@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     model: Path | None = None
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    grpc_port: int = Field(
+        default=8001, ge=0, le=65535, description="port of the gRPC inference service on host; 0 turns it off"
+    )
     device: Device = "auto"
     workers: int = Field(default=1, ge=1)
     intra_op_threads: int | None = Field(

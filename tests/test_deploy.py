@@ -24,6 +24,7 @@ import yaml
 from fastapi.routing import APIRoute
 
 from service.app import create_app
+from service.grpc_server import LIVE_SERVICE, READY_SERVICES
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,9 +99,13 @@ def env_of(stage: Stage) -> dict[str, str]:
     return env
 
 
+def exposed_ports(dockerfile: Dockerfile) -> list[int]:
+    return [int(port.split("/")[0]) for port in dockerfile.final.args("EXPOSE")]
+
+
 def exposed_port(dockerfile: Dockerfile) -> int:
-    (port,) = dockerfile.final.args("EXPOSE")
-    return int(port.split("/")[0])
+    """The REST port: the first one exposed (the gRPC one follows it)."""
+    return exposed_ports(dockerfile)[0]
 
 
 def healthcheck_command(dockerfile: Dockerfile) -> str:
@@ -135,6 +140,11 @@ def resolve_port(container: dict[str, Any], port: int | str) -> int:
         return port
     (number,) = [p["containerPort"] for p in container["ports"] if p.get("name") == port]
     return int(number)
+
+
+def named_port(container: dict[str, Any], name: str) -> dict[str, Any]:
+    (port,) = [p for p in container["ports"] if p.get("name") == name]
+    return port
 
 
 def env_list(container: dict[str, Any]) -> dict[str, str]:
@@ -212,6 +222,7 @@ def test_image_serves_the_model_volume_on_all_interfaces_at_the_exposed_port(
     env = env_of(dockerfile.final)
     assert env["BN_SERVE_HOST"] == "0.0.0.0"
     assert int(env["BN_SERVE_PORT"]) == exposed_port(dockerfile) == 8000
+    assert [int(env["BN_SERVE_PORT"]), int(env["BN_SERVE_GRPC_PORT"])] == exposed_ports(dockerfile)
     assert dockerfile.final.args("VOLUME") == ['["/models"]']
     assert env["BN_SERVE_MODEL_REPOSITORY"] == "/models"
     assert dockerfile.final.args("ENTRYPOINT") == ['["bn-serve"]']
@@ -285,7 +296,7 @@ def test_every_bn_serve_variable_names_a_setting(dockerfiles: dict[str, Dockerfi
         for key in env_of(dockerfile.final)
         if key.startswith(ENV_PREFIX)
     }
-    for doc in load_manifests("kubernetes") + load_manifests("kserve"):
+    for doc in load_manifests("kubernetes") + load_manifests("kserve") + load_manifests("kserve", "grpc"):
         for container in _containers(doc):
             used |= {key for key in env_list(container) if key.startswith(ENV_PREFIX)}
     assert used, "no BN_SERVE_ variable found: the parsers are broken"
@@ -305,9 +316,10 @@ def test_kubernetes_probes_hit_app_routes_on_the_container_port(
 ) -> None:
     deployment = only(load_manifests("kubernetes"), "Deployment")
     (container,) = _containers(deployment)
-    (port,) = container["ports"]
-    assert port["containerPort"] == exposed_port(dockerfiles["cpu"])
+    port, grpc_port = (named_port(container, name) for name in ("http", "grpc"))
+    assert [port["containerPort"], grpc_port["containerPort"]] == exposed_ports(dockerfiles["cpu"])
     assert int(env_list(container)["BN_SERVE_PORT"]) == port["containerPort"]
+    assert int(env_list(container)["BN_SERVE_GRPC_PORT"]) == grpc_port["containerPort"]
     found = probes(container)
     assert found["readinessProbe"]["path"] == "/v2/health/ready"
     assert found["livenessProbe"]["path"] == "/v2/health/live"
@@ -337,8 +349,12 @@ def test_service_selects_the_deployment_pods_and_targets_the_container_port() ->
     assert service["spec"]["selector"].items() <= labels.items()
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
     (container,) = _containers(deployment)
-    (port,) = service["spec"]["ports"]
-    assert resolve_port(container, port["targetPort"]) == container["ports"][0]["containerPort"]
+    for port in service["spec"]["ports"]:
+        assert (
+            resolve_port(container, port["targetPort"])
+            == named_port(container, port["name"])["containerPort"]
+        )
+    assert {port["name"] for port in service["spec"]["ports"]} == {"http", "grpc"}
 
 
 def test_kserve_inference_service_runs_the_image_runtime_with_protocol_v2(get_routes: set[str]) -> None:
@@ -364,10 +380,29 @@ def test_kserve_inference_service_runs_the_image_runtime_with_protocol_v2(get_ro
 def test_manifests_name_the_same_image() -> None:
     images = {
         container["image"]
-        for doc in load_manifests("kubernetes") + load_manifests("kserve")
+        for doc in load_manifests("kubernetes") + load_manifests("kserve") + load_manifests("kserve", "grpc")
         for container in _containers(doc)
     }
     assert len(images) == 1
+
+
+def test_kserve_grpc_inference_service_routes_to_the_grpc_port_with_grpc_health_probes() -> None:
+    docs = load_manifests("kserve", "grpc")
+    runtime, isvc = only(docs, "ServingRuntime"), only(docs, "InferenceService")
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "grpc-v2"
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert "grpc-v2" in runtime["spec"]["protocolVersions"]
+    (container,) = _containers(runtime)
+    env = env_list(container)
+    # KServe sends gRPC to the container's one port, named h2c.
+    (port,) = container["ports"]
+    assert port["name"] == "h2c"
+    assert int(env["BN_SERVE_GRPC_PORT"]) == port["containerPort"] != int(env["BN_SERVE_PORT"])
+    readiness, liveness = (container[key]["grpc"] for key in ("readinessProbe", "livenessProbe"))
+    assert readiness["port"] == liveness["port"] == port["containerPort"]
+    assert readiness.get("service", "") in READY_SERVICES
+    assert liveness["service"] == LIVE_SERVICE
 
 
 def test_dockerignore_admits_exactly_what_the_dockerfiles_copy(dockerfiles: dict[str, Dockerfile]) -> None:

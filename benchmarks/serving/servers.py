@@ -80,7 +80,8 @@ def own_servers(repository: Path, canned: Path, bn_serve: str | None) -> list[Se
             ServerSpec(
                 "bn-serve",
                 "subject",
-                (bn_serve, "--model-repository", str(repository), "--host", "127.0.0.1"),
+                # REST only: these rows measure REST, and a gRPC port could clash with another server's.
+                (bn_serve, "--model-repository", str(repository), "--host", "127.0.0.1", "--no-grpc"),
                 0,
                 True,
             )

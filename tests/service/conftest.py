@@ -155,6 +155,7 @@ def test_settings(root: Path, **overrides: Any) -> Settings:
         "device": "cpu",
         "intra_op_threads": 1,
         "inference_threads": 2,
+        "grpc_port": 0,  # in-process apps serve REST only; tests/service/test_grpc.py starts real servers
         **overrides,
     }
     return Settings(**values)
@@ -243,6 +244,7 @@ class Server:
     host_port: str
     # The server's output goes to a file, not a pipe: an undrained pipe fills up and blocks the server.
     log: Any = None
+    grpc_target: str = ""  # host:port of its gRPC service; empty when it has none
 
     def output(self) -> str:
         """Everything the server has written to stdout and stderr so far."""
@@ -254,8 +256,16 @@ class Server:
 
 
 def start_server(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> Server:
-    """`bn-serve ARGS --port <free>` as a real process, returned once /v2/health/ready answers 200."""
+    """`bn-serve ARGS --port <free>` as a real process, returned once /v2/health/ready answers 200.
+
+    Unless ARGS choose otherwise, its gRPC service listens on another free port (`--grpc-port`), never on
+    the default 8001 that concurrent servers would contend for.
+    """
     port = free_port()
+    if not any(arg.startswith(("--grpc-port", "--no-grpc")) for arg in args):
+        args = (*args, "--grpc-port", str(free_port()))
+    grpc_port = args[args.index("--grpc-port") + 1] if "--grpc-port" in args else "0"
+    grpc_target = f"127.0.0.1:{grpc_port}" if grpc_port != "0" else ""
     command = [sys.executable, "-m", "service.cli", *args, "--host", "127.0.0.1", "--port", str(port)]
     log = tempfile.NamedTemporaryFile(prefix="bn-serve-", suffix=".log")  # noqa: SIM115 (closed in stop_server)
     process = subprocess.Popen(
@@ -271,7 +281,7 @@ def start_server(*args: str, env: dict[str, str] | None = None, timeout: float =
         try:
             with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as response:
                 if response.status == 200:
-                    return Server(process, url, f"127.0.0.1:{port}", log)
+                    return Server(process, url, f"127.0.0.1:{port}", log, grpc_target)
         except OSError:
             pass
         if time.monotonic() > deadline:

@@ -34,18 +34,23 @@ def value(metrics: ServiceMetrics, name: str, **labels: str) -> float | None:
     return samples(metrics).get((name, tuple(sorted(labels.items()))))
 
 
-def test_requests_are_counted_by_model_version_and_status_with_total_suffix() -> None:
+def test_requests_are_counted_by_model_version_status_and_protocol_with_total_suffix() -> None:
     metrics = ServiceMetrics()
     metrics.observe_request("digits", "1", 200, 0.001)
     metrics.observe_request("digits", "1", 200, 0.002)
     metrics.observe_request("digits", "1", "400", 0.0005)
     metrics.observe_request("digits", "2", 200, 0.003)
+    metrics.observe_request("digits", "1", 200, 0.004, protocol="grpc")
 
-    assert value(metrics, "bn_serve_requests_total", model="digits", version="1", status="200") == 2
-    assert value(metrics, "bn_serve_requests_total", model="digits", version="1", status="400") == 1
-    assert value(metrics, "bn_serve_requests_total", model="digits", version="2", status="200") == 1
-    assert value(metrics, "bn_serve_request_seconds_count", model="digits", version="1") == 3
-    total = value(metrics, "bn_serve_request_seconds_sum", model="digits", version="1")
+    rest = {"model": "digits", "protocol": "rest"}
+    assert value(metrics, "bn_serve_requests_total", **rest, version="1", status="200") == 2
+    assert value(metrics, "bn_serve_requests_total", **rest, version="1", status="400") == 1
+    assert value(metrics, "bn_serve_requests_total", **rest, version="2", status="200") == 1
+    grpc = {"model": "digits", "version": "1", "protocol": "grpc"}
+    assert value(metrics, "bn_serve_requests_total", **grpc, status="200") == 1
+    assert value(metrics, "bn_serve_request_seconds_count", **grpc) == 1
+    assert value(metrics, "bn_serve_request_seconds_count", **rest, version="1") == 3
+    total = value(metrics, "bn_serve_request_seconds_sum", **rest, version="1")
     assert total == pytest.approx(0.0035)
 
 
@@ -59,8 +64,14 @@ def test_render_returns_the_prometheus_text_content_type() -> None:
 def test_two_apps_in_one_process_keep_separate_figures() -> None:
     first, second = ServiceMetrics(), ServiceMetrics()
     first.observe_request("digits", "1", 200, 0.001)
-    assert value(first, "bn_serve_requests_total", model="digits", version="1", status="200") == 1
-    assert value(second, "bn_serve_requests_total", model="digits", version="1", status="200") is None
+    assert (
+        value(first, "bn_serve_requests_total", model="digits", version="1", status="200", protocol="rest")
+        == 1
+    )
+    assert (
+        value(second, "bn_serve_requests_total", model="digits", version="1", status="200", protocol="rest")
+        is None
+    )
 
 
 def test_latency_lands_in_the_buckets_around_it_from_microseconds_to_seconds() -> None:
@@ -164,5 +175,8 @@ def test_multiprocess_mode_adds_up_the_workers_counts(tmp_path: Path) -> None:
     # The second worker's scrape sees both workers' requests; the load-time gauge takes the max.
     parsed = parse(outputs[1])
     digits = (("model", "digits"), ("version", "1"))
-    assert parsed[("bn_serve_requests_total", (*digits[:1], ("status", "200"), digits[1]))] == 5
+    assert (
+        parsed[("bn_serve_requests_total", (*digits[:1], ("protocol", "rest"), ("status", "200"), digits[1]))]
+        == 5
+    )
     assert parsed[("bn_serve_model_load_seconds", digits)] == 3
