@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,11 +20,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
-from fastapi import FastAPI
 from numpy.typing import NDArray
 from onnx.reference import ReferenceEvaluator
 
-from benchmarks.serving import baseline_app, floor_app, load, report, workloads
+from benchmarks.serving import asgi_floor, baseline_app, floor_app, load, report, workloads
 from benchmarks.serving.models import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -44,7 +45,7 @@ def closed_form(model: BatchNormModel, x: NDArray[np.float32]) -> NDArray[np.flo
     return g * (x.astype(np.float64) - m) / np.sqrt(v + model.eps) + b
 
 
-def call(app: FastAPI, requests: Sequence[tuple[str, str, dict[str, Any]]]) -> list[httpx.Response]:
+def call(app: Any, requests: Sequence[tuple[str, str, dict[str, Any]]]) -> list[httpx.Response]:
     """Send each `(method, url, httpx keyword arguments)` to `app` in-process, in order (ASGI transport)."""
 
     async def send() -> list[httpx.Response]:
@@ -185,6 +186,59 @@ def test_floor_app_returns_the_canned_answer_for_each_workload(
         model = small_models[workload.model]
         expected = closed_form(model, workloads.sample_input(model, workload.batch)).astype(np.float32)
         workloads.check_response(response.status_code, dict(response.headers), response.content, expected)
+
+
+def test_asgi_floor_returns_the_canned_answer_for_each_workload_and_reports_ready(
+    tmp_path: Path, small_models: dict[str, BatchNormModel]
+) -> None:
+    requests, manifest = workloads.write_bodies(tmp_path, workloads.WORKLOADS, small_models)
+    sent = [
+        ("POST", "/v2/models/any/infer", {"content": r.body.read_bytes(), "headers": r.headers()})
+        for r in (requests[w.name] for w in workloads.WORKLOADS)
+    ]
+    app = asgi_floor.CannedApp(asgi_floor.load_canned(manifest))
+    ready, unknown, *responses = call(
+        app,
+        [("GET", "/v2/health/ready", {}), ("POST", "/v2/models/any/infer", {"content": b"{}"}), *sent],
+    )
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    assert unknown.status_code == 400
+    assert "error" in unknown.json()
+    for workload, response in zip(workloads.WORKLOADS, responses, strict=True):
+        model = small_models[workload.model]
+        expected = closed_form(model, workloads.sample_input(model, workload.batch)).astype(np.float32)
+        workloads.check_response(response.status_code, dict(response.headers), response.content, expected)
+
+
+_CAPTURE_UVICORN_OPTIONS = """
+import json, sys
+import uvicorn
+from service import cli
+
+def record(app, **options):
+    print("OPTIONS " + json.dumps(options))
+
+uvicorn.run = record
+cli.main(sys.argv[1:])
+"""
+
+
+def test_asgi_floor_runs_uvicorn_with_the_options_bn_serve_gives_it(
+    tmp_path: Path, small_models: dict[str, BatchNormModel]
+) -> None:
+    """The floor is only bn-serve's floor while uvicorn runs both alike: read what `bn-serve` passes to
+    `uvicorn.run` with its defaults, in a process of its own (it configures logging and signals)."""
+    path = write_repository(tmp_path, (small_models["bn_features"],))["bn_features"]
+    completed = subprocess.run(
+        [sys.executable, "-c", _CAPTURE_UVICORN_OPTIONS, "--model", str(path), "--port", "4321"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BN_SERVE_")},
+    )
+    (line,) = [x for x in completed.stdout.splitlines() if x.startswith("OPTIONS ")]
+    assert json.loads(line.removeprefix("OPTIONS ")) == asgi_floor.uvicorn_options(4321)
 
 
 class _Recorder(BaseHTTPRequestHandler):
