@@ -467,3 +467,14 @@ def test_triton_model_py_gives_each_request_of_a_merged_batch_its_own_output(
         (tensor,) = response.output_tensors
         assert tensor.name == OUTPUT_NAME
         np.testing.assert_allclose(tensor.as_numpy(), closed_form(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_collapsed_summary_counts_each_frame_once_per_stack_inclusive_and_at_the_leaf_as_own() -> None:
+    from benchmarks.serve_cpu import collapsed_summary
+
+    stacks = ["main;loop;handle;parse 6", "main;loop;handle;handle 2", "main;loop;idle 2", "garbage line"]
+    summary = {frame: (inclusive, own) for frame, inclusive, own in collapsed_summary(stacks)}
+    assert summary["main"] == (1.0, 0.0)
+    assert summary["handle"] == (0.8, 0.2)  # recursion counted once per stack
+    assert summary["parse"] == (0.6, 0.6)
+    assert collapsed_summary([]) == []
