@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import cProfile
 import logging
+import math
 import os
 import pstats
 import sys
@@ -166,40 +167,49 @@ def bn_serve_app(repository: Path, overrides: dict[str, str], log: IO[str]) -> A
     return create_app(settings)  # type: ignore[return-value]
 
 
-async def run_row(
-    name: str, app: App, workload: workloads.Workload, files: workloads.RequestFiles, args: argparse.Namespace
+async def run_rows(
+    rows: list[tuple[str, App]],
+    workload: workloads.Workload,
+    files: workloads.RequestFiles,
+    args: argparse.Namespace,
 ) -> None:
-    lifespan = Lifespan(app)
-    await lifespan.start()
+    """Start every app, check its first answer, then measure them in turn `--repeats` times, interleaved so
+    that the machine's other tenants slow every row alike; print each row's best."""
+    body = files.body.read_bytes()
+    headers = [(k.lower().encode(), v.encode()) for k, v in files.headers().items()]
+    headers.append((b"content-length", str(len(body)).encode()))
+    path = f"/v2/models/{workload.model}/infer"
+    model = {m.name: m for m in benchmark_models()}[workload.model]
+    expected = model.reference(workloads.sample_input(model, workload.batch))
+    lifespans = [Lifespan(app) for _, app in rows]
     try:
-        deadline = time.monotonic() + 120
-        while (await request(app, "GET", "/v2/health/ready", [], b"")).status != 200:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} not ready after 120 s")
-            await asyncio.sleep(0.1)
-        body = files.body.read_bytes()
-        headers = [(k.lower().encode(), v.encode()) for k, v in files.headers().items()]
-        headers.append((b"content-length", str(len(body)).encode()))
-        path = f"/v2/models/{workload.model}/infer"
-        first = await request(app, "POST", path, headers, body)
-        model = {m.name: m for m in benchmark_models()}[workload.model]
-        expected = model.reference(workloads.sample_input(model, workload.batch))
-        workloads.check_response(first.status, first.headers, bytes(first.body), expected)
-        await measure(app, path, headers, body, workload.connections, args.requests // 10)  # warm up
-        runs = [
-            await measure(app, path, headers, body, workload.connections, args.requests)
-            for _ in range(args.repeats)
-        ]
-        cpu, wall = min(r[0] for r in runs), min(r[1] for r in runs)
-        print(f"| {name} | {workload.name} | {cpu:.1f} | {wall:.1f} |", flush=True)
-        if args.profile and name == "bn-serve":
+        for (name, app), lifespan in zip(rows, lifespans, strict=True):
+            await lifespan.start()
+            deadline = time.monotonic() + 120
+            while (await request(app, "GET", "/v2/health/ready", [], b"")).status != 200:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} not ready after 120 s")
+                await asyncio.sleep(0.1)
+            first = await request(app, "POST", path, headers, body)
+            workloads.check_response(first.status, first.headers, bytes(first.body), expected)
+            await measure(app, path, headers, body, workload.connections, args.requests // 10)  # warm up
+        best = {name: (math.inf, math.inf) for name, _ in rows}
+        for _ in range(args.repeats):
+            for name, app in rows:
+                cpu, wall = await measure(app, path, headers, body, workload.connections, args.requests)
+                best[name] = (min(best[name][0], cpu), min(best[name][1], wall))
+        for name, (cpu, wall) in best.items():
+            print(f"| {name} | {workload.name} | {cpu:.1f} | {wall:.1f} |", flush=True)
+        if args.profile:
+            name, app = next(row for row in rows if row[0] == "bn-serve")
             profiler = cProfile.Profile()
             profiler.enable()
             await measure(app, path, headers, body, workload.connections, args.requests)
             profiler.disable()
             _print_profile(profiler, args.requests)
     finally:
-        await lifespan.stop()
+        for lifespan in lifespans:
+            await lifespan.stop()
 
 
 def _print_profile(profiler: cProfile.Profile, count: int, top: int = 30) -> None:
@@ -242,15 +252,13 @@ def main() -> int:
         rows: list[tuple[str, App]] = [
             ("asgi-floor", asgi_floor.CannedApp(asgi_floor.load_canned(canned))),  # type: ignore[list-item]
         ]
-        variants = [("bn-serve", "")] + [tuple(v.partition(":")[::2]) for v in args.variant]
+        for variant in ["bn-serve:", *args.variant]:
+            name, _, assignments = variant.partition(":")
+            overrides = dict(a.split("=", 1) for a in assignments.split(",") if a)
+            label = name if name == "bn-serve" else f"bn-serve {name}"
+            rows.append((label, bn_serve_app(work / "models", overrides, log)))
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            for name, app in rows:
-                runner.run(run_row(name, app, workload, requests[workload.name], args))
-            for name, assignments in variants:
-                overrides = dict(a.split("=", 1) for a in assignments.split(",") if a)
-                app = bn_serve_app(work / "models", overrides, log)
-                label = name if name == "bn-serve" else f"bn-serve {name}"
-                runner.run(run_row(label, app, workload, requests[workload.name], args))
+            runner.run(run_rows(rows, workload, requests[workload.name], args))
     return 0
 
 
