@@ -88,8 +88,9 @@ def bn_serve_variants(specs: list[servers.ServerSpec], variants: list[str]) -> l
         for assignment in filter(None, assignments.split(",")):
             key, _, value = assignment.partition("=")
             env[f"BN_SERVE_{key.upper()}"] = value
+        port = servers.free_port()
         argv = list(base.argv)
-        argv[argv.index("--port") + 1] = str(port := servers.free_port())
+        argv[argv.index("--port") + 1] = str(port)
         out.append(servers.ServerSpec(f"bn-serve {name}", "subject", tuple(argv), port, base.binary, env=env))
     return out
 

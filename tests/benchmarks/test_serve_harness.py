@@ -478,3 +478,18 @@ def test_collapsed_summary_counts_each_frame_once_per_stack_inclusive_and_at_the
     assert summary["handle"] == (0.8, 0.2)  # recursion counted once per stack
     assert summary["parse"] == (0.6, 0.6)
     assert collapsed_summary([]) == []
+
+
+def test_bn_serve_variants_run_on_ports_of_their_own_with_the_settings_as_environment(tmp_path: Path) -> None:
+    from benchmarks.serve_cpu import bn_serve_variants
+    from benchmarks.serving import servers
+
+    specs = servers.own_servers(tmp_path / "models", tmp_path / "canned.json", "/usr/bin/bn-serve")
+    (base,) = [s for s in specs if s.name == "bn-serve"]
+    (variant,) = bn_serve_variants(specs, ["lean:drift=false,MAX_BATCH_SIZE=1"])
+    assert variant.name == "bn-serve lean"
+    assert variant.env == {"BN_SERVE_DRIFT": "false", "BN_SERVE_MAX_BATCH_SIZE": "1"}
+    assert variant.port != base.port
+    assert variant.argv[variant.argv.index("--port") + 1] == str(variant.port)
+    assert variant.argv[: base.argv.index("--port")] == base.argv[: base.argv.index("--port")]
+    assert bn_serve_variants([s for s in specs if s.name != "bn-serve"], ["lean:drift=false"]) == []
