@@ -323,15 +323,18 @@ def test_ratios_compare_with_the_reference_servers_on_the_same_workload() -> Non
     rows = [
         row("baseline", "baseline", "W1-c1", 100.0),
         row("floor", "floor", "W1-c1", 400.0),
+        row("asgi-floor", "asgi", "W1-c1", 600.0),
         row("baseline", "baseline", "W2", 10.0),
         row("bn-serve", "subject", "W1-c1", 300.0),
         row("bn-serve", "subject", "W2", 50.0),
     ]
     report.add_ratios(rows)
-    assert rows[3].ratios["baseline"]["requests_per_s"] == 3.0
-    assert rows[3].ratios["floor"]["requests_per_s"] == 0.75
-    assert rows[4].ratios["baseline"]["requests_per_s"] == 5.0
-    assert "floor" not in rows[4].ratios  # no floor measured on W2 in this run
+    assert rows[4].ratios["baseline"]["requests_per_s"] == 3.0
+    assert rows[4].ratios["floor"]["requests_per_s"] == 0.75
+    assert rows[4].ratios["asgi"]["requests_per_s"] == 0.5
+    assert rows[5].ratios["baseline"]["requests_per_s"] == 5.0
+    assert "floor" not in rows[5].ratios  # no floor measured on W2 in this run
+    assert "x asgi" in report.table(rows).splitlines()[0]
 
 
 def _load_module(name: str, path: Path) -> Any:
