@@ -399,6 +399,7 @@ def test_triton_repository_holds_each_models_onnx_file_model_py_and_config(
         )
 
 
+@pytest.mark.skipif(importlib.util.find_spec("pytriton") is not None, reason="needs an env without the wheel")
 def test_triton_locate_says_why_where_the_wheel_is_not_installed() -> None:
     # The project's own environment has no nvidia-pytriton; the harness skips the row with this message.
     with pytest.raises(triton_peer.TritonUnavailableError, match="not in the nvidia-pytriton wheel"):
