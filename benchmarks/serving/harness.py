@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 
-from benchmarks.serving import load, report, servers, venvs, workloads
+from benchmarks.serving import load, report, servers, triton_peer, venvs, workloads
 from benchmarks.serving.models import BatchNormModel, benchmark_models, write_repository
 
 BENCHMARKS = Path(__file__).resolve().parents[1]
@@ -32,9 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/serve.py",
         description="Benchmark bn-serve against a naive baseline, the framework's floor, loopback and "
-        "(--peers) Seldon MLServer and the KServe Python server, under wrk.",
+        "(--peers) Seldon MLServer, the KServe Python server and Triton Inference Server, under wrk.",
     )
-    parser.add_argument("--peers", action="store_true", help="also run MLServer and KServe (own venvs)")
+    parser.add_argument(
+        "--peers", action="store_true", help="also run MLServer, KServe and Triton (own venvs)"
+    )
     parser.add_argument(
         "--duration", type=float, default=10.0, help="seconds of load per workload (default 10)"
     )
@@ -101,15 +104,18 @@ def run(args: argparse.Namespace) -> int:
         write_repository(repository, tuple(models.values()))
         requests, canned = workloads.write_bodies(work / "bodies", selected, models)
         bn_serve = shutil.which("bn-serve", path=str(Path(sys.executable).parent)) or shutil.which("bn-serve")
+        wanted = {s.strip() for s in args.servers.split(",")} if args.servers else None
         specs = servers.own_servers(repository, canned, bn_serve)
-        if args.peers:
+        # A peer's environment is only built (minutes, first use) when the peer runs.
+        if args.peers and (wanted is None or wanted & {"mlserver", "kserve"}):
             mlserver = venvs.ensure_venv(
                 args.venv_cache, "mlserver", BENCHMARKS / "requirements-mlserver.txt"
             )
             kserve = venvs.ensure_venv(args.venv_cache, "kserve", BENCHMARKS / "requirements-kserve.txt")
             specs += servers.peer_servers(repository, mlserver, kserve, work)
-        if args.servers:
-            wanted = {s.strip() for s in args.servers.split(",")}
+        if args.peers and (wanted is None or "triton" in wanted):
+            specs += _triton(args.venv_cache, repository, work)
+        if wanted is not None:
             specs = [s for s in specs if s.name in wanted]
         for spec in specs:
             rows.extend(_bench_server(spec, selected, requests, models, wrk, args, work))
@@ -135,6 +141,16 @@ def run(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(result, indent=1))
     print(f"\nresults written to {out}")
     return 0
+
+
+def _triton(venv_cache: Path, repository: Path, work: Path) -> list[servers.ServerSpec]:
+    """The Triton row, or none (with the reason printed) where its wheel cannot be installed or run here."""
+    try:
+        python = venvs.ensure_venv(venv_cache, "triton", BENCHMARKS / "requirements-triton.txt")
+        return [triton_peer.server_spec(triton_peer.TritonInstall.locate(python), repository, work)]
+    except (subprocess.CalledProcessError, OSError, triton_peer.TritonUnavailableError) as exc:
+        print(f"[triton] skipped: {exc}", flush=True)
+        return []
 
 
 def _bench_server(

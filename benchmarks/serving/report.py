@@ -1,5 +1,5 @@
-"""Results as ratios to the baseline, the framework floor and the loopback floor of the same run; the table,
-the JSON document, and the targets bn-serve is held to."""
+"""Results as ratios to the baseline, the framework floor (FastAPI), uvicorn's floor (a bare ASGI callable)
+and the loopback floor of the same run; the table, the JSON document, and the targets bn-serve is held to."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from benchmarks.serving.workloads import WORKLOADS
 
 WORKLOAD_ORDER = tuple(w.name for w in WORKLOADS)
 RATIO_METRICS = ("requests_per_s", "p50_ms", "p99_ms", "rss_mib")
-REFERENCES = {"baseline": "baseline", "floor": "floor", "loopback": "wire"}
+REFERENCES = {"baseline": "baseline", "floor": "floor", "asgi": "asgi", "loopback": "wire"}
 
 
 @dataclass
@@ -60,7 +60,7 @@ def table(rows: Sequence[Row]) -> str:
     """A plain-text table, one line per server and workload, grouped by workload."""
     header = (
         "workload", "server", "req/s", "p50 ms", "p99 ms", "errors", "RSS MiB",
-        "req/s x base", "x floor", "x loop", "p99 x base", "p99 x floor",
+        "req/s x base", "x floor", "x asgi", "x loop", "p99 x base", "p99 x floor",
     )  # fmt: skip
     order = {name: i for i, name in enumerate(WORKLOAD_ORDER)}
     lines: list[tuple[str, ...]] = [header]
@@ -82,6 +82,7 @@ def table(rows: Sequence[Row]) -> str:
                 _fmt(row.rss_mib, 0),
                 _fmt(ratio.get("baseline", {}).get("requests_per_s", math.nan), 2),
                 _fmt(ratio.get("floor", {}).get("requests_per_s", math.nan), 2),
+                _fmt(ratio.get("asgi", {}).get("requests_per_s", math.nan), 2),
                 _fmt(ratio.get("loopback", {}).get("requests_per_s", math.nan), 2),
                 _fmt(ratio.get("baseline", {}).get("p99_ms", math.nan), 2),
                 _fmt(ratio.get("floor", {}).get("p99_ms", math.nan), 2),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 SERVING = Path(__file__).resolve().parent
-Role = Literal["subject", "baseline", "floor", "wire", "peer"]
+Role = Literal["subject", "baseline", "floor", "asgi", "wire", "peer"]
 
 
 class ServerStartError(Exception):
@@ -58,11 +58,15 @@ def free_port() -> int:
 
 
 def own_servers(repository: Path, canned: Path, bn_serve: str | None) -> list[ServerSpec]:
-    """The loopback floor, the framework floor, the naive baseline and, when installed, bn-serve."""
+    """The loopback floor, uvicorn's floor, the framework floor, the naive baseline and, when installed,
+    bn-serve."""
     python = sys.executable
     specs = [
         ServerSpec(
             "loopback", "wire", (python, str(SERVING / "wire_server.py"), "--canned", str(canned)), 0, True
+        ),
+        ServerSpec(
+            "asgi-floor", "asgi", (python, str(SERVING / "asgi_floor.py"), "--canned", str(canned)), 0, True
         ),
         ServerSpec(
             "floor", "floor", (python, str(SERVING / "floor_app.py"), "--canned", str(canned)), 0, True

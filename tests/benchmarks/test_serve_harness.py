@@ -4,9 +4,12 @@ script, the baseline server's answers and the report's arithmetic. Load runs are
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,11 +21,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.http as triton
-from fastapi import FastAPI
+from google.protobuf import text_format
 from numpy.typing import NDArray
 from onnx.reference import ReferenceEvaluator
 
-from benchmarks.serving import baseline_app, floor_app, load, report, workloads
+from benchmarks.serving import asgi_floor, baseline_app, floor_app, load, report, triton_peer, workloads
 from benchmarks.serving.models import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -44,7 +47,7 @@ def closed_form(model: BatchNormModel, x: NDArray[np.float32]) -> NDArray[np.flo
     return g * (x.astype(np.float64) - m) / np.sqrt(v + model.eps) + b
 
 
-def call(app: FastAPI, requests: Sequence[tuple[str, str, dict[str, Any]]]) -> list[httpx.Response]:
+def call(app: Any, requests: Sequence[tuple[str, str, dict[str, Any]]]) -> list[httpx.Response]:
     """Send each `(method, url, httpx keyword arguments)` to `app` in-process, in order (ASGI transport)."""
 
     async def send() -> list[httpx.Response]:
@@ -187,6 +190,59 @@ def test_floor_app_returns_the_canned_answer_for_each_workload(
         workloads.check_response(response.status_code, dict(response.headers), response.content, expected)
 
 
+def test_asgi_floor_returns_the_canned_answer_for_each_workload_and_reports_ready(
+    tmp_path: Path, small_models: dict[str, BatchNormModel]
+) -> None:
+    requests, manifest = workloads.write_bodies(tmp_path, workloads.WORKLOADS, small_models)
+    sent = [
+        ("POST", "/v2/models/any/infer", {"content": r.body.read_bytes(), "headers": r.headers()})
+        for r in (requests[w.name] for w in workloads.WORKLOADS)
+    ]
+    app = asgi_floor.CannedApp(asgi_floor.load_canned(manifest))
+    ready, unknown, *responses = call(
+        app,
+        [("GET", "/v2/health/ready", {}), ("POST", "/v2/models/any/infer", {"content": b"{}"}), *sent],
+    )
+    assert (ready.status_code, ready.json()) == (200, {"ready": True})
+    assert unknown.status_code == 400
+    assert "error" in unknown.json()
+    for workload, response in zip(workloads.WORKLOADS, responses, strict=True):
+        model = small_models[workload.model]
+        expected = closed_form(model, workloads.sample_input(model, workload.batch)).astype(np.float32)
+        workloads.check_response(response.status_code, dict(response.headers), response.content, expected)
+
+
+_CAPTURE_UVICORN_OPTIONS = """
+import json, sys
+import uvicorn
+from service import cli
+
+def record(app, **options):
+    print("OPTIONS " + json.dumps(options))
+
+uvicorn.run = record
+cli.main(sys.argv[1:])
+"""
+
+
+def test_asgi_floor_runs_uvicorn_with_the_options_bn_serve_gives_it(
+    tmp_path: Path, small_models: dict[str, BatchNormModel]
+) -> None:
+    """The floor is only bn-serve's floor while uvicorn runs both alike: read what `bn-serve` passes to
+    `uvicorn.run` with its defaults, in a process of its own (it configures logging and signals)."""
+    path = write_repository(tmp_path, (small_models["bn_features"],))["bn_features"]
+    completed = subprocess.run(
+        [sys.executable, "-c", _CAPTURE_UVICORN_OPTIONS, "--model", str(path), "--port", "4321"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BN_SERVE_")},
+    )
+    (line,) = [x for x in completed.stdout.splitlines() if x.startswith("OPTIONS ")]
+    assert json.loads(line.removeprefix("OPTIONS ")) == asgi_floor.uvicorn_options(4321)
+
+
 class _Recorder(BaseHTTPRequestHandler):
     """Keeps every request it receives and answers each with an empty 200, over keep-alive connections."""
 
@@ -267,12 +323,177 @@ def test_ratios_compare_with_the_reference_servers_on_the_same_workload() -> Non
     rows = [
         row("baseline", "baseline", "W1-c1", 100.0),
         row("floor", "floor", "W1-c1", 400.0),
+        row("asgi-floor", "asgi", "W1-c1", 600.0),
         row("baseline", "baseline", "W2", 10.0),
         row("bn-serve", "subject", "W1-c1", 300.0),
         row("bn-serve", "subject", "W2", 50.0),
     ]
     report.add_ratios(rows)
-    assert rows[3].ratios["baseline"]["requests_per_s"] == 3.0
-    assert rows[3].ratios["floor"]["requests_per_s"] == 0.75
-    assert rows[4].ratios["baseline"]["requests_per_s"] == 5.0
-    assert "floor" not in rows[4].ratios  # no floor measured on W2 in this run
+    assert rows[4].ratios["baseline"]["requests_per_s"] == 3.0
+    assert rows[4].ratios["floor"]["requests_per_s"] == 0.75
+    assert rows[4].ratios["asgi"]["requests_per_s"] == 0.5
+    assert rows[5].ratios["baseline"]["requests_per_s"] == 5.0
+    assert "floor" not in rows[5].ratios  # no floor measured on W2 in this run
+    assert "x asgi" in report.table(rows).splitlines()[0]
+
+
+def _load_module(name: str, path: Path) -> Any:
+    """The Python file at `path` imported as module `name`, outside any package."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _triton_model_config_schema() -> Any:
+    """Triton's own ModelConfig message, from the generated module that tritonclient ships (its gRPC package
+    needs grpcio to import, the message module only protobuf)."""
+    return _load_module(
+        "triton_model_config_pb2", Path(triton.__file__).parents[1] / "grpc" / "model_config_pb2.py"
+    )
+
+
+@pytest.mark.parametrize("name", ["bn_features", "bn_images"])
+def test_triton_config_parses_as_a_python_backend_model_with_dynamic_batching_on_one_cpu_instance(
+    small_models: dict[str, BatchNormModel], name: str
+) -> None:
+    schema = _triton_model_config_schema()
+    model = small_models[name]
+    text = triton_peer.model_config(name, build_graph(model), max_batch_size=256)
+    config = text_format.Parse(text, schema.ModelConfig())
+    assert (config.name, config.backend, config.max_batch_size) == (name, "python", 256)
+    assert config.HasField("dynamic_batching")
+    assert config.dynamic_batching.max_queue_delay_microseconds == 0
+    (group,) = config.instance_group
+    assert (group.count, group.kind) == (1, schema.ModelInstanceGroup.KIND_CPU)
+    for tensors, tensor_name in ((config.input, INPUT_NAME), (config.output, OUTPUT_NAME)):
+        (tensor,) = tensors
+        assert tensor.name == tensor_name
+        assert tensor.data_type == schema.TYPE_FP32
+        assert tuple(tensor.dims) == model.sample_shape  # the batch axis is Triton's, from max_batch_size
+
+
+def test_triton_config_refuses_a_graph_whose_sample_axes_are_not_fixed(
+    small_models: dict[str, BatchNormModel],
+) -> None:
+    graph = build_graph(small_models["bn_features"])
+    graph.graph.input[0].type.tensor_type.shape.dim[1].dim_param = "C"
+    with pytest.raises(ValueError, match="fixed size"):
+        triton_peer.model_config("m", graph)
+
+
+def test_triton_repository_holds_each_models_onnx_file_model_py_and_config(
+    tmp_path: Path, small_models: dict[str, BatchNormModel]
+) -> None:
+    sources = write_repository(tmp_path / "models", tuple(small_models.values()))
+    names = triton_peer.write_repository(tmp_path / "models", tmp_path / "triton")
+    assert names == sorted(small_models)
+    for name, source in sources.items():
+        folder = tmp_path / "triton" / name
+        assert (folder / "1" / "model.onnx").read_bytes() == source.read_bytes()
+        assert (folder / "1" / "model.py").read_text() == triton_peer.MODEL_SOURCE.read_text()
+        assert (folder / "config.pbtxt").read_text() == triton_peer.model_config(
+            name, build_graph(small_models[name])
+        )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pytriton") is not None, reason="needs an env without the wheel")
+def test_triton_locate_says_why_where_the_wheel_is_not_installed() -> None:
+    # The project's own environment has no nvidia-pytriton; the harness skips the row with this message.
+    with pytest.raises(triton_peer.TritonUnavailableError, match="not in the nvidia-pytriton wheel"):
+        triton_peer.TritonInstall.locate(Path(sys.executable))
+
+
+def test_triton_server_runs_the_interpreters_libpython_first_from_site_packages(tmp_path: Path) -> None:
+    site_packages, libdir = tmp_path / "site-packages", tmp_path / "lib"
+    files = tuple(
+        tmp_path / "wheel" / n for n in ("libtriton_python.so", "triton_python_backend_utils.py", "stub")
+    )
+    for path in files:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(path.name.encode())
+    install = triton_peer.TritonInstall(tmp_path / "tritonserver", files, site_packages, (libdir,))
+    write_repository(tmp_path / "models", (make_model("bn_features", (4,), seed=1),))
+    spec = triton_peer.server_spec(install, tmp_path / "models", tmp_path / "work")
+    assert spec.env["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(libdir)
+    assert spec.cwd == site_packages
+    argv = dict(zip(spec.argv[1::2], spec.argv[2::2], strict=True))
+    assert argv["--http-port"] == str(spec.port)
+    backends = Path(argv["--backend-directory"]) / "python"
+    assert sorted(p.name for p in backends.iterdir()) == sorted(p.name for p in files)
+    assert (Path(argv["--model-repository"]) / "bn_features" / "config.pbtxt").is_file()
+
+
+class _TritonRequest:
+    def __init__(self, x: NDArray[np.float32]) -> None:
+        self.x = x
+
+
+def _fake_backend_utils() -> Any:
+    """The three calls of triton_python_backend_utils that model.py makes, over plain numpy arrays."""
+    import types
+
+    module = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor:
+        def __init__(self, name: str, array: NDArray[Any]) -> None:
+            self.name, self.array = name, array
+
+        def as_numpy(self) -> NDArray[Any]:
+            return self.array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors: list[Tensor]) -> None:
+            self.output_tensors = output_tensors
+
+    module.Tensor = Tensor  # type: ignore[attr-defined]
+    module.InferenceResponse = InferenceResponse  # type: ignore[attr-defined]
+    module.get_input_tensor_by_name = lambda r, name: Tensor(name, r.x)  # type: ignore[attr-defined]
+    return module
+
+
+def test_triton_model_py_gives_each_request_of_a_merged_batch_its_own_output(
+    tmp_path: Path, small_models: dict[str, BatchNormModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = small_models["bn_features"]
+    write_repository(tmp_path, (model,))
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_backend_utils())
+    served = _load_module("triton_model_py", triton_peer.MODEL_SOURCE).TritonPythonModel()
+    served.initialize(
+        {"model_repository": str(tmp_path / model.name), "model_version": "1", "model_config": "{}"}
+    )
+    inputs = [workloads.sample_input(model, batch) + np.float32(i) for i, batch in enumerate((1, 3, 2))]
+    responses = served.execute([_TritonRequest(x) for x in inputs])
+    assert len(responses) == len(inputs)
+    for x, response in zip(inputs, responses, strict=True):
+        (tensor,) = response.output_tensors
+        assert tensor.name == OUTPUT_NAME
+        np.testing.assert_allclose(tensor.as_numpy(), closed_form(model, x), rtol=1e-5, atol=1e-6)
+
+
+def test_collapsed_summary_counts_each_frame_once_per_stack_inclusive_and_at_the_leaf_as_own() -> None:
+    from benchmarks.serve_cpu import collapsed_summary
+
+    stacks = ["main;loop;handle;parse 6", "main;loop;handle;handle 2", "main;loop;idle 2", "garbage line"]
+    summary = {frame: (inclusive, own) for frame, inclusive, own in collapsed_summary(stacks)}
+    assert summary["main"] == (1.0, 0.0)
+    assert summary["handle"] == (0.8, 0.2)  # recursion counted once per stack
+    assert summary["parse"] == (0.6, 0.6)
+    assert collapsed_summary([]) == []
+
+
+def test_bn_serve_variants_run_on_ports_of_their_own_with_the_settings_as_environment(tmp_path: Path) -> None:
+    from benchmarks.serve_cpu import bn_serve_variants
+    from benchmarks.serving import servers
+
+    specs = servers.own_servers(tmp_path / "models", tmp_path / "canned.json", "/usr/bin/bn-serve")
+    (base,) = [s for s in specs if s.name == "bn-serve"]
+    (variant,) = bn_serve_variants(specs, ["lean:drift=false,MAX_BATCH_SIZE=1"])
+    assert variant.name == "bn-serve lean"
+    assert variant.env == {"BN_SERVE_DRIFT": "false", "BN_SERVE_MAX_BATCH_SIZE": "1"}
+    assert variant.port != base.port
+    assert variant.argv[variant.argv.index("--port") + 1] == str(variant.port)
+    assert variant.argv[: base.argv.index("--port")] == base.argv[: base.argv.index("--port")]
+    assert bn_serve_variants([s for s in specs if s.name != "bn-serve"], ["lean:drift=false"]) == []

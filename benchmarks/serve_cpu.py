@@ -1,0 +1,179 @@
+"""Where a small request's time goes: server CPU per request under load, and (with py-spy) in which functions.
+
+    python benchmarks/serve_cpu.py [--workloads W1-c1,W1-c32] [--duration 8]
+                                   [--servers asgi-floor,floor,baseline,bn-serve]
+                                   [--variant NAME:KEY=VALUE[,KEY=VALUE...]]... [--py-spy DIR]
+
+Each server runs alone pinned to CPU 0 (as in `benchmarks/serve.py`), wrk on CPU 1. Per workload the table
+gives req/s, p50, and the server's CPU time per completed request: utime + stime of every process in its
+tree (all threads), read from `/proc/<pid>/stat` before and after the wrk run, over the requests wrk
+completed. At saturation (W1-c32) that is the cost that bounds req/s on one core; the differences between
+the rows are what each layer costs: uvicorn (`asgi-floor`), FastAPI (`floor`), bn-serve.
+
+`--variant` adds a bn-serve row with settings changed through its `BN_SERVE_*` variables, e.g.
+`--variant no-drift:DRIFT=false` or `--variant quiet:LOG_LEVEL=warning`; the difference to `bn-serve` is what
+the feature costs per request.
+
+`--py-spy DIR` (needs `py-spy` on PATH: `pip install py-spy`) samples every bn-serve row once more under the
+same load, py-spy on CPU 1 beside wrk, and writes `DIR/<server>-<workload>.txt` (collapsed stacks) with a
+ranked summary: each function's share of the samples (inclusive), times the CPU per request measured without
+the profiler, gives its microseconds per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.serving import load, servers, workloads
+from benchmarks.serving.models import benchmark_models, write_repository
+
+SERVER_CPU, LOAD_CPU = 0, 1
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and its descendants, all threads, reaped children included (cutime, cstime)."""
+    total = 0
+    for member in servers.process_tree(pid):
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += sum(int(f) for f in fields[11:15])
+    return total / TICKS
+
+
+def collapsed_summary(lines: Iterable[str], top: int = 40) -> list[tuple[str, float, float]]:
+    """From py-spy's collapsed stacks (`frame;frame;... count`), each frame's (inclusive, self) share of all
+    samples, the `top` frames by inclusive share. A frame recursing counts once per stack."""
+    inclusive: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in lines:
+        stack, _, count_text = line.rstrip("\n").rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if total == 0:
+        return []
+    return [(frame, n / total, own[frame] / total) for frame, n in inclusive.most_common(top)]
+
+
+def bn_serve_variants(specs: list[servers.ServerSpec], variants: list[str]) -> list[servers.ServerSpec]:
+    """A copy of the bn-serve row per `NAME:KEY=VALUE,...`, with `BN_SERVE_KEY=VALUE` in its environment."""
+    base = next((s for s in specs if s.name == "bn-serve"), None)
+    if base is None:
+        return []
+    out = []
+    for variant in variants:
+        name, _, assignments = variant.partition(":")
+        env = dict(base.env)
+        for assignment in filter(None, assignments.split(",")):
+            key, _, value = assignment.partition("=")
+            env[f"BN_SERVE_{key.upper()}"] = value
+        port = servers.free_port()
+        argv = list(base.argv)
+        argv[argv.index("--port") + 1] = str(port)
+        out.append(servers.ServerSpec(f"bn-serve {name}", "subject", tuple(argv), port, base.binary, env=env))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workloads", default="W1-c1,W1-c32")
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--servers", default="asgi-floor,floor,baseline,bn-serve")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]")
+    parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR")
+    args = parser.parse_args()
+    py_spy = shutil.which("py-spy") if args.py_spy else None
+    if args.py_spy and py_spy is None:
+        raise SystemExit("--py-spy needs py-spy on PATH (pip install py-spy)")
+    wrk = load.ensure_wrk()
+    chosen = workloads.select_workloads(args.workloads)
+    wanted = {s.strip() for s in args.servers.split(",")}
+    bn_serve = shutil.which("bn-serve", path=str(Path(sys.executable).parent)) or shutil.which("bn-serve")
+    print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    print("| server | workload | req/s | p50 ms | CPU us/req | CPU share of the core |")
+    print("|---|---|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory(prefix="bench-serve-cpu-") as tmp:
+        work = Path(tmp)
+        models = {m.name: m for m in benchmark_models()}
+        write_repository(work / "models", tuple(models.values()))
+        requests, canned = workloads.write_bodies(work / "bodies", chosen, models)
+        specs = servers.own_servers(work / "models", canned, bn_serve)
+        specs = [s for s in specs if s.name in wanted] + bn_serve_variants(specs, args.variant)
+        for spec in specs:
+            with servers.running(spec, work / f"{spec.name}.log", SERVER_CPU) as process:
+                for workload in chosen:
+                    url = spec.url(spec.infer_path.format(model=workload.model))
+                    request = requests[workload.name]
+                    before = tree_cpu_seconds(process.pid)
+                    result = load.run_wrk(wrk, url, request, workload.connections, args.duration, LOAD_CPU)
+                    spent = tree_cpu_seconds(process.pid) - before
+                    per_request_us = spent / max(1, result.requests) * 1e6
+                    print(
+                        f"| {spec.name} | {workload.name} | {result.requests_per_s:,.0f} "
+                        f"| {result.p50_ms:.2f} | {per_request_us:.0f} | {spent / result.duration_s:.2f} |",
+                        flush=True,
+                    )
+                    if py_spy is not None and spec.role == "subject":
+                        _profile(py_spy, wrk, spec, workload, url, request, process.pid, per_request_us, args)
+    print(f"load average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
+    return 0
+
+
+def _profile(
+    py_spy: str,
+    wrk: str,
+    spec: servers.ServerSpec,
+    workload: workloads.Workload,
+    url: str,
+    request: workloads.RequestFiles,
+    pid: int,
+    per_request_us: float,
+    args: argparse.Namespace,
+) -> None:
+    args.py_spy.mkdir(parents=True, exist_ok=True)
+    out = args.py_spy / f"{spec.name.replace(' ', '-')}-{workload.name}.txt"
+    duration = max(1, round(args.duration))
+    sampler = subprocess.Popen(
+        ["taskset", "-c", str(LOAD_CPU), py_spy, "record", "--pid", str(pid), "--rate", "250",
+         "--duration", str(duration), "--format", "raw", "--function", "--nonblocking", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    load.run_wrk(wrk, url, request, workload.connections, args.duration, LOAD_CPU)
+    _, errors = sampler.communicate(timeout=duration + 60)
+    if sampler.returncode != 0:
+        print(f"  py-spy failed: {errors.decode(errors='replace')[-500:]}", flush=True)
+        return
+    summary = collapsed_summary(out.read_text().splitlines())
+    lines = [
+        f"{incl:6.1%} {incl * per_request_us:7.1f} us  self {own:6.1%}  {frame}"
+        for frame, incl, own in summary
+    ]
+    (out.with_suffix(".summary.txt")).write_text("\n".join(lines) + "\n")
+    print(f"  profile: {out} (summary beside it)", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
