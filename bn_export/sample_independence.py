@@ -16,9 +16,10 @@ and a graph that computes with it (divides by it, branches on it, sizes a tensor
 differently by the company it keeps. Size is refused outright. Shape from axis 0 is followed instead: N may
 flow only through the shape operations PyTorch spells `x.view(x.size(0), -1)` with (Gather or Slice of the
 shape's first entry, Unsqueeze/Squeeze, Cast to int64, Identity, and a Concat with N first and FREE entries
-after it), into the leading entry of a Reshape of the very tensor whose shape was read. That Reshape keeps
-each sample whole on its own row: with N rows of x's N·S elements, row i holds elements i·S .. (i+1)·S - 1,
-sample i's. Any other use of N is refused as reading the batch size, naming the Shape node and the use.
+after it), into the leading entry of a Reshape of a tensor that carries the samples: the one whose shape was
+read, or any other (every such tensor has the batch's N rows, graph inputs included, which share one batch).
+That Reshape keeps each sample whole on its own row: with N rows of y's N·S elements, row i holds elements
+i·S .. (i+1)·S - 1, sample i's. Any other use of N is refused as reading the batch size, naming the Shape node and the use.
 """
 
 from __future__ import annotations
@@ -927,10 +928,12 @@ class _Dataflow:
         return shape[0] if shape is not None and len(shape) == 1 else None
 
     def size_reshape(self, node: onnx.NodeProto) -> Verdict:
-        """Reshape(x, [N of x, FREE...]): N rows of one sample's elements each, sample i's on row i."""
+        """Reshape(y, [N of x, FREE...]) with y and x both carrying the samples: every such tensor has the
+        batch's N rows, so this is N rows of one sample's elements each, sample i's on row i (PyTorch's
+        `x.view(x.size(0), -1)`, and GroupNorm's reshape back to `Shape(x)` after InstanceNormalization)."""
         data, target = node.input[0], node.input[1]
         size = self.sizes.get(target)
-        if size is None or not size.vector or size.source != data or not self.is_batch(data):
+        if size is None or not size.vector or not self.is_batch(data) or not self.others_free(node, 2):
             return self.reads_batch_size(node)
         return self.same(node, size.length)
 
