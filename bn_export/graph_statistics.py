@@ -244,8 +244,9 @@ def find_linear_head(g: GraphIndex, logits: str) -> HeadTerms | None:
 def frozen_bn_statistics(g: GraphIndex) -> FrozenStatistics | str | None:
     """The statistics of frozen-bn's own one-layer form, which `verify` checks against the graph's `output`
     (and `logits`) from the graph input: one BatchNormalization fed by the graph input (directly, or through
-    a Transpose), or the folded form's metadata statistics with no BatchNormalization node. None for any
-    other graph; a sentence when the metadata statistics are malformed."""
+    a Transpose) that writes `output` (through a Transpose back or a Cast), or the folded form's metadata
+    statistics with no BatchNormalization node. None for any other graph; a sentence when the metadata
+    statistics are malformed."""
     outputs = set(g.outputs)
     if "output" not in outputs or not outputs <= {"output", "logits"} or len(g.inputs) != 1:
         return None
@@ -259,6 +260,12 @@ def frozen_bn_statistics(g: GraphIndex) -> FrozenStatistics | str | None:
     if producer is not None and producer.op_type == "Transpose":
         source = producer.input[0]
     if source != g.inputs[0].name:
+        return None
+    # ... and writing `output` itself, through at most a Transpose back and a Cast (nothing after it).
+    writer = g.producer.get("output")
+    while writer is not None and writer.op_type in ("Transpose", "Cast", "Identity") and writer is not bns[0]:
+        writer = g.producer.get(writer.input[0])
+    if writer is not bns[0]:
         return None
     found = _find_statistics(g)
     return found if isinstance(found, FrozenStatistics) else None
