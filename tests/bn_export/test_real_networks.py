@@ -120,6 +120,31 @@ def test_cli_shape_and_budget_flags(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "4 samples" in capsys.readouterr().out
 
 
+def test_inspect_lists_every_layer_with_its_ranges(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(OUT / "resnet_bn.onnx"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    model = onnx.load(OUT / "resnet_bn.onnx")
+    nodes = [node for node in model.graph.node if node.op_type == "BatchNormalization"]
+    assert [layer["node"] for layer in summary["layers"]] == [node.name for node in nodes]
+    first = summary["layers"][0]
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    gamma, _, _, var = (constants[name].astype(np.float64) for name in nodes[0].input[1:5])
+    assert first["input"] == nodes[0].input[0]
+    assert first["channels"] == 8
+    assert first["min_var"] == pytest.approx(float(var.min()))
+    assert first["var_range"] == pytest.approx([float(var.min()), float(var.max())])
+    assert first["largest_abs_scale"] == pytest.approx(float(np.max(np.abs(gamma / np.sqrt(var + 1e-5)))))
+    assert main(["inspect", str(OUT / "resnet_bn.onnx")]) == 0
+    text = capsys.readouterr().out
+    assert "BatchNormalization layers: 6" in text
+    assert all(node.name in text for node in nodes)
+
+
+def test_inspect_says_when_batch_norm_was_fused_away(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", str(OUT / "resnet_fused.onnx")]) == 0
+    assert "no BatchNormalization layers: fused into other operators" in capsys.readouterr().out
+
+
 # -- against PyTorch, where it is installed ------------------------------------------------------------------
 
 
