@@ -10,11 +10,14 @@ from typing import Any
 from service.errors import ModelLoadError
 
 
-def verify_frozen(path: Path, providers: Sequence[str], data: bytes | None = None) -> dict[str, Any]:
+def verify_frozen(
+    path: Path, providers: Sequence[str], data: bytes | None = None, budget_s: float | None = None
+) -> dict[str, Any]:
     """Run `bn_export.verify.verify_model` on the model at `path`; its report as a dict when it passed.
 
     `data`, when given, is the model's bytes already read from `path`: that is what gets verified, so the
-    check and the session built from the same bytes cannot see two different files.
+    check and the session built from the same bytes cannot see two different files. `budget_s`: the seconds
+    its empirical checks may take (None: verify's default, `bn_export.probes.DEFAULT_BUDGET_S`).
 
     Raises `ModelLoadError` with the failed checks when the graph normalizes with batch statistics (or fails
     any other check), when the file is not ONNX, or when the check itself is not installed: a model is never
@@ -32,7 +35,8 @@ def verify_frozen(path: Path, providers: Sequence[str], data: bytes | None = Non
 
     try:
         model: Any = path if data is None else _parse(path, data)
-        report = verify_model(model, providers=list(providers))
+        options: dict[str, Any] = {} if budget_s is None else {"budget_s": budget_s}
+        report = verify_model(model, providers=list(providers), **options)
     except BnExportError as exc:
         raise ModelLoadError(f"{path} failed verification: {exc}") from None
     if not report.passed:
