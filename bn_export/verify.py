@@ -45,6 +45,7 @@ dimensions besides the batch are DEFAULT_DYNAMIC_SIZE = 8 unless `shapes` gives 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,9 +413,11 @@ def _check_layer_formula(
     runtime: Runtime,
     feeds: Batch,
     providers: Sequence[str] | None,
+    deadline: float,
 ) -> CheckResult:
     """Each layer's output against the formula from its constants, on the input the network computes for it:
-    read from a copy of the graph that returns every layer's input and output as extra outputs."""
+    read from a copy of the graph that returns every layer's input and output as extra outputs. Past
+    `deadline` (time.perf_counter), no further chunk of samples starts once PROBES samples are checked."""
     stuck = [layer for layer in layers if layer.problem is not None]
     if stuck:
         return CheckResult("formula", False, None, f"{stuck[0].node}: {stuck[0].problem}")
@@ -426,7 +429,7 @@ def _check_layer_formula(
             "formula", False, None, f"cannot run the graph with its layers exposed: {one_line(exc)}"
         )
     # Every layer's input and output at once take a network's whole activations per sample: the rows go a
-    # bounded chunk at a time, sized by what the first row took.
+    # bounded chunk at a time, sized by what the rows before took.
     found: dict[str, tuple[float, float, str]] = {}
     samples, chunk, lo = count(feeds), 1, 0
     while lo < samples:
@@ -445,18 +448,24 @@ def _check_layer_formula(
             error, ratio = compare(y, *expected, relative_tolerance(dtype), dtype)
             previous = found.get(layer.node, (0.0, 0.0, str(dtype)))
             found[layer.node] = (max(previous[0], error), max(previous[1], ratio), str(dtype))
-        lo += chunk
-        used = sum(int(np.asarray(v).nbytes) for v in values.values()) // max(1, chunk)
-        chunk = max(1, _LAYER_CHUNK_BYTES // max(1, used))
+        done = min(chunk, samples - lo)
+        lo += done
+        if lo >= min(PROBES, samples) and time.perf_counter() > deadline:
+            break
+        per_row = sum(int(np.asarray(v).nbytes) for v in values.values()) // done
+        # Doubling, so that the deadline is looked at often while the cost is still unknown.
+        chunk = max(1, min(2 * chunk, _LAYER_CHUNK_BYTES // max(1, per_row)))
         del values
     worst = max(found, key=lambda node: (found[node][1], found[node][0]))
     error, ratio, dtype_name = found[worst]
     passed = ratio <= 1.0
     detail = (
-        f"{len(layers)} BatchNormalization layer(s) on {samples} samples vs float64 formula from each node's "
+        f"{len(layers)} BatchNormalization layer(s) on {lo} samples vs float64 formula from each node's "
         f"constants on its real input; worst {worst}: max error {error:.3g} ({ratio:.3g} of the "
         f"{dtype_name} tolerance)"
     )
+    if lo < samples:
+        detail += f" (the budget's share ran out after {lo} of {samples} samples)"
     return CheckResult("formula", passed, error, detail)
 
 
@@ -489,6 +498,7 @@ def _check_formula(
     feeds: Batch,
     providers: Sequence[str] | None,
     note: str,
+    deadline: float,
 ) -> CheckResult:
     if isinstance(frozen, str):
         return CheckResult("formula", False, None, f"nothing to compare against: {frozen}")
@@ -501,7 +511,7 @@ def _check_formula(
             None,
             "not applicable: no BatchNormalization layers (absent or fused into other operators)",
         )
-    result = _check_layer_formula(g, layers, runtime, feeds, providers)
+    result = _check_layer_formula(g, layers, runtime, feeds, providers, deadline)
     return CheckResult(result.name, result.passed, result.figure, result.detail + note)
 
 
@@ -688,8 +698,11 @@ def verify_model(
     if formula_rows < wanted:
         note = f" (the {budget.seconds:g} s budget allowed {formula_rows} of {wanted} samples)"
     formula_feeds = rows(xs, slice(0, formula_rows))
+    deadline = time.perf_counter() + _FORMULA_SHARE * budget.left()
     checks.append(
-        _guard("formula", lambda: _check_formula(g, layers, frozen, rt, formula_feeds, providers, note))
+        _guard(
+            "formula", lambda: _check_formula(g, layers, frozen, rt, formula_feeds, providers, note, deadline)
+        )
     )
     probes = rows(xs, slice(0, min(PROBES, count(xs))))
     checks.append(
