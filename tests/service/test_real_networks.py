@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,20 @@ def test_a_sample_is_bitwise_equal_alone_and_in_batches(network_server: Server, 
         for out, value in alone.items():
             assert np.array_equal(value[0], together[out][i]), out
             assert np.array_equal(value[0], pair[out][0]), out
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "two_inputs"])
+def test_concurrent_requests_merged_by_adaptive_batching_answer_as_alone(
+    network_server: Server, name: str
+) -> None:
+    feeds = example_inputs(NETWORKS[name], 12, seed=13)
+    samples = [{key: value[i : i + 1] for key, value in feeds.items()} for i in range(12)]
+    alone = [infer(network_server, name, sample) for sample in samples]
+    with ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda sample: infer(network_server, name, sample), samples * 3))
+    for i, answer in enumerate(together):
+        for out, value in answer.items():
+            assert np.array_equal(value, alone[i % 12][out]), (i, out)
 
 
 def test_metadata_lists_every_input_and_output_from_the_graph(network_server: Server) -> None:
