@@ -561,7 +561,11 @@ def _check_batch_invariance(
 ) -> CheckResult:
     fixed = runtime.fixed_batch
     if fixed is not None:
-        return CheckResult("batch_invariance", False, None, f"the batch dimension is fixed to {fixed}")
+        detail = (
+            f"the batch dimension is fixed to {fixed}: a batch cannot be formed (torch.onnx.export needs "
+            "dynamic_axes={name: {0: 'batch'}} for every input and output)"
+        )
+        return CheckResult("batch_invariance", False, None, detail)
     rng = np.random.default_rng(seed + 1)
     n = count(probes)
     alone = [budget.timed_run(runtime, rows(probes, slice(i, i + 1))) for i in range(n)]

@@ -46,6 +46,8 @@ def network_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
     for name in SERVED:
         (root / name / "1").mkdir(parents=True)
         shutil.copy(OUT / f"{name}.onnx", root / name / "1" / "model.onnx")
+    (root / "train_mode" / "1").mkdir(parents=True)
+    shutil.copy(OUT / "resnet_train_mode.onnx", root / "train_mode" / "1" / "model.onnx")
     (root / "not_onnx" / "1").mkdir(parents=True)
     (root / "not_onnx" / "1" / "model.onnx").write_bytes(b"\x00 definitely not a protobuf")
     (root / "missing_op" / "1").mkdir(parents=True)
@@ -149,7 +151,11 @@ def test_metadata_lists_every_input_and_output_from_the_graph(network_server: Se
 @pytest.mark.parametrize(
     ("name", "reason"),
     # The session or the check may be the first to refuse a file that is not ONNX: either says so.
-    [("not_onnx", r"not an ONNX model|protobuf parsing failed"), ("missing_op", r"com\.example\.missing")],
+    [
+        ("not_onnx", r"not an ONNX model|protobuf parsing failed"),
+        ("missing_op", r"com\.example\.missing"),
+        ("train_mode", r"inference_mode: .*training_mode=1"),
+    ],
 )
 def test_a_bad_model_is_not_ready_with_its_reason_and_the_others_serve(
     network_server: Server, name: str, reason: str
