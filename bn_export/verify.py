@@ -431,7 +431,8 @@ def _check_layer_formula(
     # Every layer's input and output at once take a network's whole activations per sample: the rows go a
     # bounded chunk at a time, sized by what the rows before took.
     found: dict[str, tuple[float, float, str]] = {}
-    samples, chunk, lo = count(feeds), 1, 0
+    samples, lo = count(feeds), 0
+    chunk = samples if runtime.fixed_batch is not None else 1  # a fixed batch runs whole or not at all
     while lo < samples:
         values = dict(zip(names, session.run(names, rows(feeds, slice(lo, lo + chunk))), strict=True))
         for layer in layers:

@@ -197,3 +197,15 @@ def test_a_pytorch_network_that_mixes_samples_is_refused() -> None:
     report = verify_model(onnx.load_from_string(buffer.getvalue()))
     assert {"samples_independent", "batch_invariance"} <= failed(report)
     assert "reduces over the batch axis" in checks(report)["samples_independent"].detail
+
+
+def test_a_fixed_batch_dimension_is_checked_whole_and_fails_batch_invariance() -> None:
+    model = onnx.load(OUT / "mlp_bn1d.onnx")
+    for value in (model.graph.input[0], model.graph.output[0]):
+        batch = value.type.tensor_type.shape.dim[0]
+        batch.ClearField("dim_param")
+        batch.dim_value = 4
+    report = verify_model(model)
+    assert failed(report) == {"batch_invariance"}
+    assert "on 4 samples" in checks(report)["formula"].detail
+    assert "the batch dimension is fixed to 4" in checks(report)["batch_invariance"].detail
