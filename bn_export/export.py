@@ -3,7 +3,7 @@
 The file is deterministic (same checkpoint and options -> same bytes: opset, IR version and producer pinned,
 no export-time clock), and nothing is written unless the model passes
 `onnx.checker.check_model(full_check=True)` and onnxruntime's outputs match the float64 inference formula
-within the tolerance documented in `bn_export.verify` (`(16 + n)·u·magnitude`, u the unit roundoff of the
+within the tolerance documented in `bn_export.reference` (`(16 + n)·u·magnitude`, u the unit roundoff of the
 model's dtype).
 """
 
@@ -34,7 +34,7 @@ from bn_export.onnx_graph import (
     checkpoint_metadata,
     ir_version_for,
 )
-from bn_export.verify import compare, head_formula, inference_formula, relative_tolerance
+from bn_export.reference import compare, head_formula, inference_formula, relative_tolerance
 
 EXPORT_BATCH_SIZES = (1, 7)
 _ALTERNATE_SPATIAL = 3  # a second spatial size besides the fitted one: the graph's spatial dims are dynamic
@@ -92,7 +92,7 @@ def export_onnx(
         )
     metadata["export_max_error"] = repr(max_error)
     metadata["export_tolerance"] = (
-        f"(16 + n)*u*magnitude, u = unit roundoff of {dtype} (see bn_export.verify)"
+        f"(16 + n)*u*magnitude, u = unit roundoff of {dtype} (see bn_export.reference)"
     )
     helper.set_model_props(model, metadata)
     data = model.SerializeToString(deterministic=True)

@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from bn_export.checkpoint import Checkpoint, Trajectory, load_checkpoint
 from bn_export.errors import InvalidInputError, MissingDependencyError, ModelFileError
-from bn_export.verify import find_statistics
+from bn_export.graph_statistics import find_statistics
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -1,4 +1,6 @@
-"""Prove an ONNX graph normalizes with frozen statistics: structure, statistics, numerics, batch invariance.
+"""Prove an ONNX model keeps every sample's output independent of its batch: structure, statistics,
+numerics, batch invariance. Any model: frozen-bn's one-layer graphs, and networks exported from PyTorch or
+Keras with any number of BatchNormalization layers (or none: fused into convolutions, or absent).
 
 `verify_model` runs every check and reports each one (name, pass/fail, a figure, a detail); it raises only
 when the file is not ONNX at all (`ModelFileError`), so a server can call it at load time on any file and
@@ -11,40 +13,39 @@ refuse what fails. The checks:
 - `samples_independent`: `bn_export.sample_independence`'s proof, by dataflow over the main graph, that row i
   of every output computed from the data depends on sample i alone; it names each node it cannot prove that
   for, with the reason (an operator without a rule, a read of the batch size, control flow over the data);
-- `statistics_valid`: gamma, beta and moving mean finite; moving variance finite and >= 0 with var + eps > 0
-  (a zero variance is a constant channel, e.g. an always-blank pixel; eps keeps it finite);
-- `formula`: onnxruntime's `output` (and `logits`) equal the float64 inference formula computed from the
-  statistics stored in the model (BatchNormalization initializers, or for the folded form the statistics in
-  `metadata_props`), within the tolerance below;
+- `statistics_valid`: for every BatchNormalization layer (or the folded form's metadata statistics), gamma,
+  beta and moving mean finite; moving variance finite and >= 0 with var + eps > 0 (a zero variance is a
+  constant channel, e.g. an always-blank pixel; eps keeps it finite); a failure names the node and channel.
+  A graph with no layer passes: there is nothing to check;
+- `formula`: onnxruntime's BatchNormalization output equals the float64 inference formula from the node's own
+  constants, on the node's real input, within the tolerance of `bn_export.reference`. For frozen-bn's
+  one-layer graphs (the node fed by the graph input, or the folded form with its metadata statistics) the
+  graph's `output` (and `logits`) are compared with the formula applied to the graph input, as exported. In
+  any other graph each BatchNormalization's input and output are exposed as extra outputs of a copy of the
+  graph, so each layer is checked on the input the network computes for it from the samples; the report
+  names the worst layer. No layer: not applicable, passes;
 - `batch_invariance`, the empirical side of the proof: each probe sample's outputs alone equal its outputs
   inside batches of other samples (sizes up to 257, see BATCH_SIZES; random, huge, zero and negative
-  companions, built so that no value overflows the input dtype). `output` must match bit for bit: the
-  normalization is elementwise, so a sample's arithmetic cannot depend on its companions. Pooled outputs
-  (`logits`) are held to the rounding bound of a sum over one sample's elements instead, because
-  onnxruntime's GEMM and leading-axis reductions choose kernels (and so summation order) by batch size; a
-  graph with batch statistics deviates by orders of magnitude more. The bound scales with the terms a logit
-  sums, `Σ_k |pooled_k|·|W_kj| + |b_j|` where the graph has a linear head (MatMul/Gemm with constant
-  weights on a pooled output), as the formula check's does, so a logit near 0 by cancellation may still
+  companions, built so that no value overflows the input dtype), over every input and output. `output` and
+  every non-float output must match bit for bit. Other float outputs are held to the rounding bound of a sum
+  over one sample's elements, because onnxruntime's GEMM and leading-axis reductions choose kernels (and so
+  summation order) by batch size; a graph with batch statistics deviates by orders of magnitude more. The
+  bound scales with the terms an output sums, `Σ_k |pooled_k|·|W_kj| + |b_j|` where the graph has a linear
+  head (MatMul/Gemm with constant weights on a pooled output), so a logit near 0 by cancellation may still
   move by a few ulp of its terms; other outputs are bounded relative to their own magnitude.
 
-Tolerance of `formula` (also used by `export`). Each element is compared with a bound proportional to the
-magnitude of the terms the graph adds up, not to the output, because `x*scale + shift` can cancel (x near the
-mean of a large-mean channel) and rounding error scales with the terms, not the result::
-
-    magnitude = |x|·|s| + |mean|·|s| + |beta|,   s = gamma/sqrt(var + eps)
-    |onnxruntime - formula| <= (16 + n)·u·magnitude + tiny
-
-with `u` the unit roundoff of the model's input/output dtype (2^-11 float16, 2^-24 float32, 2^-53 float64),
-16 a budget for the rounding of the stored parameters, the few elementwise operations and the final cast,
-`n` the number of terms summed (0 for `output`; C + spatial size for `logits`, Higham's γ_n bound for a dot
-product), and `tiny` the dtype's smallest normal number. ONNX stores BatchNormalization's epsilon as a float32
-attribute; the formula uses the value stored (metadata keeps the exact one).
+The empirical checks (`formula`, `batch_invariance`) are sized by a time budget (`budget_s`, default
+DEFAULT_BUDGET_S = 20 seconds): the run time per sample is measured first, the formula check takes as many
+samples as a third of the budget affords (at most 256, at least PROBES), and the invariance check runs
+batches from the smallest up while the rest of the budget affords the next one (at least one always runs).
+Their details say what the budget allowed. Inputs are generated as `bn_export.probes` describes (dynamic
+dimensions besides the batch are DEFAULT_DYNAMIC_SIZE = 8 unless `shapes` gives them), or taken from `data`.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +58,59 @@ from numpy.typing import ArrayLike, NDArray
 from onnx import helper
 
 from bn_export.errors import ModelFileError
-from bn_export.onnx_graph import GraphIndex, constant_ints, node_attribute
-from bn_export.providers import CPU, exact_providers
+from bn_export.graph_statistics import (
+    BatchNormLayer,
+    FrozenStatistics,
+    batchnorm_layers,
+    find_linear_head,
+    find_statistics,
+    frozen_bn_statistics,
+    node_label,
+)
+from bn_export.onnx_graph import GraphIndex, node_attribute
+from bn_export.probes import (
+    DEFAULT_BUDGET_S,
+    DEFAULT_DYNAMIC_SIZE,
+    Batch,
+    Budget,
+    Runtime,
+    companions,
+    count,
+    generate,
+    one_line,
+    open_runtime,
+    open_session,
+    prepare_data,
+    rows,
+    sample_bytes,
+    sample_shapes,
+    sample_values,
+)
+from bn_export.reference import (
+    F64,
+    compare,
+    head_formula,
+    inference_formula,
+    layer_formula,
+    relative_tolerance,
+)
 from bn_export.sample_independence import prove_samples_independent
 
-ROUNDING_BUDGET = 16
+# FrozenStatistics and find_statistics live in bn_export.graph_statistics; importable from here too.
+__all__ = [
+    "BATCH_SIZES",
+    "COMPANIONS",
+    "DEFAULT_BUDGET_S",
+    "DEFAULT_DYNAMIC_SIZE",
+    "PROBES",
+    "CheckResult",
+    "FrozenStatistics",
+    "VerificationReport",
+    "find_statistics",
+    "load_model",
+    "verify_model",
+]
+
 PROBES = 3
 # Batches the probes are placed in. 257 is past the batches a server typically merges (powers of two up to
 # 256), where kernels switch and a graph gated on the batch size would start mixing. Each batch is capped so
@@ -69,83 +118,11 @@ PROBES = 3
 BATCH_SIZES = (2, 5, 16, 257)
 _INVARIANCE_BATCH_BYTES = 64 << 20
 COMPANIONS = ("random", "huge", "zeros", "negative")
+_GENERATED = 64  # samples generated when no data is given
 _FORMULA_ROWS = 256  # rows of --data fed to the formula check: enough to cover it, bounded for load time
 _FORMULA_CHUNK_VALUES = 1 << 20  # input values per chunk of the float64 formula check (8 MiB per temporary)
-
-F64 = NDArray[np.float64]
-
-
-def _along(values: ArrayLike, axis: int, rank: int) -> F64:
-    """(C,) -> shaped to broadcast along `axis` of a rank-`rank` array."""
-    shape = [1] * rank
-    shape[axis] = -1
-    return np.asarray(values, dtype=np.float64).reshape(shape)
-
-
-def inference_formula(
-    x: ArrayLike,
-    gamma: ArrayLike,
-    beta: ArrayLike,
-    mean: ArrayLike,
-    var: ArrayLike,
-    eps: float,
-    axis: int,
-) -> tuple[F64, F64]:
-    """`y = gamma*(x - mean)/sqrt(var + eps) + beta` along channel `axis` in float64, and its magnitude.
-
-    x: (N, *sample) with C channels at `axis`; gamma, beta, mean, var: (C,). Returns (y, magnitude), both
-    shaped like x (see the module docstring for the magnitude).
-    """
-    x64 = np.asarray(x, dtype=np.float64)
-    rank = x64.ndim
-    g, b, m, v = (_along(a, axis, rank) for a in (gamma, beta, mean, var))
-    scale = g / np.sqrt(v + float(eps))
-    y = (x64 - m) * scale + b
-    magnitude = np.abs(x64) * np.abs(scale) + np.abs(m) * np.abs(scale) + np.abs(b)
-    return y, magnitude
-
-
-def head_formula(
-    y: ArrayLike, magnitude: ArrayLike, weight: ArrayLike, bias: ArrayLike, axis: int
-) -> tuple[F64, F64, int]:
-    """`logits = mean_spatial(y) @ weight + bias` in float64, its magnitude, and the number of summed terms.
-
-    y: (N, *sample) with C channels at `axis`; weight: (C, K); bias: (K,). Returns ((N, K), (N, K), n).
-    """
-    y64 = np.asarray(y, dtype=np.float64)
-    mag64 = np.asarray(magnitude, dtype=np.float64)
-    spatial = tuple(a for a in range(1, y64.ndim) if a != axis)
-    pooled = y64.mean(axis=spatial) if spatial else y64
-    pooled_mag = mag64.mean(axis=spatial) if spatial else mag64
-    w = np.asarray(weight, dtype=np.float64)
-    b = np.asarray(bias, dtype=np.float64)
-    spatial_size = int(np.prod([y64.shape[a] for a in spatial])) if spatial else 1
-    return pooled @ w + b, np.abs(pooled_mag) @ np.abs(w) + np.abs(b), w.shape[0] + spatial_size
-
-
-def relative_tolerance(dtype: np.dtype[Any] | str, terms: int = 0) -> float:
-    """`(ROUNDING_BUDGET + terms)·u` for the I/O dtype `dtype` (u = unit roundoff, eps/2)."""
-    unit = float(np.finfo(np.dtype(dtype)).eps) / 2
-    return (ROUNDING_BUDGET + terms) * unit
-
-
-def compare(
-    actual: ArrayLike, expected: F64, magnitude: F64, rtol: float, dtype: np.dtype[Any]
-) -> tuple[float, float]:
-    """(max |actual - expected|, max error/bound); NaN or Inf against a finite formula is infinite."""
-    a = np.asarray(actual, dtype=np.float64)
-    if a.shape != expected.shape:
-        return float("inf"), float("inf")
-    if a.size == 0:
-        return 0.0, 0.0
-    # Inf - Inf, or NaN data (whose bound is NaN too), is a mismatch like any other, reported as infinite;
-    # the arithmetic on them must not warn (verify never prints).
-    with np.errstate(all="ignore"):
-        error = np.abs(a - expected)
-        error = np.where(np.isfinite(error), error, np.inf)
-        ratio = error / (rtol * magnitude + float(np.finfo(dtype).smallest_normal))
-    ratio = np.where(np.isnan(ratio), np.inf, ratio)
-    return float(error.max()), float(ratio.max())
+_FORMULA_SHARE = 1 / 3  # of the budget left, for the formula check
+_LAYER_CHUNK_BYTES = 256 << 20  # exposed layer inputs and outputs held at once by the layered formula check
 
 
 @dataclass(frozen=True)
@@ -235,182 +212,6 @@ def load_model(model: onnx.ModelProto | str | os.PathLike[str]) -> tuple[onnx.Mo
     return proto, name
 
 
-# -- what the checks read from the graph -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FrozenStatistics:
-    """The statistics a model normalizes with, as float64, and where the channel axis of its input is."""
-
-    gamma: F64
-    beta: F64
-    mean: F64
-    var: F64
-    eps: float
-    axis: int
-    source: str
-
-
-def find_statistics(model: onnx.ModelProto) -> FrozenStatistics | str:
-    """The frozen statistics of a frozen-bn graph, or a sentence saying why there are none to check against.
-
-    From the single BatchNormalization node's constant inputs (channel axis 1 of its input, or `perm[1]` when
-    a Transpose feeds it), else from `metadata_props["statistics"]` with `eps` and `axis` (the folded form).
-    """
-    return _find_statistics(GraphIndex(model))
-
-
-def _find_statistics(g: GraphIndex) -> FrozenStatistics | str:
-    bns = [node for node in g.model.graph.node if node.op_type == "BatchNormalization"]
-    if len(bns) > 1:
-        return f"{len(bns)} BatchNormalization nodes; a frozen-bn graph has one"
-    if bns:
-        node = bns[0]
-        names = list(node.input[1:5])
-        missing = [name for name in names if name not in g.constants]
-        if len(names) != 4 or missing:
-            return (
-                f"BatchNormalization statistics are not constants: {', '.join(missing) or 'missing inputs'}"
-            )
-        gamma, beta, mean, var = (np.asarray(g.constants[n], dtype=np.float64).reshape(-1) for n in names)
-        source = g.producer.get(node.input[0])
-        axis = 1
-        if source is not None and source.op_type == "Transpose":
-            perm = node_attribute(source, "perm")
-            axis = int(perm[1]) if perm else 1
-        eps = float(node_attribute(node, "epsilon", 1e-5))
-        return FrozenStatistics(gamma, beta, mean, var, eps, axis, "BatchNormalization initializers")
-    text = g.metadata.get("statistics")
-    if text is None:
-        return "no BatchNormalization node and no statistics in metadata_props"
-    try:
-        stats = json.loads(text)
-        arrays = [
-            np.asarray(stats[k], dtype=np.float64) for k in ("gamma", "beta", "moving_mean", "moving_var")
-        ]
-        eps, axis = float(g.metadata["eps"]), int(g.metadata["axis"])
-    except (KeyError, TypeError, ValueError) as exc:
-        return f"metadata_props statistics are malformed: {exc!r}"
-    if len({a.shape for a in arrays}) != 1 or arrays[0].ndim != 1:
-        return "metadata_props statistics must be four (C,) lists"
-    gamma, beta, mean, var = arrays
-    return FrozenStatistics(gamma, beta, mean, var, eps, axis, "metadata_props statistics")
-
-
-@dataclass(frozen=True)
-class _HeadTerms:
-    """`logits = pool(source) @ weight + bias` as found in a graph, with |weight| and |bias| in float64.
-
-    source: the graph output the head reads (the normalized `output`); pool_axes: the axes a ReduceMean (or
-    ReduceSum, `mean` False) pools before the product, None when there is no pooling.
-    """
-
-    source: str
-    pool_axes: tuple[int, ...] | None
-    mean: bool
-    keepdims: bool
-    weight: F64
-    bias: F64
-
-    def magnitude(self, source: ArrayLike) -> F64 | None:
-        """`Σ_k |pooled_k|·|W_kj| + |b_j|`, what each logit sums: source (n, *sample) -> (n, M), or None
-        when the shapes do not fit the weights. Pooling |source| bounds the pooled terms, cancellation
-        included."""
-        y = np.abs(np.asarray(source, dtype=np.float64))
-        if self.pool_axes is not None:
-            axes = tuple(a + y.ndim if a < 0 else a for a in self.pool_axes)
-            if not axes or any(not 0 < a < y.ndim for a in axes):
-                return None
-            pool = np.mean if self.mean else np.sum
-            with np.errstate(all="ignore"):
-                y = pool(y, axis=axes, keepdims=self.keepdims)
-        if y.ndim < 1 or y.shape[-1] != self.weight.shape[0]:
-            return None
-        with np.errstate(all="ignore"):
-            terms = y @ self.weight
-        try:
-            fits = np.broadcast_shapes(terms.shape, self.bias.shape) == terms.shape
-        except ValueError:  # a bias that does not broadcast: not a head this bound knows
-            fits = False
-        return np.asarray(terms + self.bias, dtype=np.float64) if fits else None
-
-
-_PASS_THROUGH = frozenset({"Cast", "Identity"})
-
-
-def _find_linear_head(g: GraphIndex, logits: str) -> _HeadTerms | None:
-    """The linear head computing graph output `logits` from another graph output, or None.
-
-    Recognized: [Cast] <- [Add constant bias] <- MatMul(A, constant W) or Gemm(A, constant B[, constant C],
-    transA=0) <- [ReduceMean/ReduceSum over constant axes] <- a graph output (or the tensor a Cast/Identity
-    turns into one, as the float16 export's float32 `normalized`).
-    """
-    graph_outputs = set(g.outputs)
-    aliases = {name: name for name in g.outputs}
-    for node in g.model.graph.node:
-        if node.op_type in _PASS_THROUGH and node.output and node.output[0] in graph_outputs:
-            aliases.setdefault(node.input[0], node.output[0])
-
-    def producer(name: str) -> onnx.NodeProto | None:
-        """The node computing `name`, seen through casts and identities."""
-        node = g.producer.get(name)
-        while node is not None and node.op_type in _PASS_THROUGH and node.input:
-            node = g.producer.get(node.input[0])
-        return node
-
-    def absolute(name: str) -> F64:
-        return np.abs(np.asarray(g.constants[name], dtype=np.float64))
-
-    node = producer(logits)
-    bias: F64 = np.zeros(1)
-    if node is not None and node.op_type == "Add" and len(node.input) == 2:
-        data, constant = node.input if node.input[1] in g.constants else node.input[::-1]
-        if constant not in g.constants:
-            return None
-        bias, node = absolute(constant), producer(data)
-    if node is None or len(node.input) < 2 or node.input[1] not in g.constants:
-        return None
-    if node.op_type == "MatMul":
-        weight = absolute(node.input[1])
-    elif node.op_type == "Gemm" and not int(node_attribute(node, "transA", 0)):
-        weight = absolute(node.input[1]) * abs(float(node_attribute(node, "alpha", 1.0)))
-        weight = weight.T if int(node_attribute(node, "transB", 0)) else weight
-        if len(node.input) > 2 and node.input[2]:
-            if node.input[2] not in g.constants:
-                return None
-            bias = bias + absolute(node.input[2]) * abs(float(node_attribute(node, "beta", 1.0)))
-    else:
-        return None
-    if weight.ndim != 2:
-        return None
-
-    def unwrapped(name: str) -> str:
-        """`name` seen back through casts and identities, stopping at a graph output (or its alias)."""
-        while name not in aliases and name in g.producer and g.producer[name].op_type in _PASS_THROUGH:
-            name = g.producer[name].input[0]
-        return name
-
-    pooled = unwrapped(node.input[0])
-    pool_axes: tuple[int, ...] | None = None
-    mean, keepdims = True, False
-    if pooled not in aliases:
-        pool = g.producer.get(pooled)
-        if pool is None or pool.op_type not in ("ReduceMean", "ReduceSum"):
-            return None
-        axes = node_attribute(pool, "axes")
-        if axes is None and len(pool.input) > 1 and pool.input[1]:
-            axes = constant_ints(g, pool.input[1])
-        if not axes:
-            return None
-        pool_axes, mean = tuple(int(a) for a in axes), pool.op_type == "ReduceMean"
-        keepdims = bool(int(node_attribute(pool, "keepdims", 1)))
-        pooled = unwrapped(pool.input[0])
-    source = aliases.get(pooled)
-    if source is None or source == logits:
-        return None
-    return _HeadTerms(source, pool_axes, mean, keepdims, weight, bias)
-
-
 # -- the checks ---------------------------------------------------------------------------------------------
 
 
@@ -418,7 +219,7 @@ def _check_onnx(g: GraphIndex) -> CheckResult:
     try:
         onnx.checker.check_model(g.model, full_check=True)
     except Exception as exc:  # the checker raises ValidationError, shape inference InferenceError, ...
-        return CheckResult("onnx_checker", False, None, _one_line(exc))
+        return CheckResult("onnx_checker", False, None, one_line(exc))
     return CheckResult(
         "onnx_checker", True, None, "onnx.checker.check_model(full_check=True) accepts the model"
     )
@@ -450,7 +251,7 @@ def _check_inference_mode(g: GraphIndex) -> CheckResult:
         if node.op_type != "BatchNormalization":
             continue
         count += 1
-        label = node.name or node.output[0]
+        label = node_label(node)
         if int(node_attribute(node, "training_mode", 0)) != 0:
             problems.append(f"{label}: training_mode=1 (normalizes with batch statistics)")
         outputs = [out for out in node.output if out]
@@ -478,114 +279,90 @@ def _check_samples_independent(g: GraphIndex) -> CheckResult:
     return CheckResult("samples_independent", True, 0.0, detail)
 
 
-def _check_statistics(g: GraphIndex, stats: FrozenStatistics | str) -> CheckResult:
-    if isinstance(stats, str):
-        return CheckResult("statistics_valid", False, None, stats)
+def _check_statistics(
+    g: GraphIndex, layers: list[BatchNormLayer], folded: FrozenStatistics | str | None
+) -> CheckResult:
+    """Every layer's statistics, or the folded form's metadata statistics (`folded`, only without layers)."""
+    if isinstance(folded, str):
+        return CheckResult("statistics_valid", False, None, folded)
+    checked = list(layers)
+    if isinstance(folded, FrozenStatistics):
+        stats = folded
+        checked.append(
+            BatchNormLayer(stats.source, "", "", stats.gamma, stats.beta, stats.mean, stats.var, stats.eps)
+        )
+    if not checked:
+        return CheckResult(
+            "statistics_valid",
+            True,
+            None,
+            "no BatchNormalization layers (absent or fused into other operators): nothing to check",
+        )
     problems = []
-    for name, values in (("gamma", stats.gamma), ("beta", stats.beta), ("moving_mean", stats.mean)):
-        bad = int(np.count_nonzero(~np.isfinite(values)))
-        if bad:
-            problems.append(f"{name}: {bad} non-finite value(s)")
-    var = stats.var
-    if np.count_nonzero(~np.isfinite(var)):
-        problems.append(f"moving_var: {np.count_nonzero(~np.isfinite(var))} non-finite value(s)")
-    if np.count_nonzero(var < 0):
-        problems.append(f"moving_var: {np.count_nonzero(var < 0)} negative value(s)")
-    if not np.isfinite(stats.eps) or np.count_nonzero(~(var + stats.eps > 0)):
-        problems.append(f"moving_var + eps is not > 0 (eps={stats.eps!r})")
+    for layer in checked:
+        if layer.problem is not None:
+            problems.append(f"{layer.node}: {layer.problem}")
+        else:
+            problems += _statistics_problems(layer)
     for name in ("scale", "shift", "head_weight", "head_bias"):
         if name in g.constants and np.count_nonzero(~np.isfinite(np.asarray(g.constants[name], np.float64))):
             problems.append(f"{name}: non-finite value(s)")
+    variances = [layer.var.reshape(-1) for layer in checked if layer.var.size]
+    var = np.concatenate(variances) if variances else np.zeros(0)
     figure = float(np.nanmin(var)) if var.size and not np.all(np.isnan(var)) else None
-    detail = "; ".join(problems) or (
-        f"{var.size} channels from {stats.source}: finite, min moving_var {figure:.3g}, eps {stats.eps:.3g}"
-    )
-    return CheckResult("statistics_valid", not problems, figure, detail)
-
-
-@dataclass
-class _Runtime:
-    """The one onnxruntime session the numeric checks share, and the input it takes."""
-
-    session: ort.InferenceSession
-    input_name: str
-    input_dtype: np.dtype[Any]
-    input_shape: tuple[int | None, ...]
-
-    def run(self, x: NDArray[Any]) -> dict[str, NDArray[Any]]:
-        names = [out.name for out in self.session.get_outputs()]
-        values = self.session.run(names, {self.input_name: x})
-        return {name: np.asarray(value) for name, value in zip(names, values, strict=True)}
-
-
-def _open_runtime(g: GraphIndex, providers: Sequence[str] | None) -> _Runtime | str:
-    if len(g.inputs) != 1:
-        return f"the graph takes {len(g.inputs)} inputs; a frozen-bn graph takes one"
-    value = g.inputs[0]
-    tensor = value.type.tensor_type
-    try:
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))
-    except Exception:
-        return f"input {value.name!r} has no tensor element type"
-    if not np.issubdtype(dtype, np.floating):
-        return f"input {value.name!r} has dtype {dtype}, expected a float type"
-    shape = tuple(
-        d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim
-    )
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # warnings on stderr would leak into a server's log at every load
-    options.intra_op_num_threads = 1  # small probes: one thread is fastest and reproducible
-    # No arena: it keeps each run's buffers reserved beside the next batch's, which adds up to two of the
-    # largest batches (_INVARIANCE_BATCH_BYTES each) to a server's peak memory at load.
-    options.enable_cpu_mem_arena = False
-    try:
-        session = ort.InferenceSession(
-            g.model.SerializeToString(), options, providers=exact_providers(providers or [CPU])
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; {len(problems) - 5} more" if len(problems) > 5 else "")
+        return CheckResult("statistics_valid", False, figure, shown)
+    eps = min(layer.eps for layer in checked)
+    if len(checked) == 1:
+        detail = (
+            f"{var.size} channels from {checked[0].node}: finite, min moving_var {figure:.3g}, eps {eps:.3g}"
         )
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/NotImplemented types
-        return f"onnxruntime cannot load the model: {_one_line(exc)}"
-    return _Runtime(session, value.name, dtype, shape)
-
-
-def _sample_shape(runtime: _Runtime) -> tuple[int, ...]:
-    """One sample's shape: fixed dims as declared, dynamic ones 3, 4, 5, ... (distinct to expose mix-ups)."""
-    dims, size = [], 3
-    for dim in runtime.input_shape[1:]:
-        if dim is None:
-            dims.append(size)
-            size += 1
-        else:
-            dims.append(dim)
-    return tuple(dims)
-
-
-def _generate(
-    runtime: _Runtime, stats: FrozenStatistics | str, count: int, rng: np.random.Generator
-) -> NDArray[Any]:
-    """`count` samples drawn around the stored statistics (mean ± 2 std per channel), in the input dtype."""
-    shape = (count, *_sample_shape(runtime))
-    x = rng.standard_normal(shape)
-    if not isinstance(stats, str) and stats.axis < len(shape) and shape[stats.axis] == stats.mean.size:
-        with np.errstate(all="ignore"):
-            std = np.sqrt(np.abs(stats.var) + abs(stats.eps))
-        center, spread = (
-            _along(np.nan_to_num(stats.mean), stats.axis, len(shape)),
-            _along(np.nan_to_num(std, nan=1.0, posinf=1.0), stats.axis, len(shape)),
+    else:
+        detail = (
+            f"{len(checked)} BatchNormalization layers, {var.size} channels: finite, min moving_var "
+            f"{figure:.3g}, smallest eps {eps:.3g}"
         )
-        # In place: 64 image-sized float64 samples are ~77 MB each copy, and a server verifies at load.
-        x *= 2 * spread
-        x += center
-    return x.astype(runtime.input_dtype)
+    return CheckResult("statistics_valid", True, figure, detail)
 
 
-def _check_formula(
-    g: GraphIndex, stats: FrozenStatistics | str, runtime: _Runtime | str, x: NDArray[Any]
+def _statistics_problems(layer: BatchNormLayer) -> list[str]:
+    """What is wrong with one layer's statistics, each naming the layer and the first channel concerned."""
+    problems = []
+    columns = (
+        ("gamma", layer.gamma),
+        ("beta", layer.beta),
+        ("moving_mean", layer.mean),
+        ("moving_var", layer.var),
+    )
+    for name, values in columns:
+        flat = values.reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(flat))
+        if bad.size:
+            problems.append(
+                f"{layer.node}: {name} has {bad.size} non-finite value(s) (channel {int(bad[0])}: "
+                f"{float(flat[bad[0]])!r})"
+            )
+    var = layer.var.reshape(-1)
+    negative = np.flatnonzero(var < 0)
+    if negative.size:
+        problems.append(
+            f"{layer.node}: moving_var has {negative.size} negative value(s) (channel {int(negative[0])}: "
+            f"{float(var[negative[0]])!r})"
+        )
+    with np.errstate(invalid="ignore"):
+        not_positive = np.flatnonzero(~(var + layer.eps > 0))
+    if not np.isfinite(layer.eps) or not_positive.size:
+        where = f" (channel {int(not_positive[0])})" if not_positive.size else ""
+        problems.append(f"{layer.node}: moving_var + eps is not > 0{where} (eps={layer.eps!r})")
+    return problems
+
+
+def _check_graph_formula(
+    g: GraphIndex, stats: FrozenStatistics, runtime: Runtime, x: NDArray[Any], note: str
 ) -> CheckResult:
-    if isinstance(runtime, str):
-        return CheckResult("formula", False, None, runtime)
-    if isinstance(stats, str):
-        return CheckResult("formula", False, None, f"nothing to compare against: {stats}")
-    outputs = runtime.run(x)
+    """frozen-bn's one-layer graph: `output` (and `logits`) against the formula on the graph input."""
+    outputs = runtime.run({runtime.inputs[0].name: x})
     if "output" not in outputs:
         return CheckResult("formula", False, None, "the graph has no output named 'output'")
     unverified = sorted(set(outputs) - {"output", "logits"})
@@ -593,7 +370,7 @@ def _check_formula(
         return CheckResult(
             "formula", False, None, f"outputs with no formula to check: {', '.join(unverified)}"
         )
-    dtype = runtime.input_dtype
+    dtype = runtime.inputs[0].dtype
     has_head = "logits" in outputs
     if has_head and ("head_weight" not in g.constants or "head_bias" not in g.constants):
         return CheckResult("formula", False, None, "logits without head_weight/head_bias initializers")
@@ -626,8 +403,117 @@ def _check_formula(
         parts.append(f"logits: max error {head_error:.3g} ({head_ratio:.3g} of tolerance)")
         error, ratio = max(error, head_error), max(ratio, head_ratio)
     passed = ratio <= 1.0
-    detail = f"{'; '.join(parts)}; {x.shape[0]} samples vs float64 formula from {stats.source}"
+    detail = f"{'; '.join(parts)}; {x.shape[0]} samples vs float64 formula from {stats.source}{note}"
     return CheckResult("formula", passed, error, detail)
+
+
+def _check_layer_formula(
+    g: GraphIndex,
+    layers: list[BatchNormLayer],
+    runtime: Runtime,
+    feeds: Batch,
+    providers: Sequence[str] | None,
+    deadline: float,
+) -> CheckResult:
+    """Each layer's output against the formula from its constants, on the input the network computes for it:
+    read from a copy of the graph that returns every layer's input and output as extra outputs. Past
+    `deadline` (time.perf_counter), no further chunk of samples starts once PROBES samples are checked."""
+    stuck = [layer for layer in layers if layer.problem is not None]
+    if stuck:
+        return CheckResult("formula", False, None, f"{stuck[0].node}: {stuck[0].problem}")
+    names = list(dict.fromkeys(name for layer in layers for name in (layer.input, layer.output)))
+    try:
+        session = open_session(_exposing(g.model, names), providers)
+    except Exception as exc:  # onnxruntime's own error types
+        return CheckResult(
+            "formula", False, None, f"cannot run the graph with its layers exposed: {one_line(exc)}"
+        )
+    # Every layer's input and output at once take a network's whole activations per sample: the rows go a
+    # bounded chunk at a time, sized by what the rows before took.
+    found: dict[str, tuple[float, float, str]] = {}
+    samples, lo = count(feeds), 0
+    chunk = samples if runtime.fixed_batch is not None else 1  # a fixed batch runs whole or not at all
+    while lo < samples:
+        values = dict(zip(names, session.run(names, rows(feeds, slice(lo, lo + chunk))), strict=True))
+        for layer in layers:
+            x, y = np.asarray(values[layer.input]), np.asarray(values[layer.output])
+            expected = layer_formula(x, layer.gamma, layer.beta, layer.mean, layer.var, layer.eps)
+            if expected is None:
+                return CheckResult(
+                    "formula",
+                    False,
+                    None,
+                    f"{layer.node}: statistics of shape {layer.mean.shape} do not fit its input {x.shape}",
+                )
+            dtype = y.dtype if y.dtype.kind == "f" else np.dtype(np.float32)
+            error, ratio = compare(y, *expected, relative_tolerance(dtype), dtype)
+            previous = found.get(layer.node, (0.0, 0.0, str(dtype)))
+            found[layer.node] = (max(previous[0], error), max(previous[1], ratio), str(dtype))
+        done = min(chunk, samples - lo)
+        lo += done
+        if lo >= min(PROBES, samples) and time.perf_counter() > deadline:
+            break
+        per_row = sum(int(np.asarray(v).nbytes) for v in values.values()) // done
+        # Doubling, so that the deadline is looked at often while the cost is still unknown.
+        chunk = max(1, min(2 * chunk, _LAYER_CHUNK_BYTES // max(1, per_row)))
+        del values
+    worst = max(found, key=lambda node: (found[node][1], found[node][0]))
+    error, ratio, dtype_name = found[worst]
+    passed = ratio <= 1.0
+    detail = (
+        f"{len(layers)} BatchNormalization layer(s) on {lo} samples vs float64 formula from each node's "
+        f"constants on its real input; worst {worst}: max error {error:.3g} ({ratio:.3g} of the "
+        f"{dtype_name} tolerance)"
+    )
+    if lo < samples:
+        detail += f" (the budget's share ran out after {lo} of {samples} samples)"
+    return CheckResult("formula", passed, error, detail)
+
+
+def _exposing(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of `model` that also returns the tensors `names` (element types from shape inference)."""
+    types: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # shape inference refuses the graph: the exposed tensors are taken as float
+        inferred = onnx.GraphProto()
+    for value in (*inferred.input, *inferred.value_info, *inferred.output):
+        if value.type.HasField("tensor_type"):
+            types[value.name] = value.type.tensor_type.elem_type
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {value.name for value in copy.graph.output}
+    for name in names:
+        if name not in present:
+            elem = types.get(name) or onnx.TensorProto.FLOAT
+            copy.graph.output.append(helper.make_tensor_value_info(name, elem, None))
+            present.add(name)
+    return copy
+
+
+def _check_formula(
+    g: GraphIndex,
+    layers: list[BatchNormLayer],
+    frozen: FrozenStatistics | str | None,
+    runtime: Runtime,
+    feeds: Batch,
+    providers: Sequence[str] | None,
+    note: str,
+    deadline: float,
+) -> CheckResult:
+    if isinstance(frozen, str):
+        return CheckResult("formula", False, None, f"nothing to compare against: {frozen}")
+    if isinstance(frozen, FrozenStatistics):
+        return _check_graph_formula(g, frozen, runtime, feeds[runtime.inputs[0].name], note)
+    if not layers:
+        return CheckResult(
+            "formula",
+            True,
+            None,
+            "not applicable: no BatchNormalization layers (absent or fused into other operators)",
+        )
+    result = _check_layer_formula(g, layers, runtime, feeds, providers, deadline)
+    return CheckResult(result.name, result.passed, result.figure, result.detail + note)
 
 
 def _differences(a: NDArray[Any], b: NDArray[Any]) -> F64 | None:
@@ -644,46 +530,22 @@ def _differences(a: NDArray[Any], b: NDArray[Any]) -> F64 | None:
     return np.where(np.isnan(diff), np.inf, diff)
 
 
-def _companions(
-    kind: str, pool: NDArray[Any], count: int, rng: np.random.Generator, dtype: np.dtype[Any]
-) -> NDArray[Any]:
-    """`count` samples of one kind, shaped and typed like `pool`'s, built so that no value overflows `dtype`
-    (an overflow would warn, and verify never prints)."""
-    shape = (count, *pool.shape[1:])
-    huge = float(np.finfo(dtype).max) / 4
-    if kind == "random":
-        picked: NDArray[Any] = pool[rng.integers(0, len(pool), count)]
-        return picked
-    if kind == "huge":
-        signs = rng.integers(0, 2, shape, dtype=np.int8).astype(bool)
-        signed: NDArray[Any] = np.where(signs, dtype.type(huge), dtype.type(-huge))
-        return signed
-    if kind == "zeros":
-        return np.zeros(shape, dtype)
-    # -10·|x|, with |x| clipped to huge/10 first so the product stays finite: float16 data past |x| ~ 6550
-    # would overflow. Computed in the input dtype, so the largest batch takes no float64 temporaries.
-    negative: NDArray[Any] = np.abs(pool[rng.integers(0, len(pool), count)])
-    np.minimum(negative, dtype.type(huge / 10), out=negative)
-    negative *= dtype.type(-10)
-    return negative
-
-
-def _logit_bounds(
-    g: GraphIndex, alone: dict[str, NDArray[Any]], rtol: float, dtype: np.dtype[Any]
-) -> dict[str, F64 | float]:
-    """How far each output of one sample (besides `output`, which must not move at all) may move by rounding.
+def _output_bounds(g: GraphIndex, alone: dict[str, NDArray[Any]], terms: int) -> dict[str, F64 | float]:
+    """How far each float output of one sample (besides `output`, which must not move at all) may move by
+    rounding; outputs not listed must match bit for bit.
 
     A linear head's logit sums |pooled_k|·|W_kj| + |b_j| worth of terms, and rounding errors scale with those,
     not with the logit: a logit near 0 by cancellation still moves by a few ulp of its terms when the GEMM
     picks another kernel. Outputs with no head found in the graph are bounded relative to their own largest
     magnitude instead. Non-finite magnitudes bound nothing (the value must then match bitwise).
     """
-    tiny = float(np.finfo(dtype).smallest_normal)
     bounds: dict[str, F64 | float] = {}
     for name, value in alone.items():
-        if name == "output":
+        if name == "output" or value.dtype.kind != "f":
             continue
-        head = _find_linear_head(g, name)
+        rtol = relative_tolerance(value.dtype, terms)
+        tiny = float(np.finfo(value.dtype).smallest_normal)
+        head = find_linear_head(g, name)
         magnitude = None
         if head is not None and head.source in alone:
             magnitude = head.magnitude(alone[head.source])
@@ -696,56 +558,60 @@ def _logit_bounds(
 
 
 def _check_batch_invariance(
-    g: GraphIndex, runtime: _Runtime | str, probes: NDArray[Any], pool: NDArray[Any], seed: int
+    g: GraphIndex, runtime: Runtime, probes: Batch, pool: Batch, seed: int, budget: Budget
 ) -> CheckResult:
-    if isinstance(runtime, str):
-        return CheckResult("batch_invariance", False, None, runtime)
-    if runtime.input_shape and runtime.input_shape[0] is not None:
-        return CheckResult(
-            "batch_invariance", False, None, f"the batch dimension is fixed to {runtime.input_shape[0]}"
+    fixed = runtime.fixed_batch
+    if fixed is not None:
+        detail = (
+            f"the batch dimension is fixed to {fixed}: a batch cannot be formed (torch.onnx.export needs "
+            "dynamic_axes={name: {0: 'batch'}} for every input and output)"
         )
+        return CheckResult("batch_invariance", False, None, detail)
     rng = np.random.default_rng(seed + 1)
-    dtype = runtime.input_dtype
-    alone = [runtime.run(probes[i : i + 1]) for i in range(len(probes))]
-    # `output` must match bit for bit. Other outputs (pooled `logits`) may move in the last bits:
+    n = count(probes)
+    alone = [budget.timed_run(runtime, rows(probes, slice(i, i + 1))) for i in range(n)]
+    # `output` must match bit for bit. Other float outputs (pooled `logits`) may move in the last bits:
     # onnxruntime's GEMM and reductions over leading axes pick kernels by batch size. They are held to the
     # rounding bound of a sum over one sample's elements; real batch dependence is orders past it.
-    rtol = relative_tolerance(dtype, int(np.prod(probes.shape[1:])))
-    bounds = [_logit_bounds(g, outputs, rtol, dtype) for outputs in alone]
-    sample_bytes = max(1, int(np.prod(probes.shape[1:])) * dtype.itemsize)
-    largest = max(len(probes), _INVARIANCE_BATCH_BYTES // sample_bytes)
-    sizes = list(dict.fromkeys(min(max(size, len(probes)), largest) for size in BATCH_SIZES))
+    bounds = [_output_bounds(g, outputs, sample_values(probes)) for outputs in alone]
+    largest = max(n, _INVARIANCE_BATCH_BYTES // max(1, sample_bytes(probes)))
+    sizes = list(dict.fromkeys(min(max(size, n), largest) for size in BATCH_SIZES))
+    planned = [(size, kind) for size in sizes for kind in COMPANIONS]
     worst, max_ratio, runs = 0.0, 0.0, 0
+    ran: list[int] = []
     failures: list[str] = []
-    for count in sizes:
-        for kind in COMPANIONS:
-            batch = _companions(kind, pool, count, rng, dtype)
-            slots = rng.permutation(count)[: len(probes)]
-            batch[slots] = probes
-            together = runtime.run(batch)
-            runs += 1
-            for i, slot in enumerate(slots):
-                for name, value in alone[i].items():
-                    diff = _differences(value[0], together[name][slot])
-                    dev = float("inf") if diff is None else float(diff.max(initial=0.0))
-                    worst = max(worst, dev)
-                    if dev == 0.0:
-                        continue
-                    bound = bounds[i].get(name, 0.0)
-                    if diff is None or not np.all(diff <= bound):
-                        failures.append(
-                            f"{name} of probe {i} moved by {dev:.3g} in a batch of {count} ({kind})"
-                        )
-                        continue
-                    ratio = np.divide(diff, bound, out=np.zeros_like(diff), where=diff > 0)
-                    max_ratio = max(max_ratio, float(ratio.max()))
-            # Freed before the next batch is built: with the largest samples each batch and its outputs
-            # take _INVARIANCE_BATCH_BYTES apiece, and a server runs this at load.
-            del batch, together
+    for size, kind in planned:
+        if runs and not budget.affords(size):
+            break  # sizes only grow from here
+        batch = companions(kind, pool, size, rng)
+        slots = rng.permutation(size)[:n]
+        for name, values in batch.items():
+            values[slots] = probes[name]
+        together = budget.timed_run(runtime, batch)
+        runs += 1
+        ran.append(size)
+        for i, slot in enumerate(slots):
+            for name, value in alone[i].items():
+                diff = _differences(value[0], together[name][slot])
+                dev = float("inf") if diff is None else float(diff.max(initial=0.0))
+                worst = max(worst, dev)
+                if dev == 0.0:
+                    continue
+                bound = bounds[i].get(name, 0.0)
+                if diff is None or not np.all(diff <= bound):
+                    failures.append(f"{name} of probe {i} moved by {dev:.3g} in a batch of {size} ({kind})")
+                    continue
+                ratio = np.divide(diff, bound, out=np.zeros_like(diff), where=diff > 0)
+                max_ratio = max(max_ratio, float(ratio.max()))
+        # Freed before the next batch is built: with the largest samples each batch and its outputs
+        # take _INVARIANCE_BATCH_BYTES apiece, and a server runs this at load.
+        del batch, together
+    shown = list(dict.fromkeys(ran))
     setting = (
-        f"{runs} batches (sizes {', '.join(map(str, sizes))}; {', '.join(COMPANIONS)} companions; "
-        f"{len(probes)} probes)"
+        f"{runs} batches (sizes {', '.join(map(str, shown))}; {', '.join(COMPANIONS)} companions; {n} probes)"
     )
+    if runs < len(planned):
+        setting += f"; the {budget.seconds:g} s budget allowed {runs} of the {len(planned)} planned batches"
     if failures:
         detail = f"{failures[0]} ({len(failures)} deviations); a sample's output must not depend on its batch"
         return CheckResult("batch_invariance", False, worst, detail)
@@ -753,15 +619,17 @@ def _check_batch_invariance(
         return CheckResult(
             "batch_invariance", True, worst, f"every output bitwise equal alone and in {setting}"
         )
-    detail = (
-        f"output bitwise equal alone and in {setting}; logits within {max_ratio:.3g} of their rounding bound"
-    )
+    if "output" in alone[0]:
+        detail = (
+            f"output bitwise equal alone and in {setting}; logits within {max_ratio:.3g} of their rounding "
+            "bound"
+        )
+    else:
+        detail = (
+            f"outputs alone and in {setting}: equal, or float outputs within {max_ratio:.3g} of their "
+            "rounding bound"
+        )
     return CheckResult("batch_invariance", True, worst, detail)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:400]}"
 
 
 def _guard(name: str, check: Callable[[], CheckResult]) -> CheckResult:
@@ -769,65 +637,80 @@ def _guard(name: str, check: Callable[[], CheckResult]) -> CheckResult:
     try:
         return check()
     except Exception as exc:  # verify must report on any parseable graph, never raise
-        return CheckResult(name, False, None, f"could not run: {_one_line(exc)}")
-
-
-def _prepare_data(data: ArrayLike, runtime: _Runtime) -> NDArray[Any]:
-    x = np.asarray(data)
-    if not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"data has dtype {x.dtype}, expected numbers")
-    expected = runtime.input_shape
-    if x.ndim != len(expected) or any(
-        e is not None and e != s for e, s in zip(expected[1:], x.shape[1:], strict=True)
-    ):
-        shown = ["N" if e is None else e for e in expected]
-        raise ValueError(f"data has shape {x.shape}, the model takes {tuple(shown)}")
-    if x.shape[0] == 0:
-        raise ValueError("data has no samples")
-    return x.astype(runtime.input_dtype)
+        return CheckResult(name, False, None, f"could not run: {one_line(exc)}")
 
 
 def verify_model(
     model: onnx.ModelProto | str | os.PathLike[str],
     *,
-    data: NDArray[Any] | None = None,
+    data: ArrayLike | Mapping[str, ArrayLike] | None = None,
     seed: int = 0,
     providers: Sequence[str] | None = None,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    budget_s: float = DEFAULT_BUDGET_S,
 ) -> VerificationReport:
     """Run every check on `model` (see the module docstring) and report each one; never prints.
 
-    data: (N, *sample) samples to feed instead of generated ones (cast to the model's input dtype); seed fixes
-    the generated samples and companions. Raises `ModelFileError` only when `model` is not an ONNX model.
+    data: samples to feed instead of generated ones, one (N, *sample) array for a model with one input or
+    one per input name (cast to the inputs' dtypes); shapes: full shapes (batch first, ignored) of generated
+    samples per input name, for dimensions the graph leaves dynamic; seed fixes the generated samples and
+    companions; budget_s: the seconds the empirical checks may take. Raises `ModelFileError` only when
+    `model` is not an ONNX model.
     """
     proto, name = load_model(model)
     g = GraphIndex(proto)
-    stats = _find_statistics(g)
+    layers = batchnorm_layers(g)
+    frozen = frozen_bn_statistics(g)
     checks = [
         _guard("onnx_checker", lambda: _check_onnx(g)),
         _guard("opset_supported", lambda: _check_opset(g)),
         _guard("inference_mode", lambda: _check_inference_mode(g)),
         _guard("samples_independent", lambda: _check_samples_independent(g)),
-        _guard("statistics_valid", lambda: _check_statistics(g, stats)),
+        _guard("statistics_valid", lambda: _check_statistics(g, layers, None if layers else frozen)),
     ]
-    runtime = _open_runtime(g, providers)
+    runtime = open_runtime(g, providers)
+    budget = Budget(budget_s)
     rng = np.random.default_rng(seed)
-    samples: NDArray[Any] | str
+    samples: Batch | str
     if isinstance(runtime, str):
         samples = runtime
     else:
         try:
-            samples = _generate(runtime, stats, 64, rng) if data is None else _prepare_data(data, runtime)
-        except Exception as exc:  # malformed --data: both numeric checks fail with the reason
-            samples = f"cannot use the data: {_one_line(exc)}"
+            if data is None:
+                samples_count = runtime.fixed_batch or _GENERATED
+                stats = frozen if isinstance(frozen, FrozenStatistics) else None
+                samples = generate(runtime, sample_shapes(runtime, shapes), samples_count, rng, stats)
+            else:
+                samples = prepare_data(data, runtime)
+            # Times one sample (the first run is the slowest, so the estimate errs on the safe side).
+            budget.timed_run(runtime, rows(samples, slice(0, runtime.fixed_batch or 1)))
+        except Exception as exc:  # malformed --data, or a graph that fails on its samples
+            samples = f"cannot use the data: {one_line(exc)}"
     if isinstance(samples, str) or isinstance(runtime, str):
         reason = samples if isinstance(samples, str) else str(runtime)
         checks += [
             CheckResult("formula", False, None, reason),
             CheckResult("batch_invariance", False, None, reason),
         ]
-    else:
-        rt, xs = runtime, samples
-        checks.append(_guard("formula", lambda: _check_formula(g, stats, rt, xs[:_FORMULA_ROWS])))
-        probes = xs[: min(PROBES, len(xs))]
-        checks.append(_guard("batch_invariance", lambda: _check_batch_invariance(g, rt, probes, xs, seed)))
+        return VerificationReport(model=name, checks=tuple(checks), metadata=g.metadata)
+    rt, xs = runtime, samples
+    wanted = min(count(xs), _FORMULA_ROWS)
+    affordable = int(_FORMULA_SHARE * budget.left() / max(budget.per_sample, 1e-9))
+    formula_rows = max(min(wanted, affordable), min(wanted, PROBES))
+    if rt.fixed_batch is not None:
+        formula_rows = count(xs)
+    note = ""
+    if formula_rows < wanted:
+        note = f" (the {budget.seconds:g} s budget allowed {formula_rows} of {wanted} samples)"
+    formula_feeds = rows(xs, slice(0, formula_rows))
+    deadline = time.perf_counter() + _FORMULA_SHARE * budget.left()
+    checks.append(
+        _guard(
+            "formula", lambda: _check_formula(g, layers, frozen, rt, formula_feeds, providers, note, deadline)
+        )
+    )
+    probes = rows(xs, slice(0, min(PROBES, count(xs))))
+    checks.append(
+        _guard("batch_invariance", lambda: _check_batch_invariance(g, rt, probes, xs, seed, budget))
+    )
     return VerificationReport(model=name, checks=tuple(checks), metadata=g.metadata)

@@ -75,6 +75,7 @@ def build_core(settings: Settings, observability: Observability | None = None) -
         max_request_elements=settings.max_request_elements,
         observability=observability,
         default_policy=BatchPolicy(settings.max_batch_size, settings.max_batch_delay_us),
+        verify_budget_s=settings.verify_budget_s,
     )
 
 

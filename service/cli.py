@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="input tensor elements merged into one run (default 16 Mi, the per-request limit)",
     )
+    parser.add_argument(
+        "--verify-budget-s",
+        type=float,
+        help="seconds the empirical frozen-statistics checks may take per model at load (default 20)",
+    )
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 

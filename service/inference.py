@@ -92,6 +92,7 @@ class InferenceCore:
         observability: Observability | None = None,
         max_request_elements: int | None = None,
         default_policy: BatchPolicy | None = None,
+        verify_budget_s: float | None = None,
     ) -> None:
         self.repository = repository
         self.max_request_elements = max_request_elements
@@ -104,6 +105,7 @@ class InferenceCore:
             intra_op_threads=intra_op_threads,
             warmup=warmup,
             default_policy=default_policy or BatchPolicy(),
+            verify_budget_s=verify_budget_s,
             observability=observability,
         )
         self._loaded = threading.Event()

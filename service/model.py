@@ -36,6 +36,7 @@ class LoadOptions:
     intra_op_threads: int
     warmup: bool = True
     default_policy: BatchPolicy = field(default_factory=BatchPolicy)
+    verify_budget_s: float | None = None
     observability: Observability | None = None
 
 
@@ -72,7 +73,7 @@ def load_model(
         raise ModelLoadError(f"cannot read {what}'s {path.name}: {exc.strerror or exc}") from None
     proto = parse_model(data, what)
     session = Session(path, options.providers, options.intra_op_threads, data=data)
-    verification = verify_frozen(proto, session.providers, what)
+    verification = verify_frozen(proto, session.providers, what, budget_s=options.verify_budget_s)
     policy = read_policy(model_dir, options.default_policy, name)
     if options.warmup:
         _warm_up(session)

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     allow_non_finite: bool = False
     warmup: bool = True
+    verify_budget_s: float = Field(
+        default=20.0,
+        gt=0,
+        description="seconds the empirical frozen-statistics checks may take per model at load "
+        "(bn-export verify --budget)",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     # On by default: with no delay it never holds a request back, and merged runs measured no slower (see

@@ -20,9 +20,12 @@ def parse_model(data: bytes, what: str) -> Any:
         raise ModelLoadError(f"{what} is not an ONNX model: {exc}") from None
 
 
-def verify_frozen(model: Any, providers: Sequence[str], what: str) -> dict[str, Any]:
+def verify_frozen(
+    model: Any, providers: Sequence[str], what: str, budget_s: float | None = None
+) -> dict[str, Any]:
     """Run `bn_export.verify.verify_model` on `model` (a parsed ModelProto, the very bytes the session was
-    built from); its report as a dict when it passed.
+    built from); its report as a dict when it passed. `budget_s`: the seconds its empirical checks may take
+    (None: verify's default, `bn_export.probes.DEFAULT_BUDGET_S`).
 
     Raises `ModelLoadError` with the failed checks when the graph normalizes with batch statistics (or fails
     any other check), or when the check itself is not installed: a model is never served unverified.
@@ -38,7 +41,8 @@ def verify_frozen(model: Any, providers: Sequence[str], what: str) -> dict[str, 
     from bn_export.errors import BnExportError
 
     try:
-        report = verify_model(model, providers=list(providers))
+        options: dict[str, Any] = {} if budget_s is None else {"budget_s": budget_s}
+        report = verify_model(model, providers=list(providers), **options)
     except BnExportError as exc:
         raise ModelLoadError(f"{what} failed verification: {exc}") from None
     if not report.passed:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 from numpy.typing import NDArray
 
 from bn_export.errors import DataError
+from bn_export.probes import DEFAULT_BUDGET_S, DEFAULT_DYNAMIC_SIZE, parse_shapes
 from bn_export.verify import verify_model
 
 
@@ -24,7 +27,25 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("model", help="ONNX file")
     parser.add_argument(
-        "--data", help="samples to feed: .npy, or .npz with an array `data` (or a single array)"
+        "--data",
+        help="samples to feed: .npy, or .npz with an array `data` (or a single array); for a model with "
+        "several inputs, .npz with one array per input name",
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="NAME:1x3x32x32",
+        help="shape of the generated samples of input NAME (batch first, ignored), for the dimensions the "
+        f"graph leaves dynamic (default: {DEFAULT_DYNAMIC_SIZE} each); repeat for several inputs",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        metavar="SECONDS",
+        help="time the empirical checks (formula, batch_invariance) may take; they run as many samples and "
+        "batches as it affords (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
@@ -33,8 +54,9 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(handler=run)
 
 
-def load_samples(path: str | Path) -> NDArray[Any]:
-    """Samples (N, *sample) from `.npy`, or `.npz` array `data` or its only array; never unpickles."""
+def load_samples(path: str | Path, input_names: Sequence[str] = ()) -> NDArray[Any] | dict[str, NDArray[Any]]:
+    """Samples (N, *sample) from `.npy`, or `.npz` array `data` or its only array; or, for a model with
+    several `input_names`, a `.npz` with one array per name. Never unpickles."""
     path = Path(path)
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -46,6 +68,8 @@ def load_samples(path: str | Path) -> NDArray[Any]:
         return np.asarray(loaded)
     with loaded:
         names = loaded.files
+        if len(input_names) > 1 and set(input_names) <= set(names):
+            return {name: np.asarray(loaded[name]) for name in input_names}
         if "data" in names:
             return np.asarray(loaded["data"])
         if len(names) == 1:
@@ -54,7 +78,21 @@ def load_samples(path: str | Path) -> NDArray[Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = None if args.data is None else load_samples(args.data)
-    report = verify_model(args.model, data=data, seed=args.seed)
+    try:
+        shapes = parse_shapes(args.shape)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    data = None if args.data is None else load_samples(args.data, _input_names(args.model))
+    report = verify_model(args.model, data=data, seed=args.seed, shapes=shapes, budget_s=args.budget)
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.render())
     return 0 if report.passed else 1
+
+
+def _input_names(model: str) -> list[str]:
+    """The model's data inputs (not its initializers); none when the file cannot be read (verify says why)."""
+    try:
+        graph = onnx.load(model, load_external_data=False).graph
+    except Exception:  # not ONNX: verify_model reports it as such
+        return []
+    constants = {t.name for t in graph.initializer}
+    return [value.name for value in graph.input if value.name not in constants]

@@ -182,6 +182,75 @@ def test_reshape_to_its_own_shape_keeps_samples_apart() -> None:
     assert prove_samples_independent(model).proved, problems(model)
 
 
+def test_reshape_of_another_tensor_by_the_batch_size_keeps_samples_apart() -> None:
+    # Every tensor carrying the samples has the batch's N rows: N of `input` leads a Reshape of `activated`.
+    nodes = [
+        *gather_unsqueeze(17),
+        helper.make_node("Relu", ["input"], ["activated"]),
+        helper.make_node("Concat", ["lead", "rest"], ["target"], axis=0),
+        helper.make_node("Reshape", ["activated", "target"], ["rows"]),
+        helper.make_node("Softmax", ["rows"], ["output"], axis=-1),
+    ]
+    model = data_graph(nodes, {"output": 2}, CONSTANTS)
+    assert batch_deviation(model) == 0.0
+    assert prove_samples_independent(model).proved, problems(model)
+
+
+def test_group_norm_as_torch_exports_it_keeps_samples_apart() -> None:
+    """torch's GroupNorm: Reshape to (N, G, -1) -> InstanceNormalization -> Reshape back to Shape(x)."""
+    nodes = [
+        helper.make_node("Reshape", ["input", "groups_shape"], ["grouped"]),
+        helper.make_node("InstanceNormalization", ["grouped", "ones", "zeros"], ["normalized"], epsilon=1e-5),
+        helper.make_node("Shape", ["input"], ["shape"]),
+        helper.make_node("Reshape", ["normalized", "shape"], ["restored"]),
+        helper.make_node("Mul", ["restored", "weight"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "bias"], ["output"]),
+    ]
+    constants = {
+        "groups_shape": np.array([0, 3, -1], I64),
+        "ones": np.ones(3, np.float32),
+        "zeros": np.zeros(3, np.float32),
+        "weight": np.full((3, 1, 1), 1.5, np.float32),
+        "bias": np.full((3, 1, 1), 0.25, np.float32),
+    }
+    model = data_graph(nodes, {"output": 4}, constants)
+    assert batch_deviation(model) == 0.0
+    assert prove_samples_independent(model).proved, problems(model)
+
+
+def test_batch_size_of_another_input_leads_a_reshape() -> None:
+    """Shape(mask) -> Gather(0) -> Unsqueeze feeding Reshape(input, [N, -1]): the inputs share one batch."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Shape", ["mask"], ["shape"]),
+            helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0),
+            helper.make_node("Unsqueeze", ["n", "axis0"], ["lead"]),
+            helper.make_node("Concat", ["lead", "rest"], ["target"], axis=0),
+            helper.make_node("Reshape", ["input", "target"], ["rows"]),
+            helper.make_node("Mul", ["rows", "mask"], ["output"]),
+        ],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *SAMPLE]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 60]),
+        ],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", 60])],
+        initializer=[
+            onnx.numpy_helper.from_array(value, name)
+            for name, value in {
+                "zero": np.array(0, I64),
+                "axis0": np.array([0], I64),
+                "rest": np.array([-1], I64),
+            }.items()
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    assert prove_samples_independent(model).proved, problems(model)
+    report = verify_model(model)
+    assert report.passed, report.render()
+
+
 # -- every other use of the batch size is refused ----------------------------------------------------------
 
 
@@ -293,17 +362,6 @@ MISUSES: dict[str, Misuse] = {
         {"output": 4},
         {"sample": np.array(SAMPLE, I64)},
         "ConstantOfShape 'zeros'",
-        False,
-    ),
-    "a Reshape of another tensor": (
-        [
-            helper.make_node("Relu", ["input"], ["activated"]),
-            helper.make_node("Concat", ["lead", "rest"], ["target"], axis=0),
-            helper.make_node("Reshape", ["activated", "target"], ["output"]),
-        ],
-        {"output": 2},
-        {"rest": np.array([-1], I64)},
-        "Reshape 'output'",
         False,
     ),
     "N last, the shape reversed": (

@@ -85,7 +85,8 @@ def test_batchnorm_with_extra_outputs_fails(tmp_path: Path) -> None:
 
 def test_batch_statistics_from_primitive_ops_fail_structure_and_invariance() -> None:
     report = verify_model(batch_statistics_model())
-    assert {"samples_independent", "batch_invariance", "statistics_valid", "formula"} <= failed(report)
+    # No BatchNormalization node: nothing for the statistics and formula checks; the mixing is caught twice.
+    assert failed(report) == {"samples_independent", "batch_invariance"}
     reductions = next(c for c in report.checks if c.name == "samples_independent")
     assert reductions.figure == 2.0  # the mean and the variance
     invariance = next(c for c in report.checks if c.name == "batch_invariance")

@@ -250,3 +250,15 @@ def test_a_merged_run_logs_with_the_ids_of_all_its_requests(tmp_path: Path, json
     (warning,) = _drift_warnings(json_log)
     assert warning["request_ids"] == ["r0", "r1", "r2"]
     assert warning["request_id"] == "r0"
+
+
+def test_the_verify_budget_setting_sizes_the_checks_run_at_load(tmp_path: Path) -> None:
+    write(tmp_path, 1, frozen_model(A))
+    core = InferenceCore(
+        ModelRepository.scan(tmp_path), providers=[CPU], intra_op_threads=1, verify_budget_s=1e-6
+    )
+    core.load_all()
+    verification = core.metadata("m").parameters["verification"]
+    invariance = next(c for c in verification["checks"] if c["name"] == "batch_invariance")
+    assert invariance["passed"]
+    assert "budget allowed 1 of" in invariance["detail"], invariance["detail"]
