@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from bn_export import __version__
 from bn_export.data import Dataset, describe_nonfinite, open_dataset, prefetched
+from bn_export.distributed import is_zarr, open_zarr_dataset
 from bn_export.errors import DataError, ExportError, InvalidInputError
 from bn_export.files import write_atomically
 from bn_export.graph_surgery import (
@@ -138,8 +139,11 @@ class Recalibration:
 class _Feeds:
     """The model's data inputs bound to datasets: checks them against the model and yields feed dicts."""
 
-    def __init__(self, model: onnx.ModelProto, data: str | os.PathLike[str] | Mapping[str, Any]) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, data: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]]
+    ) -> None:
         inputs = GraphIndex(model).inputs
+        specs: dict[str, str | os.PathLike[str]]
         if isinstance(data, Mapping):
             specs = dict(data)
         elif len(inputs) == 1:
@@ -163,11 +167,8 @@ class _Feeds:
         self.datasets: dict[str, Dataset] = {}
         self.dtypes: dict[str, np.dtype[Any]] = {}
         for value in inputs:
-            dataset = (
-                open_dataset(specs[value.name])
-                if not isinstance(specs[value.name], Dataset)
-                else specs[value.name]
-            )
+            spec = specs[value.name]
+            dataset = open_zarr_dataset(spec) if is_zarr(spec) else open_dataset(spec)
             self.dtypes[value.name] = _check_fits(value, dataset)
             self.datasets[value.name] = dataset
         counts = {name: ds.num_samples for name, ds in self.datasets.items()}
@@ -248,7 +249,7 @@ def select_layers(layers: Sequence[BatchNormLayer], names: Sequence[str] | None)
 
 def recalibrate(
     model: onnx.ModelProto | str | os.PathLike[str],
-    data: str | os.PathLike[str] | Mapping[str, Any],
+    data: str | os.PathLike[str] | Mapping[str, str | os.PathLike[str]],
     *,
     mode: Mode = "exact",
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -258,8 +259,9 @@ def recalibrate(
 ) -> Recalibration:
     """Recalibrate `model`'s BatchNormalization layers (all, or those named in `layers`) on `data`.
 
-    data: one dataset path (`.npy`, `.npz`, `.csv`, a directory of `.npy` shards) for a one-input network,
-    or `{input name: path}`. With `verify`, the result must pass `verify_model` or `ExportError` is raised.
+    data: one dataset path (`.npy`, `.npz`, `.csv`, a directory of `.npy` shards, a Zarr array) for a
+    one-input network, or `{input name: path}`. With `verify`, the result must pass `verify_model` or
+    `ExportError` is raised.
     """
     if mode not in MODES:
         raise InvalidInputError(f"unknown mode {mode!r}, expected one of {', '.join(MODES)}")

@@ -357,3 +357,19 @@ def test_one_pass_refuses_a_batch_of_one_value_per_channel(tmp_path: Path) -> No
 def test_errors_are_bn_export_errors(tmp_path: Path) -> None:
     with pytest.raises(BnExportError):
         recalibrate(tmp_path / "missing.onnx", tmp_path / "x.npy")
+
+
+def test_a_zarr_array_recalibrates_to_the_same_bytes_as_the_same_samples_in_npy(tmp_path: Path) -> None:
+    zarr = pytest.importorskip("zarr")
+    x = np.random.default_rng(15).normal(size=(130, 3, 5, 5)).astype(np.float32)
+    store = tmp_path / "x.zarr"
+    array = zarr.create_array(store=str(store), shape=x.shape, chunks=(16, 3, 5, 5), dtype="float32")
+    array[:] = x
+    from_zarr = recalibrate(conv_net(), store, batch_size=20, verify=NO_VERIFY)
+    from_npy = recalibrate(conv_net(), _save(tmp_path, "x.npy", x), batch_size=20, verify=NO_VERIFY)
+    assert from_zarr.model.SerializeToString(deterministic=True) == from_npy.model.SerializeToString(
+        deterministic=True
+    )
+    (store / "c" / "1" / "0" / "0" / "0").unlink()
+    with pytest.raises(DataError, match=r"chunk c/1/0/0/0 .* is missing"):
+        recalibrate(conv_net(), store, verify=NO_VERIFY)
