@@ -168,7 +168,7 @@ class _Feeds:
         self.dtypes: dict[str, np.dtype[Any]] = {}
         for value in inputs:
             spec = specs[value.name]
-            dataset = open_zarr_dataset(spec) if is_zarr(spec) else open_dataset(spec)
+            dataset = open_zarr_dataset(os.fspath(spec)) if is_zarr(os.fspath(spec)) else open_dataset(spec)
             self.dtypes[value.name] = _check_fits(value, dataset)
             self.datasets[value.name] = dataset
         counts = {name: ds.num_samples for name, ds in self.datasets.items()}
