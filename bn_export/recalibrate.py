@@ -24,14 +24,16 @@ model, data and options.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import onnx
@@ -41,8 +43,8 @@ from onnx import helper
 from tqdm import tqdm
 
 from bn_export import __version__
-from bn_export.data import Dataset, describe_nonfinite, open_dataset, prefetched
-from bn_export.distributed import is_zarr, open_zarr_dataset
+from bn_export.data import Batch, Dataset, describe_nonfinite, open_dataset, prefetched
+from bn_export.distributed import _connect, is_zarr, open_zarr_dataset
 from bn_export.errors import DataError, ExportError, InvalidInputError
 from bn_export.files import write_atomically
 from bn_export.graph_surgery import (
@@ -53,12 +55,16 @@ from bn_export.graph_surgery import (
     probe_model,
     with_statistics,
 )
-from bn_export.moments import Moments
+from bn_export.moments import Moments, merge_all
 from bn_export.onnx_graph import GraphIndex
 from bn_export.verify import load_model, verify_model
 
 Mode = Literal["exact", "one-pass"]
 MODES: tuple[Mode, ...] = ("exact", "one-pass")
+Engine = Literal["local", "dask"]
+ENGINES: tuple[Engine, ...] = ("local", "dask")
+#: Input bytes one Dask task reads (rounded to whole batches): long enough to pay for opening a session.
+DASK_BLOCK_BYTES = 64 << 20
 DEFAULT_BATCH_SIZE = 64
 METADATA_PREFIX = "recalibration_"
 
@@ -164,6 +170,7 @@ class _Feeds:
             raise InvalidInputError(
                 f"no data for input {missing[0]!r}; give NAME=FILE for each of {', '.join(names)}"
             )
+        self.specs = specs
         self.datasets: dict[str, Dataset] = {}
         self.dtypes: dict[str, np.dtype[Any]] = {}
         for value in inputs:
@@ -180,10 +187,14 @@ class _Feeds:
     def fingerprints(self) -> dict[str, str]:
         return {name: dataset.fingerprint() for name, dataset in self.datasets.items()}
 
-    def batches(self, batch_size: int) -> Iterator[dict[str, NDArray[Any]]]:
-        """Feed dicts of `batch_size` samples (the last may be smaller), each checked for NaN/Inf."""
-        streams = {name: prefetched(ds.batches(batch_size)) for name, ds in self.datasets.items()}
-        for batch in zip(*streams.values(), strict=True):
+    def batches(
+        self, batch_size: int, start: int = 0, stop: int | None = None
+    ) -> Iterator[dict[str, NDArray[Any]]]:
+        """Feed dicts of `batch_size` samples of `start..stop` (the last may be smaller), each checked for
+        NaN/Inf, read one batch ahead."""
+        stop = self.num_samples if stop is None else stop
+        streams = [prefetched(_ranges(ds, batch_size, start, stop)) for ds in self.datasets.values()]
+        for batch in zip(*streams, strict=True):
             feeds = {}
             for (name, dataset), part in zip(self.datasets.items(), batch, strict=True):
                 x = np.asarray(part.data)
@@ -191,6 +202,12 @@ class _Feeds:
                     raise DataError(describe_nonfinite(part, dataset.path))
                 feeds[name] = np.ascontiguousarray(x, dtype=self.dtypes[name])
             yield feeds
+
+
+def _ranges(dataset: Dataset, batch_size: int, start: int, stop: int) -> Iterator[Batch]:
+    for number, lo in enumerate(range(start, stop, batch_size)):
+        hi = min(lo + batch_size, stop)
+        yield Batch(number, np.arange(lo, hi, dtype=np.int64), dataset.read(lo, hi))
 
 
 def _check_fits(value: onnx.ValueInfoProto, dataset: Dataset) -> np.dtype[Any]:
@@ -256,22 +273,36 @@ def recalibrate(
     layers: Sequence[str] | None = None,
     verify: bool = True,
     progress: bool = False,
+    engine: Engine = "local",
+    scheduler: str | None = None,
+    client: Any = None,
 ) -> Recalibration:
     """Recalibrate `model`'s BatchNormalization layers (all, or those named in `layers`) on `data`.
 
     data: one dataset path (`.npy`, `.npz`, `.csv`, a directory of `.npy` shards, a Zarr array) for a
     one-input network, or `{input name: path}`. With `verify`, the result must pass `verify_model` or
-    `ExportError` is raised.
+    `ExportError` is raised. `engine="dask"` (exact mode) runs each pass on a Dask cluster: `client` if
+    given, else one at `scheduler` (`tcp://host:8786`), else a local one; the workers read DATA by path.
     """
     if mode not in MODES:
         raise InvalidInputError(f"unknown mode {mode!r}, expected one of {', '.join(MODES)}")
+    if engine not in ENGINES:
+        raise InvalidInputError(f"unknown engine {engine!r}, expected one of {', '.join(ENGINES)}")
+    if engine == "dask" and mode != "exact":
+        raise InvalidInputError("the dask engine runs exact mode's population passes; use --mode exact")
+    if engine == "local" and (scheduler is not None or client is not None):
+        raise InvalidInputError("a scheduler or client is for the dask engine")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch size must be a positive integer, got {batch_size!r}")
     proto, _ = load_model(model)
     chosen = select_layers(find_batchnorm_layers(proto), layers)
     feeds = _Feeds(proto, data)
     if mode == "exact":
-        statistics, counts, groups = _exact(proto, chosen, feeds, batch_size, progress)
+        with contextlib.ExitStack() as stack:
+            population = _local_population
+            if engine == "dask":
+                population = _dask_population(stack.enter_context(_connect(scheduler, client)))
+            statistics, counts, groups = _exact(proto, chosen, feeds, batch_size, progress, population)
     else:
         statistics, counts = _one_pass(proto, chosen, feeds, batch_size, progress)
         groups = {layer.name: 0 for layer in chosen}
@@ -314,6 +345,7 @@ def _exact(
     feeds: _Feeds,
     batch_size: int,
     progress: bool,
+    engine: _Engine,
 ) -> tuple[dict[str, tuple[F64, F64]], dict[str, int], dict[str, int]]:
     statistics: dict[str, tuple[F64, F64]] = {}
     counts: dict[str, int] = {}
@@ -321,37 +353,131 @@ def _exact(
     plan = depth_groups(chosen)
     for number, group in enumerate(plan):
         current = with_statistics(proto, chosen, statistics)
-        tensors = list(dict.fromkeys(layer.input for layer in group))
-        probe, outputs = probe_model(current, tensors)
-        session = _session(probe)
-        totals = {tensor: Moments.empty(_channels(group, tensor)) for tensor in tensors}
-        desc = f"pass {number + 1}/{len(plan)}"
-        with _progress(progress, feeds.num_samples, desc) as bar:
-            for feed in feeds.batches(batch_size):
-                values = session.run(outputs, feed)
-                for tensor, value in zip(tensors, values, strict=True):
-                    totals[tensor] = totals[tensor].merge(_moments(value, tensor, group))
-                bar.update(len(next(iter(feed.values()))))
+        channels = {layer.input: layer.num_channels for layer in group}
+        probe, outputs = probe_model(current, list(channels))
+        with _progress(progress, feeds.num_samples, f"pass {number + 1}/{len(plan)}") as bar:
+            totals = engine(probe, feeds, batch_size, outputs, list(channels.values()), bar)
+        found = dict(zip(channels, totals, strict=True))
         for layer in group:
-            moments = totals[layer.input]
+            moments = found[layer.input]
             statistics[layer.name] = (moments.mean, moments.variance())
             counts[layer.name] = moments.count
             groups[layer.name] = number
     return statistics, counts, groups
 
 
-def _channels(group: Sequence[BatchNormLayer], tensor: str) -> int:
-    return next(layer.num_channels for layer in group if layer.input == tensor)
+class _Engine(Protocol):
+    """Runs `probe` over all of DATA and returns the `Moments` of each of its `outputs`."""
+
+    def __call__(
+        self,
+        probe: onnx.ModelProto,
+        feeds: _Feeds,
+        batch_size: int,
+        outputs: list[str],
+        channels: list[int],
+        bar: tqdm[Any],
+    ) -> list[Moments]: ...
 
 
-def _moments(value: NDArray[Any], tensor: str, group: Sequence[BatchNormLayer]) -> Moments:
-    channels = _channels(group, tensor)
+def _local_population(
+    probe: onnx.ModelProto,
+    feeds: _Feeds,
+    batch_size: int,
+    outputs: list[str],
+    channels: list[int],
+    bar: tqdm[Any],
+) -> list[Moments]:
+    return _reduce(_session(probe), feeds.batches(batch_size), outputs, channels, bar)
+
+
+def _reduce(
+    session: ort.InferenceSession,
+    batches: Iterator[dict[str, NDArray[Any]]],
+    outputs: list[str],
+    channels: list[int],
+    bar: tqdm[Any] | None = None,
+) -> list[Moments]:
+    """The float64 moments of each of `outputs` over `batches`, merged batch after batch."""
+    totals = [Moments.empty(c) for c in channels]
+    for feed in batches:
+        values = session.run(outputs, feed)
+        for position, (value, count) in enumerate(zip(values, channels, strict=True)):
+            totals[position] = totals[position].merge(_moments(value, outputs[position], count))
+        if bar is not None:
+            bar.update(len(next(iter(feed.values()))))
+    return totals
+
+
+def reduce_block(
+    probe: bytes,
+    specs: Mapping[str, str],
+    start: int,
+    stop: int,
+    batch_size: int,
+    outputs: list[str],
+    channels: list[int],
+) -> list[Moments]:
+    """Runs on a Dask worker: the moments of `outputs` of the graph `probe` over samples `start..stop`."""
+    model = onnx.load_from_string(probe)
+    feeds = _Feeds(model, specs)
+    return _reduce(_session(model), feeds.batches(batch_size, start, stop), outputs, channels)
+
+
+def _dask_population(dask_client: Any) -> _Engine:
+    """The engine that cuts DATA into blocks of whole batches, one task each on the Dask cluster of
+    `dask_client`, and merges the blocks' moments in block order."""
+
+    def population(
+        probe: onnx.ModelProto,
+        feeds: _Feeds,
+        batch_size: int,
+        outputs: list[str],
+        channels: list[int],
+        bar: tqdm[Any],
+    ) -> list[Moments]:
+        from distributed import as_completed
+
+        sample_bytes = sum(ds.sample_bytes for ds in feeds.datasets.values())
+        block = max(1, DASK_BLOCK_BYTES // max(1, sample_bytes * batch_size)) * batch_size
+        # Absolute paths: a worker's working directory is not the driver's.
+        specs = {name: os.path.abspath(os.fspath(spec)) for name, spec in feeds.specs.items()}
+        run = uuid.uuid4().hex[:12]
+        model = dask_client.scatter(probe.SerializeToString(), broadcast=True)
+        futures = [
+            dask_client.submit(
+                reduce_block,
+                model,
+                specs,
+                lo,
+                min(lo + block, feeds.num_samples),
+                batch_size,
+                outputs,
+                channels,
+                key=f"bn-recalibrate-{run}-{i}",
+                retries=2,
+                pure=False,
+            )
+            for i, lo in enumerate(range(0, feeds.num_samples, block))
+        ]
+        stops = {
+            future.key: min(lo + block, feeds.num_samples) - lo
+            for future, lo in zip(futures, range(0, feeds.num_samples, block), strict=True)
+        }
+        for done in as_completed(futures):  # type: ignore[no-untyped-call]
+            bar.update(stops[done.key])
+        parts: list[list[Moments]] = dask_client.gather(futures)
+        return [merge_all(part[k] for part in parts) for k in range(len(outputs))]
+
+    return population
+
+
+def _moments(value: NDArray[Any], tensor: str, channels: int) -> Moments:
     if value.ndim < 2 or value.shape[1] != channels:
         raise InvalidInputError(
             f"input {tensor!r} of a BatchNormalization has shape {value.shape}, expected (N, {channels}, ...)"
         )
-    moments = Moments.from_batch(value.reshape(value.shape[0], channels, -1), axis=1)
-    return moments
+    return Moments.from_batch(value.reshape(value.shape[0], channels, -1), axis=1)
 
 
 def _one_pass(

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bn_export.errors import InvalidInputError
-from bn_export.recalibrate import DEFAULT_BATCH_SIZE, MODES, recalibrate, write_recalibrated
+from bn_export.recalibrate import DEFAULT_BATCH_SIZE, ENGINES, MODES, recalibrate, write_recalibrated
 
 
 def register(subparsers: Any) -> None:
@@ -47,6 +47,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--layers", metavar="NAME,...", help="recalibrate only these layers (node names); default: all"
     )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process (default); dask: each exact pass in blocks on a Dask cluster whose "
+        "workers read DATA by path (needs frozen-bn[dask])",
+    )
+    parser.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="with --engine dask: the scheduler to use (tcp://host:8786); default: a local cluster",
+    )
     parser.add_argument("--json", action="store_true", help="print the per-layer report as JSON")
     parser.set_defaults(handler=run)
 
@@ -77,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         layers=layers,
         progress=True,
+        engine=args.engine,
+        scheduler=args.scheduler,
     )
     elapsed = time.perf_counter() - started
     path = write_recalibrated(result, args.out)
