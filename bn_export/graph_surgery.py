@@ -209,13 +209,16 @@ def _reads(node: onnx.NodeProto) -> list[str]:
 PROBE_SUFFIX = "__recalibration_probe"
 
 
-def probe_model(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelProto, list[str]]:
+def probe_model(
+    model: onnx.ModelProto, tensors: Sequence[str], types: Mapping[str, int] | None = None
+) -> tuple[onnx.ModelProto, list[str]]:
     """`model` cut down to the nodes that compute `tensors`, each exposed as an output; returns the model
-    and the output names, one per tensor in order."""
+    and the output names, one per tensor in order. `types`: `element_types(model)` where the caller has
+    it already (shape inference over a large network is not free)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
-    types = _element_types(model)
+    types = element_types(model) if types is None else types
     names = []
     for tensor in tensors:
         probe = tensor + PROBE_SUFFIX
@@ -245,7 +248,7 @@ def batch_statistics_model(
     out.CopyFrom(model)
     graph = out.graph
     opset = GraphIndex(model).opset
-    types = _element_types(model)
+    types = element_types(model)
     replaced: dict[int, list[onnx.NodeProto]] = {}
     exposed: dict[str, tuple[str, str, str]] = {}
     outputs = []
@@ -332,7 +335,7 @@ def _set_outputs(graph: onnx.GraphProto, outputs: Sequence[onnx.ValueInfoProto])
     graph.value_info.extend(values)
 
 
-def _element_types(model: onnx.ModelProto) -> dict[str, int]:
+def element_types(model: onnx.ModelProto) -> dict[str, int]:
     """The element type of every tensor whose type the model states or onnx can infer."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)

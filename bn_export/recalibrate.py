@@ -51,6 +51,7 @@ from bn_export.graph_surgery import (
     BatchNormLayer,
     batch_statistics_model,
     depth_groups,
+    element_types,
     find_batchnorm_layers,
     probe_model,
     with_statistics,
@@ -351,10 +352,11 @@ def _exact(
     counts: dict[str, int] = {}
     groups: dict[str, int] = {}
     plan = depth_groups(chosen)
+    types = element_types(proto)
     for number, group in enumerate(plan):
         current = with_statistics(proto, chosen, statistics)
         channels = {layer.input: layer.num_channels for layer in group}
-        probe, outputs = probe_model(current, list(channels))
+        probe, outputs = probe_model(current, list(channels), types)
         with _progress(progress, feeds.num_samples, f"pass {number + 1}/{len(plan)}") as bar:
             totals = engine(probe, feeds, batch_size, outputs, list(channels.values()), bar)
         found = dict(zip(channels, totals, strict=True))
