@@ -43,7 +43,14 @@ from onnx import helper
 from tqdm import tqdm
 
 from bn_export import __version__
-from bn_export.data import Batch, Dataset, describe_nonfinite, open_dataset, prefetched
+from bn_export.data import (
+    PREFETCH_BYTES,
+    Batch,
+    Dataset,
+    describe_nonfinite,
+    open_dataset,
+    prefetched,
+)
 from bn_export.distributed import _connect, is_zarr, open_zarr_dataset
 from bn_export.errors import DataError, ExportError, InvalidInputError
 from bn_export.files import write_atomically
@@ -194,7 +201,12 @@ class _Feeds:
         """Feed dicts of `batch_size` samples of `start..stop` (the last may be smaller), each checked for
         NaN/Inf, read one batch ahead."""
         stop = self.num_samples if stop is None else stop
-        streams = [prefetched(_ranges(ds, batch_size, start, stop)) for ds in self.datasets.values()]
+        streams = [
+            # Small batches are read inline: handing one over between threads costs more than reading it.
+            prefetched(ranges) if ds.sample_bytes * batch_size >= PREFETCH_BYTES else ranges
+            for ds in self.datasets.values()
+            for ranges in [_ranges(ds, batch_size, start, stop)]
+        ]
         for batch in zip(*streams, strict=True):
             feeds = {}
             for (name, dataset), part in zip(self.datasets.items(), batch, strict=True):
