@@ -1,6 +1,6 @@
 """Recalibration throughput: `bn-export recalibrate` against PyTorch's CPU path on the same network and data.
 
-    python benchmarks/recalibrate.py [--samples 2048] [--batch-size 64] [--repeats 3] [--threads N]
+    python benchmarks/recalibrate.py [--samples 2048] [--batch-size 64] [--repeats 5] [--threads N]
                                      [--out PATH.json]
 
 Two networks, each exported with `torch.onnx.export(..., do_constant_folding=False)` so its BatchNorm
@@ -17,8 +17,10 @@ Timed, best of `--repeats`, each over all of the data in batches of `--batch-siz
   verifiable);
 - `exact`: `recalibrate(mode="exact")`, one pass per depth group; its samples/s count every pass.
 
-PyTorch runs on `--threads` intra-op threads (default: the CPUs here), onnxruntime on its default (one
-per physical core). Prints samples/s and the ratio to PyTorch's (target: one-pass >= 1.0x), and writes
+PyTorch and onnxruntime both run on `--threads` intra-op threads (default: the CPUs here). The runs are
+interleaved (each round runs every method once) and the best round of each is kept, so that load from
+other users of a shared machine falls on all methods alike; compare ratios, not absolute figures.
+Prints samples/s and the ratio to PyTorch's (target: one-pass >= 1.0x), and writes
 the figures as JSON under benchmarks/results/.
 """
 
@@ -138,20 +140,23 @@ def _torch_one_pass(model: nn.Module, data: np.ndarray, batch_size: int) -> None
             model(torch.from_numpy(np.asarray(data[start : start + batch_size])))
 
 
-def _best(run: Callable[[], Any], repeats: int) -> float:
-    times = []
+def _interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Best time of each run over `repeats` rounds, each round running every one once in turn, so that
+    load from other users of a shared machine falls on all of them alike."""
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -170,18 +175,18 @@ def main() -> None:
             _export(model, torch.from_numpy(values[:2]), model_path)
             data = np.load(data_path, mmap_mode="r")
             float(np.asarray(data).sum())  # warm the page cache
-            torch_s = _best(lambda m=model, d=data: _torch_one_pass(m, d, args.batch_size), args.repeats)
-            one_s = _best(
-                lambda m=model_path, d=data_path: recalibrate(
-                    m, d, mode="one-pass", batch_size=args.batch_size, verify=False
+            runs: dict[str, Callable[[], Any]] = {
+                "torch": lambda m=model, d=data: _torch_one_pass(m, d, args.batch_size),
+                "one-pass": lambda m=model_path, d=data_path: recalibrate(
+                    m, d, mode="one-pass", batch_size=args.batch_size, verify=False, threads=args.threads
                 ),
-                args.repeats,
-            )
+                "exact": lambda m=model_path, d=data_path: recalibrate(
+                    m, d, batch_size=args.batch_size, verify=False, threads=args.threads
+                ),
+            }
             passes = recalibrate(model_path, data_path, batch_size=args.batch_size, verify=False).passes
-            exact_s = _best(
-                lambda m=model_path, d=data_path: recalibrate(m, d, batch_size=args.batch_size, verify=False),
-                max(1, args.repeats - 1),
-            )
+            best = _interleaved(runs, args.repeats)
+            torch_s, one_s, exact_s = best["torch"], best["one-pass"], best["exact"]
             torch_rate = samples / torch_s
             for method, seconds, sample_passes in (
                 ("torch train-mode", torch_s, 1),

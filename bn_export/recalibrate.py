@@ -25,6 +25,7 @@ model, data and options.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -245,9 +246,11 @@ def _check_fits(value: onnx.ValueInfoProto, dataset: Dataset) -> np.dtype[Any]:
     return dtype
 
 
-def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+def _session(model: onnx.ModelProto, threads: int | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -289,6 +292,7 @@ def recalibrate(
     engine: Engine = "local",
     scheduler: str | None = None,
     client: Any = None,
+    threads: int | None = None,
 ) -> Recalibration:
     """Recalibrate `model`'s BatchNormalization layers (all, or those named in `layers`) on `data`.
 
@@ -296,6 +300,7 @@ def recalibrate(
     one-input network, or `{input name: path}`. With `verify`, the result must pass `verify_model` or
     `ExportError` is raised. `engine="dask"` (exact mode) runs each pass on a Dask cluster: `client` if
     given, else one at `scheduler` (`tcp://host:8786`), else a local one; the workers read DATA by path.
+    `threads`: onnxruntime's intra-op threads here (default: one per physical core).
     """
     if mode not in MODES:
         raise InvalidInputError(f"unknown mode {mode!r}, expected one of {', '.join(MODES)}")
@@ -303,6 +308,8 @@ def recalibrate(
         raise InvalidInputError(f"unknown engine {engine!r}, expected one of {', '.join(ENGINES)}")
     if engine == "dask" and mode != "exact":
         raise InvalidInputError("the dask engine runs exact mode's population passes; use --mode exact")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidInputError(f"threads must be a positive integer or None, got {threads!r}")
     if engine == "local" and (scheduler is not None or client is not None):
         raise InvalidInputError("a scheduler or client is for the dask engine")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -312,12 +319,12 @@ def recalibrate(
     feeds = _Feeds(proto, data)
     if mode == "exact":
         with contextlib.ExitStack() as stack:
-            population = _local_population
+            population: _Engine = functools.partial(_local_population, threads=threads)
             if engine == "dask":
                 population = _dask_population(stack.enter_context(_connect(scheduler, client)))
             statistics, counts, groups = _exact(proto, chosen, feeds, batch_size, progress, population)
     else:
-        statistics, counts = _one_pass(proto, chosen, feeds, batch_size, progress)
+        statistics, counts = _one_pass(proto, chosen, feeds, batch_size, progress, threads)
         groups = {layer.name: 0 for layer in chosen}
     changes = tuple(
         _change(layer, statistics[layer.name], groups[layer.name], counts[layer.name]) for layer in chosen
@@ -401,8 +408,9 @@ def _local_population(
     outputs: list[str],
     channels: list[int],
     bar: tqdm[Any],
+    threads: int | None = None,
 ) -> list[Moments]:
-    return _reduce(_session(probe), feeds.batches(batch_size), outputs, channels, bar)
+    return _reduce(_session(probe, threads), feeds.batches(batch_size), outputs, channels, bar)
 
 
 def _reduce(
@@ -500,9 +508,10 @@ def _one_pass(
     feeds: _Feeds,
     batch_size: int,
     progress: bool,
+    threads: int | None,
 ) -> tuple[dict[str, tuple[F64, F64]], dict[str, int]]:
     model, exposed = batch_statistics_model(proto, chosen)
-    session = _session(model)
+    session = _session(model, threads)
     names = [name for layer in chosen for name in exposed[layer.name]]
     mean_sums = {layer.name: np.zeros(layer.num_channels) for layer in chosen}
     var_sums = {layer.name: np.zeros(layer.num_channels) for layer in chosen}
