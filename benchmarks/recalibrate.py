@@ -15,7 +15,8 @@ Timed, best of `--repeats`, each over all of the data in batches of `--batch-siz
 - `one-pass`: `recalibrate(mode="one-pass")`, the whole call (graph surgery, onnxruntime session, the pass,
   the data fingerprint), without the verify gate (see the README: a network of many layers is not yet
   verifiable);
-- `exact`: `recalibrate(mode="exact")`, one pass per depth group; its samples/s count every pass.
+- `exact`: `recalibrate(mode="exact")`, one pass per depth group; samples/s is DATA over the whole call,
+  `per pass` that times the passes.
 
 PyTorch and onnxruntime both run on `--threads` intra-op threads (default: the CPUs here). The runs are
 interleaved (each round runs every method once) and the best round of each is kept, so that load from
