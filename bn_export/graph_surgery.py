@@ -148,7 +148,9 @@ def with_statistics(
     out.CopyFrom(model)
     graph = out.graph
     readers = _reader_counts(graph)
-    outputs = {value.name for value in graph.output} | {value.name for value in graph.input}
+    # An initializer that is also a graph output would change what the network returns; one that is also
+    # a graph input (older IR versions list every initializer there) is only a default, replaced in place.
+    outputs = {value.name for value in graph.output}
     by_name = {tensor.name: position for position, tensor in enumerate(graph.initializer)}
     taken = set(by_name) | {name for node in graph.node for name in node.output}
     for layer in layers:

@@ -373,3 +373,25 @@ def test_a_zarr_array_recalibrates_to_the_same_bytes_as_the_same_samples_in_npy(
     (store / "c" / "1" / "0" / "0" / "0").unlink()
     with pytest.raises(DataError, match=r"chunk c/1/0/0/0 .* is missing"):
         recalibrate(conv_net(), store, verify=NO_VERIFY)
+
+
+def test_report_of_a_recalibrated_network_plots_each_layers_change(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib")
+    x = np.random.default_rng(16).normal(3.0, 2.0, size=(80, 3, 5, 5)).astype(np.float32)
+    result = recalibrate(conv_net(), _save(tmp_path, "x.npy", x), verify=NO_VERIFY)
+    model = write_recalibrated(result, tmp_path / "new.onnx")
+    pages = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert main(["report", str(model), "--out", str(out)]) == 0
+        assert capsys.readouterr().out.split() == [str(out / "report.md"), str(out / "recalibration.png")]
+        pages.append(out)
+    plot = (pages[0] / "recalibration.png").read_bytes()
+    assert plot.startswith(b"\x89PNG")
+    assert len(plot) > 10_000
+    assert plot == (pages[1] / "recalibration.png").read_bytes()
+    text = (pages[0] / "report.md").read_text(encoding="utf-8")
+    for layer in result.layers:
+        assert f"| `{layer.name}` | {layer.mean_shift_max:.4g} |" in text
+    assert "| recalibration_mode | `exact` |" in text
