@@ -243,56 +243,65 @@ def batch_statistics_model(
     train-mode forward), cut down to what computes them; returns the model and, per layer, the output
     names of its batch `mean (1, C, 1)`, `var (1, C, 1)` and input shape `(N, C, S)`.
 
-    `y = (x - mean)·gamma/sqrt(var + eps) + beta` over `x` reshaped to `(N, C, S)`, then reshaped back:
-    the reshapes make the rewrite independent of the input's rank.
+    Over `x` seen as `(N, C, S)` (a Reshape, whatever the input's rank): `mean = ReduceMean(x)`,
+    `var = ReduceSumSquare(x - mean) / (N·S)`, both over axes 0 and 2; the layer's own node then reads
+    them in place of its stored statistics, so it normalizes `(x - mean)/sqrt(var + eps)·gamma + beta` in
+    one pass, with its own gamma, beta and eps. Four passes over each layer's input in all.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     opset = GraphIndex(model).opset
     types = element_types(model)
-    replaced: dict[int, list[onnx.NodeProto]] = {}
+    added: dict[int, list[onnx.NodeProto]] = {}
     exposed: dict[str, tuple[str, str, str]] = {}
     outputs = []
     for layer in layers:
         node = graph.node[layer.node_index]
         elem = types.get(layer.input, TensorProto.FLOAT)
-        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(elem))
+        stats_elem = types.get(layer.mean_name, elem)
         p = f"{layer.name}{PROBE_SUFFIX}/"
         inits = {
             "shape3": np.asarray([0, 0, -1], dtype=np.int64),
+            "flat": np.asarray([-1], dtype=np.int64),
             "axes": np.asarray([0, 2], dtype=np.int64),
-            "eps": np.asarray(layer.eps, dtype=dtype),
-            "gamma": layer.gamma.astype(dtype).reshape(1, -1, 1),
-            "beta": layer.beta.astype(dtype).reshape(1, -1, 1),
+            "batch_axis": np.asarray(0, dtype=np.int64),
+            "spatial_axis": np.asarray(2, dtype=np.int64),
         }
         for key, value in inits.items():
             graph.initializer.append(numpy_helper.from_array(value, p + key))
 
-        def reduce_mean(source: str, target: str, prefix: str = p) -> onnx.NodeProto:
+        def reduce(op: str, source: str, target: str, prefix: str = p) -> onnx.NodeProto:
+            # ReduceSumSquare and ReduceMean take their axes as an input from opset 18 on.
             if opset >= 18:
-                return helper.make_node("ReduceMean", [source, prefix + "axes"], [target], keepdims=1)
-            return helper.make_node("ReduceMean", [source], [target], axes=[0, 2], keepdims=1)
+                return helper.make_node(op, [source, prefix + "axes"], [target], keepdims=1)
+            return helper.make_node(op, [source], [target], axes=[0, 2], keepdims=1)
 
         x3, mean, var, shape = p + "x3", p + "mean", p + "var", p + "shape"
         nodes = [
             helper.make_node("Reshape", [layer.input, p + "shape3"], [x3]),
             helper.make_node("Shape", [x3], [shape]),
-            reduce_mean(x3, mean),
+            reduce("ReduceMean", x3, mean),
             helper.make_node("Sub", [x3, mean], [p + "centred"]),
-            helper.make_node("Mul", [p + "centred", p + "centred"], [p + "squares"]),
-            reduce_mean(p + "squares", var),
-            helper.make_node("Add", [var, p + "eps"], [p + "var_eps"]),
-            helper.make_node("Sqrt", [p + "var_eps"], [p + "std"]),
-            helper.make_node("Div", [p + "gamma", p + "std"], [p + "scale"]),
-            helper.make_node("Mul", [p + "centred", p + "scale"], [p + "scaled"]),
-            helper.make_node("Add", [p + "scaled", p + "beta"], [p + "y3"]),
-            helper.make_node("Shape", [layer.input], [p + "input_shape"]),
-            helper.make_node("Reshape", [p + "y3", p + "input_shape"], [node.output[0]]),
+            reduce("ReduceSumSquare", p + "centred", p + "sum_squares"),
+            helper.make_node("Gather", [shape, p + "batch_axis"], [p + "n"]),
+            helper.make_node("Gather", [shape, p + "spatial_axis"], [p + "s"]),
+            helper.make_node("Mul", [p + "n", p + "s"], [p + "count_int"]),
+            helper.make_node("Cast", [p + "count_int"], [p + "count"], to=elem),
+            helper.make_node("Div", [p + "sum_squares", p + "count"], [var]),
+            helper.make_node("Reshape", [mean, p + "flat"], [p + "mean_c"]),
+            helper.make_node("Reshape", [var, p + "flat"], [p + "var_c"]),
         ]
+        statistics = [p + "mean_c", p + "var_c"]
+        if stats_elem != elem:
+            nodes += [
+                helper.make_node("Cast", [name], [name + "_cast"], to=stats_elem) for name in statistics
+            ]
+            statistics = [name + "_cast" for name in statistics]
         for position, item in enumerate(nodes):
             item.name = f"{p}{position}"
-        replaced[layer.node_index] = nodes
+        node.input[3], node.input[4] = statistics
+        added[layer.node_index] = nodes
         exposed[layer.name] = (mean, var, shape)
         outputs += [
             helper.make_tensor_value_info(mean, elem, None),
@@ -301,7 +310,7 @@ def batch_statistics_model(
         ]
     rebuilt: list[onnx.NodeProto] = []
     for index, node in enumerate(graph.node):
-        rebuilt.extend(replaced.get(index, [node]))
+        rebuilt.extend([*added.get(index, []), node])
     del graph.node[:]
     graph.node.extend(rebuilt)
     _set_outputs(graph, outputs)
