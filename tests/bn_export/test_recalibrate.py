@@ -13,6 +13,7 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from bn_export.cli import main
+from bn_export.commands.recalibrate import data_specs
 from bn_export.errors import BnExportError, DataError, ExportError, InvalidInputError
 from bn_export.graph_surgery import depth_groups, find_batchnorm_layers
 from bn_export.onnx_graph import build_model
@@ -395,3 +396,15 @@ def test_report_of_a_recalibrated_network_plots_each_layers_change(
     for layer in result.layers:
         assert f"| `{layer.name}` | {layer.mean_shift_max:.4g} |" in text
     assert "| recalibration_mode | `exact` |" in text
+
+
+def test_data_options_name_each_input_of_a_network_with_several(tmp_path: Path) -> None:
+    odd = tmp_path / "a=b.npy"
+    odd.touch()
+    assert data_specs(["x.npy"]) == "x.npy"
+    assert data_specs([str(odd)]) == str(odd)  # an existing file whose name holds '='
+    assert data_specs(["left=a.npy", "right=b.npy"]) == {"left": "a.npy", "right": "b.npy"}
+    with pytest.raises(InvalidInputError, match="give each as NAME=DATA"):
+        data_specs(["left=a.npy", "b.npy"])
+    with pytest.raises(InvalidInputError, match="names input 'left' twice"):
+        data_specs(["left=a.npy", "left=b.npy"])
