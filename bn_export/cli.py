@@ -7,10 +7,10 @@ import sys
 from collections.abc import Sequence
 
 from bn_export import __version__
-from bn_export.commands import export, fit, inspect, report, verify
+from bn_export.commands import export, fit, inspect, recalibrate, report, verify
 from bn_export.errors import BnExportError
 
-_COMMANDS = (fit, export, verify, inspect, report)
+_COMMANDS = (fit, export, verify, inspect, report, recalibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -284,6 +284,22 @@ def _plan_zarr(store: Path, axis: int, block_samples: int | None, *, fill_missin
     )
 
 
+def open_zarr_dataset(store: str | Path, *, missing_chunks: MissingChunks = "error") -> Dataset:
+    """A Zarr array (see `is_zarr`) as a `Dataset` read on this machine a row of chunks at a time, for
+    readers that stream batches in order (`bn-export recalibrate`). Checked as the Dask fit checks it:
+    floating-point samples of rank 2 to 5, not empty, and every chunk in the store unless
+    `missing_chunks="fill"`."""
+    if missing_chunks not in ("error", "fill"):
+        raise InvalidInputError(f"missing_chunks must be 'error' or 'fill', got {missing_chunks!r}")
+    plan = _plan_zarr(Path(store), 1, None, fill_missing=missing_chunks == "fill")
+    array, array_path = _open_zarr(Path(store), None)
+    if missing_chunks == "error":
+        for block in plan.blocks:
+            if isinstance(block, ZarrBlock):
+                _require_chunks(array, Path(store), block)
+    return Dataset(Path(store), [_ZarrSamples(array, _zarr_name(str(store), array_path))])
+
+
 def is_zarr(source: str | Path) -> bool:
     """Whether DATA names a Zarr store: a directory with Zarr metadata at its root, or a name ending .zarr.
 

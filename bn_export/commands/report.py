@@ -6,6 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+import onnx
+
+from bn_export.recalibration_report import is_recalibrated, write_recalibration_report
 from bn_export.report import PAGE_NAME, load_report_source, write_report
 
 
@@ -16,6 +19,8 @@ def register(subparsers: Any) -> None:
         description=(
             "Plot the per-channel frozen statistics (mean ± std), gamma and beta and, for a checkpoint that "
             f"recorded it, the moving statistics over the fit; write them with {PAGE_NAME} into DIR. "
+            "For a network written by bn-export recalibrate, plot each layer's change instead: the shift of "
+            "the mean in old standard deviations and the variance ratio. "
             "Needs matplotlib: pip install 'frozen-bn[plot]'."
         ),
     )
@@ -27,7 +32,22 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    files = write_report(load_report_source(args.source), args.out)
+    model = _recalibrated_model(args.source)
+    if model is not None:
+        files = write_recalibration_report(model, args.out, args.source.name)
+    else:
+        files = write_report(load_report_source(args.source), args.out)
     for path in (files.page, *files.plots):
         print(path)
     return 0
+
+
+def _recalibrated_model(path: Path) -> onnx.ModelProto | None:
+    """The model at `path` if it is an ONNX model that `bn-export recalibrate` wrote, else None."""
+    if path.suffix.lower() != ".onnx" or not path.is_file():
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX after all: load_report_source says what it is
+        return None
+    return model if is_recalibrated(model) else None
