@@ -172,6 +172,13 @@ class InferenceCore:
             "intra_op_threads": self.intra_op_threads,
             "frozen_statistics_verified": entry.verification is not None,
         }
+        if entry.model is not None:
+            policy = entry.model.policy
+            parameters["batching"] = {
+                "max_batch_size": policy.max_batch_size,
+                "max_batch_delay_us": policy.max_batch_delay_us,
+                "note": entry.model.batching_note,
+            }
         if entry.verification is not None:
             parameters["verification"] = entry.verification
 

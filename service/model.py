@@ -56,6 +56,7 @@ class LoadedModel:
     drift: DriftWatch | None = field(repr=False)
     drift_reason: str | None
     labels: tuple[str, str]
+    batching_note: str | None = None
 
 
 def load_model(
@@ -74,7 +75,9 @@ def load_model(
     proto = parse_model(data, what)
     session = Session(path, options.providers, options.intra_op_threads, data=data)
     verification = verify_frozen(proto, session.providers, what, budget_s=options.verify_budget_s)
-    policy = read_policy(model_dir, options.default_policy, name)
+    policy, batching_note = exact_policy(read_policy(model_dir, options.default_policy, name), verification)
+    if batching_note is not None:
+        log.warning("%s: %s", what, batching_note)
     if options.warmup:
         _warm_up(session)
     drift: DriftWatch | None = None
@@ -100,7 +103,32 @@ def load_model(
         drift=drift,
         drift_reason=drift_reason,
         labels=(name, str(version)),
+        batching_note=batching_note,
     )
+
+
+def exact_policy(policy: BatchPolicy, verification: dict[str, Any]) -> tuple[BatchPolicy, str | None]:
+    """`policy`, with merging turned off where it would not be exact, and why.
+
+    Merged runs are exact when every output of a sample is bitwise the same alone and inside a batch, which
+    `batch_invariance` measured at load (its figure is the largest deviation). On the CPU every graph
+    frozen-bn serves has shown 0; on CUDA, cuBLAS and cuDNN choose GEMM and convolution kernels by batch
+    size, so a network's logits can move in their last bits with the batch (within the rounding bound the
+    check allows). Such a model is served with each request run as sent, so that an answer never depends on
+    which other requests arrived with it.
+    """
+    if not policy.enabled:
+        return policy, None
+    checks = verification.get("checks", [])
+    figure = next((c.get("figure") for c in checks if c.get("name") == "batch_invariance"), None)
+    if figure == 0:
+        return policy, None
+    note = (
+        f"adaptive batching is off: outputs moved by up to {figure} between a sample alone and in a batch "
+        "(within float rounding, so the model passed), and merged runs must give each request the bits it "
+        "gets alone"
+    )
+    return BatchPolicy(1, 0), note
 
 
 def timed_load(

@@ -22,6 +22,7 @@ from service.errors import LoadRefused, ModelNotReady
 from service.inference import InferenceCore, InferRequest
 from service.lifecycle import ModelLifecycle
 from service.log import JsonLinesHandler, request_id
+from service.model import exact_policy
 from service.observability import Observability
 from service.repository import ModelRepository, ModelState
 from service.runtime import CPU
@@ -262,3 +263,26 @@ def test_the_verify_budget_setting_sizes_the_checks_run_at_load(tmp_path: Path) 
     invariance = next(c for c in verification["checks"] if c["name"] == "batch_invariance")
     assert invariance["passed"]
     assert "budget allowed 1 of" in invariance["detail"], invariance["detail"]
+
+
+def _verification(figure: float | None) -> dict[str, Any]:
+    return {"checks": [{"name": "batch_invariance", "passed": True, "figure": figure, "detail": ""}]}
+
+
+def test_merging_stays_on_where_verify_found_every_output_bitwise() -> None:
+    assert exact_policy(DEFAULT, _verification(0.0)) == (DEFAULT, None)
+
+
+@pytest.mark.parametrize("figure", [1.2e-7, None])
+def test_merging_is_turned_off_where_outputs_move_with_the_batch(figure: float | None) -> None:
+    policy, note = exact_policy(DEFAULT, _verification(figure))
+    assert policy == BatchPolicy(1, 0)
+    assert note is not None
+    assert "adaptive batching is off" in note
+
+
+def test_metadata_shows_the_batching_policy_served(tmp_path: Path) -> None:
+    write(tmp_path, 1, frozen_model(A))
+    served = Served(tmp_path)
+    batching = served.core.metadata("m").parameters["batching"]
+    assert batching == {"max_batch_size": 8, "max_batch_delay_us": 0, "note": None}
