@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         default=128, ge=0, description="requests waiting for an inference slot; 503 + Retry-After beyond"
     )
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=1024, description="request line and headers together; 431 beyond, unread"
+    )
+    max_header_count: int = Field(default=100, ge=1, description="headers per request; 431 beyond")
     # Secrets come from the environment or a file only: a command-line flag would show in `ps`.
     api_key: str | None = Field(default=None, repr=False)
     api_keys_file: Path | None = None
