@@ -114,7 +114,14 @@ def create_app(settings: Settings) -> FastAPI:
             executor.shutdown(wait=True)
 
     app = ServingApp(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.front = Front(app.framework, route, authenticator, observability.metrics)
+    app.front = Front(
+        app.framework,
+        route,
+        authenticator,
+        observability.metrics,
+        request_timeout_s=settings.request_timeout_s,
+        max_other_body_bytes=REPOSITORY_BODY_LIMIT,
+    )
     app.state.lifecycle = lifecycle
     app.state.core = core
     app.state.observability = observability

@@ -97,7 +97,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # httptools, as uvicorn[standard] would pick, with the head's size, count and deadline bounded.
         "http": cast(
             "type[asyncio.Protocol]",
-            bounded_protocol(settings.max_header_bytes, settings.max_header_count, settings.request_timeout_s),
+            bounded_protocol(
+                settings.max_header_bytes, settings.max_header_count, settings.request_timeout_s
+            ),
         ),
     }
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler found at start; a

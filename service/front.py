@@ -29,6 +29,7 @@ from service.errors import ServiceError
 from service.http_errors import INTERNAL_ERROR, error_answer
 from service.http_request import header, request_headers
 from service.infer_route import InferRoute, response_headers
+from service.limits import declared_body_too_large, guarded
 from service.log import RequestIds, request_id, write_access_record
 from service.metrics import ServiceMetrics
 
@@ -43,9 +44,19 @@ class Front:
     """The ASGI app in front of `app` (FastAPI's own handling); see the module docstring."""
 
     def __init__(
-        self, app: ASGIApp, route: InferRoute, authenticator: Authenticator, metrics: ServiceMetrics
+        self,
+        app: ASGIApp,
+        route: InferRoute,
+        authenticator: Authenticator,
+        metrics: ServiceMetrics,
+        *,
+        request_timeout_s: float | None = None,
+        max_other_body_bytes: int = 64 * 1024,
     ) -> None:
         self.app = app
+        # The deadline and body limit of every route but infer (which has its own, in its admission).
+        self.request_timeout_s = request_timeout_s
+        self.max_other_body_bytes = max_other_body_bytes
         self.route = route
         self.authenticator = authenticator
         self.metrics = metrics
@@ -72,20 +83,35 @@ class Front:
             # Behind a root_path, route paths differ from the scope's: FastAPI resolves those.
             match = INFER_PATH.fullmatch(path) if method == "POST" and not scope.get("root_path") else None
             if match is not None:
-                status = await self._infer(match[1], match[2], headers, receive, send, method, path, rid)
+                status = await guarded(
+                    lambda out: self._infer(match[1], match[2], headers, receive, out, method, path, rid),
+                    send,
+                    rid,
+                )
+                return
+            too_large = declared_body_too_large(headers, self.max_other_body_bytes)
+            if too_large is not None:
+                status = await self._send_error(send, too_large, method, path, rid)
                 return
 
             rid_header = (b"x-request-id", rid.encode())
 
-            async def send_with_id(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                    kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                    message = {**message, "headers": [*kept, rid_header]}
-                await send(message)
+            def with_id(out: Send) -> Send:
+                async def send_with_id(message: Message) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                        kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                        message = {**message, "headers": [*kept, rid_header]}
+                    await out(message)
 
-            await self.app(scope, receive, send_with_id)
+                return send_with_id
+
+            answered = await guarded(
+                lambda out: self.app(scope, receive, with_id(out)), send, rid, self.request_timeout_s
+            )
+            if answered is not None:
+                status = answered
         finally:
             write_access_record(method, path, status, time.perf_counter() - started, rid)
             request_id.reset(token)

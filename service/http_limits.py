@@ -31,7 +31,7 @@ DEFAULT_MAX_HEADER_COUNT = 100
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
-class HeadRefused(Exception):
+class HeadLimitError(Exception):
     """Raised from a parser callback to stop parsing a head past its limits (httptools re-raises it)."""
 
 
@@ -109,10 +109,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 431,
                 f"the request has more than {self.max_header_count} headers (max_header_count)",
             )
-            raise HeadRefused
+            raise HeadLimitError
         if self._parsed_bytes > self.max_header_bytes:
             self._refusal = (431, self._too_large())
-            raise HeadRefused
+            raise HeadLimitError
 
     def _too_large(self) -> str:
         return f"the request line and headers exceed {self.max_header_bytes} bytes (max_header_bytes)"
