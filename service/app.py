@@ -72,6 +72,7 @@ def build_core(settings: Settings, observability: Observability | None = None) -
         warmup=settings.warmup,
         max_request_elements=settings.max_request_elements,
         observability=observability,
+        follow_symlinks=settings.follow_symlinks,
     )
 
 

@@ -43,6 +43,7 @@ from numpy.typing import NDArray
 
 from service.errors import ModelLoadError, ServiceError
 from service.repository import MODEL_FILE, ModelVersion
+from service.symlinks import check_inside
 
 if TYPE_CHECKING:
     from service.inference import InferenceCore, InferResponse, PreparedRequest
@@ -94,15 +95,20 @@ def model_directory(entry: ModelVersion) -> Path | None:
     return None
 
 
-def read_policy(model_dir: Path | None, default: BatchPolicy) -> BatchPolicy:
+def read_policy(
+    model_dir: Path | None, default: BatchPolicy, *, follow_symlinks: bool = False
+) -> BatchPolicy:
     """The policy of the model in `model_dir`: `default` overridden by its `config.json`, if any.
 
     Raises `ModelLoadError` for a file that is not a JSON object of known, valid keys: a typo must not
-    silently leave batching at the server's default.
+    silently leave batching at the server's default. The reasons never quote the file: it may be a link
+    to a file that is not the operator's to show (`service.symlinks`).
     """
     if model_dir is None:
         return default
     path = model_dir / CONFIG_FILE
+    if path.is_symlink() or path.exists():
+        check_inside(path, model_dir.parent, follow_symlinks=follow_symlinks)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -115,14 +121,14 @@ def read_policy(model_dir: Path | None, default: BatchPolicy) -> BatchPolicy:
         raise ModelLoadError(f"{path} is not valid JSON: {exc}") from None
     known = ("max_batch_size", "max_batch_delay_us")
     if not isinstance(document, dict) or set(document) - set(known):
-        raise ModelLoadError(
-            f"{path} must be a JSON object with keys among {', '.join(known)}, got {text.strip()[:200]!r}"
-        )
+        raise ModelLoadError(f"{path} must be a JSON object with keys among {', '.join(known)}")
     values = {key: document.get(key, getattr(default, key)) for key in known}
     try:
         return BatchPolicy(**values)
-    except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: {exc}") from None
+    except (TypeError, ValueError):
+        raise ModelLoadError(
+            f"{path}: max_batch_size must be an integer of at least 1, max_batch_delay_us one of at least 0"
+        ) from None
 
 
 def merge_key(prepared: PreparedRequest) -> Hashable | None:
@@ -239,7 +245,9 @@ class Batcher:
         cached = self._policies.get(id(entry))
         if cached is not None and cached[0] is entry:
             return cached[1]
-        policy = read_policy(model_directory(entry), self._default)
+        policy = read_policy(
+            model_directory(entry), self._default, follow_symlinks=self._core.follow_symlinks
+        )
         self._policies[id(entry)] = (entry, policy)
         return policy
 

@@ -28,6 +28,7 @@ from service.observability import Observability
 from service.protocol import MetadataTensor, ModelMetadata
 from service.repository import ModelRepository, ModelState, ModelVersion
 from service.runtime import Session, TensorSpec, is_invalid_argument
+from service.symlinks import check_inside
 from service.verification import verify_frozen
 
 log = logging.getLogger("bn_serve")
@@ -96,8 +97,10 @@ class InferenceCore:
         warmup: bool = True,
         observability: Observability | None = None,
         max_request_elements: int | None = None,
+        follow_symlinks: bool = False,
     ) -> None:
         self.repository = repository
+        self.follow_symlinks = follow_symlinks
         self.max_request_elements = max_request_elements
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
@@ -154,6 +157,7 @@ class InferenceCore:
         try:
             # Read once: the session and the check both use these bytes, and later changes to the file
             # (rewritten, truncated, deleted) cannot reach a loaded model.
+            check_inside(entry.path, self.repository.root, follow_symlinks=self.follow_symlinks)
             try:
                 data = entry.path.read_bytes()
             except OSError as exc:

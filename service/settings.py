@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         default=128, ge=0, description="requests waiting for an inference slot; 503 + Retry-After beyond"
     )
+    follow_symlinks: bool = Field(
+        default=False, description="read repository files whose symbolic links lead outside the repository"
+    )
     max_header_bytes: int = Field(
         default=32 * 1024, ge=1024, description="request line and headers together; 431 beyond, unread"
     )
