@@ -98,7 +98,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Places for the runs in the pool plus those queued behind them; past that, 503 with Retry-After.
     gate = AdmissionGate(settings.resolved_inference_threads() + settings.max_queued_requests)
 
-    admission = Admission(gate, settings.request_timeout_s)
+    uploads = AdmissionGate(settings.max_uploading_requests, what="requests still sending their body")
+    admission = Admission(gate, settings.request_timeout_s, uploads)
     route = InferRoute(core, batcher, executor, observability, admission, settings.max_request_bytes)
 
     @asynccontextmanager

@@ -70,6 +70,19 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         default=128, ge=0, description="requests waiting for an inference slot; 503 + Retry-After beyond"
     )
+    max_uploading_requests: int = Field(
+        default=512,
+        ge=1,
+        description="requests whose body is still arriving (they hold no inference place); 503 beyond",
+    )
+    max_pending_response_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="response bytes encoded and not yet taken by slow clients, all together; 503 beyond",
+    )
+    send_timeout_s: float = Field(
+        default=30.0, gt=0, description="longest a client may leave its response unread; closed beyond"
+    )
     follow_symlinks: bool = Field(
         default=False, description="read repository files whose symbolic links lead outside the repository"
     )
