@@ -39,6 +39,7 @@ from service.log import configure_logging
 from service.observability import Observability
 from service.protocol import ServerMetadata
 from service.repository import ModelRepository, ModelState
+from service.responses import ResponseBudget
 from service.runtime import resolve_providers
 from service.settings import Settings
 
@@ -123,6 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
         observability.metrics,
         request_timeout_s=settings.request_timeout_s,
         max_other_body_bytes=REPOSITORY_BODY_LIMIT,
+        responses=ResponseBudget(settings.max_pending_response_bytes, observability.metrics.registry),
     )
     app.state.lifecycle = lifecycle
     app.state.core = core

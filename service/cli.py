@@ -98,7 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "http": cast(
             "type[asyncio.Protocol]",
             bounded_protocol(
-                settings.max_header_bytes, settings.max_header_count, settings.request_timeout_s
+                settings.max_header_bytes,
+                settings.max_header_count,
+                head_timeout_s=settings.request_timeout_s,
+                send_timeout_s=settings.send_timeout_s,
             ),
         ),
     }

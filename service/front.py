@@ -19,19 +19,21 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import nullcontext
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import Authenticator
-from service.errors import ServiceError
+from service.errors import Overloaded, ServiceError
 from service.http_errors import INTERNAL_ERROR, error_answer
 from service.http_request import header, request_headers
 from service.infer_route import InferRoute, response_headers
 from service.limits import declared_body_too_large, guarded
 from service.log import RequestIds, request_id, write_access_record
 from service.metrics import ServiceMetrics
+from service.responses import ResponseBudget, body_slices
 
 log = logging.getLogger("bn_serve")
 
@@ -52,8 +54,10 @@ class Front:
         *,
         request_timeout_s: float | None = None,
         max_other_body_bytes: int = 64 * 1024,
+        responses: ResponseBudget | None = None,
     ) -> None:
         self.app = app
+        self.responses = responses
         # The deadline and body limit of every route but infer (which has its own, in its admission).
         self.request_timeout_s = request_timeout_s
         self.max_other_body_bytes = max_other_body_bytes
@@ -137,7 +141,13 @@ class Front:
         except Exception as exc:  # a bug, not a client's mistake: logged with its traceback, no details out
             log.error("%s %s: unexpected error", method, path, exc_info=exc)
             return await _send(send, 500, _JSON_HEADERS, INTERNAL_ERROR, rid)
-        return await _send(send, 200, response_headers(encoded), encoded.parts, rid)
+        # Held until the last byte is handed to the transport: unread responses are bounded in bytes.
+        reservation = nullcontext() if self.responses is None else self.responses.reserve(encoded.length)
+        try:
+            with reservation:
+                return await _send(send, 200, response_headers(encoded), encoded.parts, rid)
+        except Overloaded as exc:  # only from the reservation, before anything was sent
+            return await self._send_error(send, exc, method, path, rid)
 
     @staticmethod
     async def _send_error(send: Send, exc: ServiceError, method: str, path: str, rid: str) -> int:
@@ -155,15 +165,17 @@ async def _send(
 ) -> int:
     """Send a whole response: `headers` plus Content-Length and X-Request-ID; returns `status`.
 
-    A body given in parts goes out one `http.response.body` message per part: binary outputs are written
-    from their arrays' memory instead of being copied into one `bytes` first.
+    A body given in parts goes out in `http.response.body` messages of at most a slice each: binary outputs
+    are written from their arrays' memory instead of being copied into one `bytes` first.
     """
     parts = (body,) if isinstance(body, bytes) else body
     length = sum(len(part) for part in parts)
     headers = [*headers, (b"content-length", str(length).encode()), (b"x-request-id", rid.encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    last = len(parts) - 1
-    for index, part in enumerate(parts):
+    # In slices: the transport holds about one at a time (service.responses).
+    slices = list(body_slices(parts))
+    last = len(slices) - 1
+    for index, part in enumerate(slices):
         await send({"type": "http.response.body", "body": part, "more_body": index < last})
     return status
 

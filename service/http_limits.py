@@ -10,6 +10,11 @@ without reading the rest:
 - 431 past `max_header_bytes` (request line and headers together, as received) or `max_header_count`;
 - 408 when the head is not complete `head_timeout_s` after its first byte.
 
+It also cuts off a client that stops reading its response: when the transport's write buffer stays above
+its high-water mark (asyncio pauses writing) for `send_timeout_s`, the connection is aborted, which frees
+the buffer and ends the handler's wait to send (`service.responses` sends bodies in slices, so what waits
+in memory meanwhile is counted in the response budget).
+
 The ASGI app, authentication included, sees only requests within the limits. The raw count is checked
 before each chunk the socket delivers is parsed, so at most one chunk (asyncio reads 256 KiB at a time)
 past the limit is ever parsed.
@@ -48,11 +53,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_header_count: int = DEFAULT_MAX_HEADER_COUNT,
         head_timeout_s: float = 30.0,
+        send_timeout_s: float = 30.0,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.max_header_bytes = max_header_bytes
         self.max_header_count = max_header_count
         self.head_timeout_s = head_timeout_s
+        self.send_timeout_s = send_timeout_s
+        self._send_timer: asyncio.TimerHandle | None = None
         self._in_head = True
         self._head_bytes = 0  # bytes received since the head began (may include the first body bytes)
         self._parsed_bytes = 0  # bytes of the request line and headers parsed so far
@@ -92,7 +100,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        self.logger.info(
+            "closing a connection whose client read nothing for %gs (send_timeout_s)", self.send_timeout_s
+        )
+        self.transport.abort()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn answers any parser error here, the one our callbacks raise included: send ours instead.
@@ -142,7 +172,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def bounded_protocol(
-    max_header_bytes: int, max_header_count: int, head_timeout_s: float
+    max_header_bytes: int, max_header_count: int, head_timeout_s: float, send_timeout_s: float
 ) -> functools.partial[BoundedHttpToolsProtocol]:
     """The protocol factory for uvicorn's `http` setting (a partial: picklable for worker processes)."""
     return functools.partial(
@@ -150,4 +180,5 @@ def bounded_protocol(
         max_header_bytes=max_header_bytes,
         max_header_count=max_header_count,
         head_timeout_s=head_timeout_s,
+        send_timeout_s=send_timeout_s,
     )
