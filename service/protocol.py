@@ -15,8 +15,9 @@ Parameters = dict[str, Any]
 # numpy 1 arrays hold at most 32 dimensions (numpy 2: 64); no served model needs more, and a rank past what
 # numpy can build must be the client's mistake (400), never numpy's ValueError (500).
 MAX_RANK = 32
-# A dimension is a JSON integer: strict, so `true`, `"64"` and `64.0` are refused rather than coerced.
-Dimension = Annotated[int, Field(strict=True, ge=0)]
+# A dimension is a JSON integer: strict, so `true`, `"64"` and `64.0` are refused rather than coerced
+# (negative ones are refused by the codec, with a message that says so).
+Dimension = Annotated[int, Field(strict=True)]
 
 
 class _Message(BaseModel):

@@ -198,7 +198,7 @@ _JSON_KINDS: dict[str, st.SearchStrategy[Any]] = {
     "float": st.floats(allow_nan=False, allow_infinity=False),
     "str": st.text(max_size=8),
     "list": st.lists(st.integers(0, 3), max_size=3),
-    "object": st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    "object": st.dictionaries(st.text(max_size=4), st.integers(-10, 10), max_size=2),
 }
 # Each field of a valid request to the served model, as a path into the document, with the JSON kinds the
 # protocol accepts there; any other kind must be refused with 400.
