@@ -1,11 +1,14 @@
 """Admission control: a bounded number of inference requests at once, and a deadline for each.
 
-A request holds one place from its arrival until it is answered, so the requests reading, queued or
-running never exceed `inference_threads + max_queued_requests`, whatever the clients do. Past that,
-requests are refused at once with `Overloaded` (503 and `Retry-After`) instead of queueing without bound.
-Every request also has a deadline, `request_timeout_s` after its arrival (its body's reading included): past
-it the client gets `RequestTimeout` (504) and the place is given back; a run that has not started yet is
-skipped rather than computed for nobody, one already in a thread finishes there.
+A request's body arrives first, holding a place among the uploads (`max_uploading_requests`), not an
+inference place: a client that sends its body slowly (by accident or as slowloris) cannot keep others
+from being served. Once the body is in, the request takes one inference place until it is answered, so the
+requests queued or running never exceed `inference_threads + max_queued_requests`, whatever the clients do.
+Past either limit, requests are refused at once with `Overloaded` (503 and `Retry-After`) instead of
+queueing without bound. Every request also has one deadline, `request_timeout_s` after its arrival, which
+covers both stages (its body's reading included): past it the client gets `RequestTimeout` (504) and the
+place is given back; a run that has not started yet is skipped rather than computed for nobody, one
+already in a thread finishes there.
 """
 
 from __future__ import annotations
@@ -23,19 +26,24 @@ T = TypeVar("T")
 class AdmissionGate:
     """Counts admitted requests against `capacity`; used from the event loop's thread only."""
 
-    def __init__(self, capacity: int, retry_after_s: int = 1) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        retry_after_s: int = 1,
+        what: str = "requests running or queued: inference_threads + max_queued_requests",
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be at least 1, got {capacity}")
         self.capacity = capacity
         self.retry_after_s = retry_after_s
+        self.what = what
         self.admitted = 0
 
     def enter(self) -> None:
         """Take a place; raises `Overloaded` when all `capacity` places are taken."""
         if self.admitted >= self.capacity:
             raise Overloaded(
-                f"the server is at capacity ({self.capacity} requests running or queued: inference_threads "
-                f"+ max_queued_requests); retry after {self.retry_after_s}s",
+                f"the server is at capacity ({self.capacity} {self.what}); retry after {self.retry_after_s}s",
                 retry_after_s=self.retry_after_s,
             )
         self.admitted += 1
@@ -91,24 +99,33 @@ class Admission:
     a batch is skipped by the batcher, its future being cancelled.
     """
 
-    def __init__(self, gate: AdmissionGate, timeout_s: float) -> None:
+    def __init__(self, gate: AdmissionGate, timeout_s: float, uploads: AdmissionGate | None = None) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         self.gate = gate
         self.timeout_s = timeout_s
+        self.uploads = uploads
 
-    def admit(self) -> Admitted:
-        """The context of one request: enter it from the task that serves the request."""
-        return Admitted(self)
+    def admit(self, arrived_at: float | None = None) -> Admitted:
+        """The context of one request: enter it from the task that serves the request. Its deadline is
+        `timeout_s` after `arrived_at` (the event loop's clock), or after entering when None."""
+        return Admitted(self, self.gate, arrived_at)
+
+    def receiving(self, arrived_at: float) -> Admitted:
+        """The context of reading one request's body: a place among the uploads (none when there is no
+        `uploads` gate) and the same deadline as `admit(arrived_at)`."""
+        return Admitted(self, self.uploads, arrived_at)
 
 
 class Admitted:
     """One request's place and deadline; see `Admission`."""
 
-    __slots__ = ("_admission", "_expired", "_task", "_timer")
+    __slots__ = ("_admission", "_arrived_at", "_expired", "_gate", "_task", "_timer")
 
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, gate: AdmissionGate | None, arrived_at: float | None) -> None:
         self._admission = admission
+        self._gate = gate
+        self._arrived_at = arrived_at
         self._expired = False
         self._task: asyncio.Task[object] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -117,9 +134,12 @@ class Admitted:
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("admission is taken inside a task on a running event loop")
-        self._admission.gate.enter()
+        loop = asyncio.get_running_loop()
+        start = loop.time() if self._arrived_at is None else self._arrived_at
+        if self._gate is not None:
+            self._gate.enter()
         self._task = task
-        self._timer = asyncio.get_running_loop().call_later(self._admission.timeout_s, self._expire)
+        self._timer = loop.call_at(start + self._admission.timeout_s, self._expire)
         return self
 
     def _expire(self) -> None:
@@ -130,7 +150,8 @@ class Admitted:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._admission.gate.leave()
+        if self._gate is not None:
+            self._gate.leave()
         if not self._expired or self._task is None:
             return
         # Our own cancellation becomes the 504; one from elsewhere (shutdown, a caller's timeout) stays one.

@@ -43,6 +43,7 @@ from service.observability import Observability
 from service.offload import offload
 from service.protocol import ServerMetadata
 from service.repository import ModelRepository, ModelState
+from service.responses import ResponseBudget
 from service.runtime import resolve_providers
 from service.settings import Settings
 
@@ -76,6 +77,7 @@ def build_core(settings: Settings, observability: Observability | None = None) -
         observability=observability,
         default_policy=BatchPolicy(settings.max_batch_size, settings.max_batch_delay_us),
         verify_budget_s=settings.verify_budget_s,
+        follow_symlinks=settings.follow_symlinks,
     )
 
 
@@ -96,7 +98,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Places for the runs in the pool plus those queued behind them; past that, 503 with Retry-After.
     gate = AdmissionGate(settings.resolved_inference_threads() + settings.max_queued_requests)
 
-    admission = Admission(gate, settings.request_timeout_s)
+    uploads = AdmissionGate(settings.max_uploading_requests, what="requests still sending their body")
+    admission = Admission(gate, settings.request_timeout_s, uploads)
     route = InferRoute(core, batcher, executor, observability, admission, settings.max_request_bytes)
     grpc_server = None
     if settings.grpc_port:
@@ -131,7 +134,15 @@ def create_app(settings: Settings) -> FastAPI:
             executor.shutdown(wait=True)
 
     app = ServingApp(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.front = Front(app.framework, route=route, authenticator=authenticator, metrics=observability.metrics)
+    app.front = Front(
+        app.framework,
+        route=route,
+        authenticator=authenticator,
+        metrics=observability.metrics,
+        request_timeout_s=settings.request_timeout_s,
+        max_other_body_bytes=REPOSITORY_BODY_LIMIT,
+        responses=ResponseBudget(settings.max_pending_response_bytes, observability.metrics.registry),
+    )
     app.openapi = lambda: _openapi_with_infer(app)  # type: ignore[method-assign]
     app.state.lifecycle = lifecycle
     app.state.core = core

@@ -51,6 +51,7 @@ from service.errors import ModelLoadError, ServiceError
 from service.log import batch_request_ids, request_id
 from service.offload import offload
 from service.repository import ModelVersion
+from service.symlinks import check_inside
 
 if TYPE_CHECKING:
     from service.inference import InferenceCore, InferResponse, PreparedRequest
@@ -95,17 +96,26 @@ def model_directory(entry: ModelVersion) -> Path | None:
     return entry.model_directory
 
 
-def read_policy(model_dir: Path | None, default: BatchPolicy, name: str | None = None) -> BatchPolicy:
+def read_policy(
+    model_dir: Path | None,
+    default: BatchPolicy,
+    name: str | None = None,
+    *,
+    follow_symlinks: bool = False,
+) -> BatchPolicy:
     """The policy of the model in `model_dir` (named `name`): `default` overridden by its `config.json`.
 
     Read once, when the model loads. Raises `ModelLoadError` for a file that is not a JSON object of known,
     valid keys: a typo must not silently leave batching at the server's default. The message names the
-    model's `config.json`, never its path on the server.
+    model's `config.json`, never its path on the server, and never quotes the file: it may be a link to a
+    file that is not the operator's to show (`service.symlinks`).
     """
     if model_dir is None:
         return default
     path = model_dir / CONFIG_FILE
     what = f"{name or model_dir.name}/{CONFIG_FILE}"
+    if path.is_symlink() or path.exists():
+        check_inside(path, model_dir.parent, follow_symlinks=follow_symlinks)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -119,14 +129,14 @@ def read_policy(model_dir: Path | None, default: BatchPolicy, name: str | None =
         raise ModelLoadError(f"{what} is not valid JSON: {exc}") from None
     known = ("max_batch_size", "max_batch_delay_us")
     if not isinstance(document, dict) or set(document) - set(known):
-        raise ModelLoadError(
-            f"{what} must be a JSON object with keys among {', '.join(known)}, got {text.strip()[:200]!r}"
-        )
+        raise ModelLoadError(f"{what} must be a JSON object with keys among {', '.join(known)}")
     values = {key: document.get(key, getattr(default, key)) for key in known}
     try:
         return BatchPolicy(**values)
-    except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{what}: {exc}") from None
+    except (TypeError, ValueError):
+        raise ModelLoadError(
+            f"{what}: max_batch_size must be an integer of at least 1, max_batch_delay_us one of at least 0"
+        ) from None
 
 
 def merge_key(prepared: PreparedRequest) -> Hashable | None:

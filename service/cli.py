@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
 from pydantic import ValidationError
@@ -17,6 +18,7 @@ from bn_export import __version__
 from service.app import create_app
 from service.codec import describe
 from service.errors import ServiceError
+from service.http_limits import bounded_protocol
 from service.log import configure_logging
 from service.runtime import resolve_providers
 from service.settings import Settings
@@ -104,6 +106,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # access records, with the request id, so uvicorn's are off.
         "log_config": None,
         "access_log": False,
+        # httptools, as uvicorn[standard] would pick, with the head's size, count and deadline bounded.
+        "http": cast(
+            "type[asyncio.Protocol]",
+            bounded_protocol(
+                settings.max_header_bytes,
+                settings.max_header_count,
+                head_timeout_s=settings.request_timeout_s,
+                send_timeout_s=settings.send_timeout_s,
+            ),
+        ),
     }
     # uvicorn shuts down gracefully on SIGTERM, then re-raises the signal to the handler found at start; a
     # no-op handler there makes the end of a graceful shutdown exit 0, as orchestrators expect.

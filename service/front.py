@@ -19,18 +19,21 @@ from __future__ import annotations
 import logging
 import re
 import time
+from contextlib import nullcontext
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.auth import Authenticator
-from service.errors import ServiceError
+from service.errors import Overloaded, ServiceError
 from service.http_errors import INTERNAL_ERROR, error_answer, error_body
 from service.http_request import header, request_headers
 from service.infer_route import InferRoute, response_headers
+from service.limits import declared_body_too_large, guarded
 from service.log import RequestIds, request_id, write_access_record
 from service.metrics import ServiceMetrics
+from service.responses import ResponseBudget, body_slices
 
 log = logging.getLogger("bn_serve")
 
@@ -44,9 +47,21 @@ class Front:
     `ServingApp`, which puts it in place."""
 
     def __init__(
-        self, app: ASGIApp, *, route: InferRoute, authenticator: Authenticator, metrics: ServiceMetrics
+        self,
+        app: ASGIApp,
+        *,
+        route: InferRoute,
+        authenticator: Authenticator,
+        metrics: ServiceMetrics,
+        request_timeout_s: float | None = None,
+        max_other_body_bytes: int = 64 * 1024,
+        responses: ResponseBudget | None = None,
     ) -> None:
         self.app = app
+        self.responses = responses
+        # The deadline and body limit of every route but infer (which has its own, in its admission).
+        self.request_timeout_s = request_timeout_s
+        self.max_other_body_bytes = max_other_body_bytes
         self.route = route
         self.authenticator = authenticator
         self.metrics = metrics
@@ -73,23 +88,38 @@ class Front:
             match = INFER_PATH.fullmatch(_route_path(scope) if scope.get("root_path") else path)
             if match is not None:
                 if method == "POST":
-                    status = await self._infer(match[1], match[2], headers, receive, send, method, path, rid)
+                    status = await guarded(
+                        lambda out: self._infer(match[1], match[2], headers, receive, out, method, path, rid),
+                        send,
+                        rid,
+                    )
                 else:
                     body = error_body(f"{method} {path}: Method Not Allowed")
                     status = await _send(send, 405, [*_JSON_HEADERS, (b"allow", b"POST")], body, rid)
                 return
+            too_large = declared_body_too_large(headers, self.max_other_body_bytes)
+            if too_large is not None:
+                status = await self._send_error(send, too_large, method, path, rid)
+                return
 
             rid_header = (b"x-request-id", rid.encode())
 
-            async def send_with_id(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                    kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-                    message = {**message, "headers": [*kept, rid_header]}
-                await send(message)
+            def with_id(out: Send) -> Send:
+                async def send_with_id(message: Message) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                        kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                        message = {**message, "headers": [*kept, rid_header]}
+                    await out(message)
 
-            await self.app(scope, receive, send_with_id)
+                return send_with_id
+
+            answered = await guarded(
+                lambda out: self.app(scope, receive, with_id(out)), send, rid, self.request_timeout_s
+            )
+            if answered is not None:
+                status = answered
         finally:
             write_access_record(method, path, status, time.perf_counter() - started, rid)
             request_id.reset(token)
@@ -115,7 +145,13 @@ class Front:
         except Exception as exc:  # a bug, not a client's mistake: logged with its traceback, no details out
             log.error("%s %s: unexpected error", method, path, exc_info=exc)
             return await _send(send, 500, _JSON_HEADERS, INTERNAL_ERROR, rid)
-        return await _send(send, 200, response_headers(encoded), encoded.parts, rid)
+        # Held until the last byte is handed to the transport: unread responses are bounded in bytes.
+        reservation = nullcontext() if self.responses is None else self.responses.reserve(encoded.length)
+        try:
+            with reservation:
+                return await _send(send, 200, response_headers(encoded), encoded.parts, rid)
+        except Overloaded as exc:  # only from the reservation, before anything was sent
+            return await self._send_error(send, exc, method, path, rid)
 
     @staticmethod
     async def _send_error(send: Send, exc: ServiceError, method: str, path: str, rid: str) -> int:
@@ -133,15 +169,17 @@ async def _send(
 ) -> int:
     """Send a whole response: `headers` plus Content-Length and X-Request-ID; returns `status`.
 
-    A body given in parts goes out one `http.response.body` message per part: binary outputs are written
-    from their arrays' memory instead of being copied into one `bytes` first.
+    A body given in parts goes out in `http.response.body` messages of at most a slice each: binary outputs
+    are written from their arrays' memory instead of being copied into one `bytes` first.
     """
     parts = (body,) if isinstance(body, bytes) else body
     length = sum(len(part) for part in parts)
     headers = [*headers, (b"content-length", str(length).encode()), (b"x-request-id", rid.encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    last = len(parts) - 1
-    for index, part in enumerate(parts):
+    # In slices: the transport holds about one at a time (service.responses).
+    slices = list(body_slices(parts))
+    last = len(slices) - 1
+    for index, part in enumerate(slices):
         await send({"type": "http.response.body", "body": part, "more_body": index < last})
     return status
 

@@ -6,6 +6,7 @@ requests the same way, without building a framework `Request` on the hot path.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,6 +23,7 @@ _HEADER_LENGTH = HEADER_LENGTH.encode()
 TENSOR_ALIGNMENT = 64
 
 Headers = Mapping[bytes, bytes]
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 def request_headers(scope: Scope) -> dict[bytes, bytes]:
@@ -44,7 +46,7 @@ def framing(headers: Headers) -> int | None:
     encoding = (header(headers, b"content-encoding") or "identity").strip().lower()
     if encoding != "identity":
         raise UnsupportedMediaType(
-            f"Content-Encoding {encoding!r} is not supported; send the body uncompressed"
+            f"Content-Encoding {_shown(encoding)} is not supported; send the body uncompressed"
         )
     media_type = (header(headers, b"content-type") or "").split(";")[0].strip().lower()
     raw_length = header(headers, _HEADER_LENGTH)
@@ -54,18 +56,31 @@ def framing(headers: Headers) -> int | None:
         if media_type == OCTET_STREAM:
             raise InvalidInput(f"a {OCTET_STREAM} body needs the Inference-Header-Content-Length header")
         raise UnsupportedMediaType(
-            f"Content-Type {media_type!r} is not supported; send {JSON} or {OCTET_STREAM}"
+            f"Content-Type {_shown(media_type)} is not supported; send {JSON} or {OCTET_STREAM}"
         )
     if media_type not in ("", OCTET_STREAM):
         raise UnsupportedMediaType(
-            f"Content-Type {media_type!r} with Inference-Header-Content-Length: "
+            f"Content-Type {_shown(media_type)} with Inference-Header-Content-Length: "
             f"a binary body is {OCTET_STREAM}"
         )
-    if not raw_length.strip().isdigit():
-        raise InvalidInput(
-            f"Inference-Header-Content-Length must be a non-negative integer, got {raw_length!r}"
-        )
-    return int(raw_length)
+    return _decimal(raw_length, "Inference-Header-Content-Length")
+
+
+def _shown(value: str, limit: int = 64) -> str:
+    """A header value as quoted in an answer: ASCII-escaped and cut at `limit` characters."""
+    return ascii(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+def _decimal(value: str, name: str) -> int:
+    """Header `name`'s `value` as a non-negative integer of ASCII digits; raises `InvalidInput`.
+
+    `str.isdigit` would take Unicode digits (`"²"`, `"٣"`) that `int` then refuses. The value is never
+    repeated in the message: header values stay out of answers and logs.
+    """
+    digits = value.strip(" \t")
+    if not _DIGITS.fullmatch(digits):
+        raise InvalidInput(f"{name} must be a non-negative integer of at most 20 ASCII digits")
+    return int(digits)
 
 
 async def read_body(
@@ -82,9 +97,7 @@ async def read_body(
     declared = header(headers, b"content-length")
     length = None
     if declared is not None:
-        if not declared.strip().isdigit():
-            raise InvalidInput(f"Content-Length must be a non-negative integer, got {declared!r}")
-        length = int(declared)
+        length = _decimal(declared, "Content-Length")
         if length > limit:
             raise PayloadTooLarge(f"the body has {length} bytes, the limit is {limit} (max_request_bytes)")
     message = await receive()

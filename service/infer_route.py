@@ -68,12 +68,17 @@ class InferRoute:
         task was cancelled, counts as 499 (nginx's "client closed request").
         """
         started = time.perf_counter()
+        arrived_at = asyncio.get_running_loop().time()
         status = 500
         in_flight = self._metrics.in_flight
         in_flight.inc()
         try:
-            with self._admission.admit():
-                encoded = await self._answer(model_name, model_version, headers, receive)
+            header_length = framing(headers)
+            # The body arrives holding an upload place, not an inference place (see service.admission).
+            with self._admission.receiving(arrived_at):
+                body = await read_body(receive, headers, self._max_request_bytes, align_at=header_length)
+            with self._admission.admit(arrived_at):
+                encoded = await self._answer(model_name, model_version, header_length, body)
             status = 200
             return encoded
         except ServiceError as exc:
@@ -88,10 +93,8 @@ class InferRoute:
             self._metrics.observe_request(model, version, status, time.perf_counter() - started)
 
     async def _answer(
-        self, model_name: str, model_version: str | None, headers: Headers, receive: Receive
+        self, model_name: str, model_version: str | None, header_length: int | None, body: bytes | memoryview
     ) -> codec.EncodedResponse:
-        header_length = framing(headers)
-        body = await read_body(receive, headers, self._max_request_bytes, align_at=header_length)
 
         def prepare() -> tuple[PreparedRequest, codec.ResponseFormat]:
             decoded, fmt = codec.decode_request(body, header_length)

@@ -93,8 +93,10 @@ class InferenceCore:
         max_request_elements: int | None = None,
         default_policy: BatchPolicy | None = None,
         verify_budget_s: float | None = None,
+        follow_symlinks: bool = False,
     ) -> None:
         self.repository = repository
+        self.follow_symlinks = follow_symlinks
         self.max_request_elements = max_request_elements
         self.providers = list(providers)
         self.intra_op_threads = intra_op_threads
@@ -106,6 +108,7 @@ class InferenceCore:
             warmup=warmup,
             default_policy=default_policy or BatchPolicy(),
             verify_budget_s=verify_budget_s,
+            follow_symlinks=follow_symlinks,
             observability=observability,
         )
         self._loaded = threading.Event()

@@ -22,6 +22,7 @@ from service.datatypes import numpy_dtype
 from service.errors import ModelLoadError
 from service.observability import DriftWatch, Observability
 from service.runtime import Session
+from service.symlinks import check_inside
 from service.verification import parse_model, verify_frozen
 
 log = logging.getLogger("bn_serve")
@@ -37,6 +38,7 @@ class LoadOptions:
     warmup: bool = True
     default_policy: BatchPolicy = field(default_factory=BatchPolicy)
     verify_budget_s: float | None = None
+    follow_symlinks: bool = False
     observability: Observability | None = None
 
 
@@ -68,6 +70,10 @@ def load_model(
     it, it fails the frozen-statistics checks, its `config.json` is invalid, or its warm-up run fails.
     """
     what = f"model {name!r} version {version}"
+    # A repository's files are read only where they resolve inside it (`service.symlinks`).
+    check_inside(
+        path, None if model_dir is None else model_dir.parent, follow_symlinks=options.follow_symlinks
+    )
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -75,7 +81,10 @@ def load_model(
     proto = parse_model(data, what)
     session = Session(path, options.providers, options.intra_op_threads, data=data)
     verification = verify_frozen(proto, session.providers, what, budget_s=options.verify_budget_s)
-    policy, batching_note = exact_policy(read_policy(model_dir, options.default_policy, name), verification)
+    policy, batching_note = exact_policy(
+        read_policy(model_dir, options.default_policy, name, follow_symlinks=options.follow_symlinks),
+        verification,
+    )
     if batching_note is not None:
         log.warning("%s: %s", what, batching_note)
     if options.warmup:

@@ -79,6 +79,26 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         default=128, ge=0, description="requests waiting for an inference slot; 503 + Retry-After beyond"
     )
+    max_uploading_requests: int = Field(
+        default=512,
+        ge=1,
+        description="requests whose body is still arriving (they hold no inference place); 503 beyond",
+    )
+    max_pending_response_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="response bytes encoded and not yet taken by slow clients, all together; 503 beyond",
+    )
+    send_timeout_s: float = Field(
+        default=30.0, gt=0, description="longest a client may leave its response unread; closed beyond"
+    )
+    follow_symlinks: bool = Field(
+        default=False, description="read repository files whose symbolic links lead outside the repository"
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=1024, description="request line and headers together; 431 beyond, unread"
+    )
+    max_header_count: int = Field(default=100, ge=1, description="headers per request; 431 beyond")
     # Secrets come from the environment or a file only: a command-line flag would show in `ps`.
     api_key: str | None = Field(default=None, repr=False)
     api_keys_file: Path | None = None

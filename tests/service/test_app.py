@@ -461,6 +461,7 @@ def test_a_server_whose_only_model_is_refused_is_not_ready_and_says_why(reposito
         device="cpu",
         intra_op_threads=1,
         inference_threads=1,
+        grpc_port=0,
     )
     server = InProcess(create_app(settings))
     try:

@@ -187,3 +187,91 @@ def _is_live(server: Server) -> bool:
     import httpx
 
     return httpx.get(f"{server.url}/v2/health/live", timeout=10).status_code == 200
+
+
+# --- wrong JSON types, field by field, against a real process ---------------------------------------------
+
+_JSON_KINDS: dict[str, st.SearchStrategy[Any]] = {
+    "null": st.none(),
+    "bool": st.booleans(),
+    "int": st.integers(-(2**63), 2**63 - 1),
+    "float": st.floats(allow_nan=False, allow_infinity=False),
+    "str": st.text(max_size=8),
+    "list": st.lists(st.integers(0, 3), max_size=3),
+    "object": st.dictionaries(st.text(max_size=4), st.integers(-10, 10), max_size=2),
+}
+# Each field of a valid request to the served model, as a path into the document, with the JSON kinds the
+# protocol accepts there; any other kind must be refused with 400.
+_FIELD_KINDS: list[tuple[tuple[str | int, ...], set[str]]] = [
+    (("id",), {"str", "null"}),
+    (("parameters",), {"object", "null"}),
+    (("parameters", "binary_data_output"), {"bool", "null"}),
+    (("inputs",), {"list"}),
+    (("inputs", 0), {"object"}),
+    (("inputs", 0, "name"), {"str"}),
+    (("inputs", 0, "shape"), {"list"}),
+    (("inputs", 0, "shape", 0), {"int"}),
+    (("inputs", 0, "shape", 1), {"int"}),
+    (("inputs", 0, "datatype"), {"str"}),
+    (("inputs", 0, "parameters"), {"object", "null"}),
+    (("inputs", 0, "parameters", "binary_data_size"), {"int", "null"}),
+    (("inputs", 0, "data"), {"list"}),
+    (("inputs", 0, "data", 0), {"int", "float"}),
+    (("inputs", 0, "data", 7), {"int", "float"}),
+    (("outputs",), {"list", "null"}),
+    (("outputs", 0), {"object"}),
+    (("outputs", 0, "name"), {"str"}),
+    (("outputs", 0, "parameters"), {"object", "null"}),
+    (("outputs", 0, "parameters", "binary_data"), {"bool", "null"}),
+]
+
+
+def _valid_request() -> dict[str, Any]:
+    return {
+        "id": "r",
+        "parameters": {"binary_data_output": False},
+        "inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP32", "parameters": {},
+                    "data": [0.5, 1, 2, 3, 4, 5, 6, 7]}],
+        "outputs": [{"name": "output", "parameters": {"binary_data": False}}],
+    }  # fmt: skip
+
+
+@st.composite
+def wrongly_typed_requests(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A valid request with one field replaced by a JSON value of a kind the protocol refuses there."""
+    path, allowed = draw(st.sampled_from(_FIELD_KINDS))
+    kind = draw(st.sampled_from(sorted(set(_JSON_KINDS) - allowed)))
+    value = draw(_JSON_KINDS[kind])
+    document = _valid_request()
+    parent: Any = document
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[path[-1]] = value
+    return f"{'.'.join(map(str, path))} = {kind} {value!r}", orjson.dumps(document)
+
+
+def test_the_valid_request_behind_the_wrong_type_cases_is_answered(fuzzed_server: Server) -> None:
+    import httpx
+
+    response = httpx.post(
+        f"{fuzzed_server.url}/v2/models/frozen/infer", content=orjson.dumps(_valid_request()), timeout=30
+    )
+    assert response.status_code == 200, response.text
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=wrongly_typed_requests())
+def test_a_wrong_json_type_in_any_field_is_refused_with_400(
+    fuzzed_server: Server, case: tuple[str, bytes]
+) -> None:
+    import httpx
+
+    what, body = case
+    response = httpx.post(
+        f"{fuzzed_server.url}/v2/models/frozen/infer",
+        content=body,
+        headers={"Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400, (what, response.status_code, response.text[:300])
+    assert _is_v2_error_body(response), (what, response.text[:300])

@@ -62,30 +62,43 @@ def test_a_request_past_its_deadline_gets_504_with_the_reason(serve_in_process: 
         server.close()
 
 
-def test_a_full_queue_answers_503_with_retry_after_and_recovers(serve_in_process: Any) -> None:
-    # One inference thread and no queue: one request admitted at a time.
+def _held_and_other(server: Any, payload: bytes) -> tuple[Any, Any]:
+    """A request whose body stalls until another request (sent meanwhile) is answered: both answers."""
+
+    async def scenario() -> tuple[Any, Any]:
+        release = asyncio.Event()
+        held = asyncio.ensure_future(
+            server._client.post(
+                INFER, content=_stalled_body(release, payload), headers={"Content-Type": "application/json"}
+            )
+        )
+        await asyncio.sleep(0.2)  # the first request waits for the rest of its body
+        other = await server._client.post(INFER, json=body(1))
+        release.set()
+        return other, await held
+
+    result: tuple[Any, Any] = server._call(scenario())
+    return result
+
+
+def test_a_body_still_arriving_holds_no_inference_place(serve_in_process: Any) -> None:
+    # One inference thread and no queue: one request admitted at a time; the stalled one is not admitted.
     server = serve_in_process(inference_threads=1, max_queued_requests=0)
     try:
-        payload = orjson.dumps(body(1))
+        other, held = _held_and_other(server, orjson.dumps(body(1)))
+        assert other.status_code == 200, other.text
+        assert held.status_code == 200
+    finally:
+        server.close()
 
-        async def scenario() -> tuple[Any, Any]:
-            release = asyncio.Event()
-            held = asyncio.ensure_future(
-                server._client.post(
-                    INFER,
-                    content=_stalled_body(release, payload),
-                    headers={"Content-Type": "application/json"},
-                )
-            )
-            await asyncio.sleep(0.2)  # the first request has its place and waits for the rest of its body
-            refused = await server._client.post(INFER, json=body(1))
-            release.set()
-            return refused, await held
 
-        refused, held = server._call(scenario())
+def test_full_uploads_answer_503_with_retry_after_and_recover(serve_in_process: Any) -> None:
+    server = serve_in_process(max_uploading_requests=1)
+    try:
+        refused, held = _held_and_other(server, orjson.dumps(body(1)))
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == "1"
-        assert "max_queued_requests" in refused.json()["error"]
+        assert "still sending their body" in refused.json()["error"]
         assert held.status_code == 200
         assert server.post(INFER, json=body(1)).status_code == 200  # the place was given back
     finally:

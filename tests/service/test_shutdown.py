@@ -114,3 +114,34 @@ def test_a_request_that_never_finishes_does_not_hold_shutdown_past_the_grace_per
         code = stop_server(server)
     assert elapsed < 6, elapsed
     assert code == 0
+
+
+@pytest.mark.parametrize("route", ["/v2/models/frozen/infer", "/v2/repository/index"])
+def test_a_request_cut_short_by_shutdown_is_answered_503_with_a_v2_body(repository: Any, route: str) -> None:
+    server = start_server(
+        "--model-repository", str(repository.root), "--device", "cpu",
+        env={"BN_SERVE_GRACEFUL_SHUTDOWN_S": "1", "BN_SERVE_REQUEST_TIMEOUT_S": "60"},
+    )  # fmt: skip
+    try:
+        host, port = server.host_port.split(":")
+        hung = socket.create_connection((host, int(port)), timeout=30)
+        head = (
+            f"POST {route} HTTP/1.1\r\nHost: {server.host_port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(PAYLOAD)}\r\n\r\n"
+        )
+        hung.sendall(head.encode() + PAYLOAD[:10])  # the rest never comes
+        time.sleep(0.3)
+        server.process.terminate()
+        response = b""
+        with hung:
+            while chunk := hung.recv(65536):
+                response += chunk
+        server.process.wait(20)
+        output = server.output()
+    finally:
+        stop_server(server)
+    head_bytes, _, body = response.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 503"), response[:300]
+    assert b"application/json" in head_bytes
+    assert set(orjson.loads(body)) == {"error"}
+    assert "Traceback" not in output

@@ -17,6 +17,8 @@ def test_a_short_soak_has_no_unexpected_status_and_no_runaway_memory() -> None:
     assert report.unexpected == {}
     assert report.transport_errors == {}
     assert {"200", "400", "404", "405"} <= set(report.statuses)
+    # Slow senders and slow readers ran beside the mix and got complete 200 answers.
+    assert {"slow_sender:200", "slow_reader:200"} <= set(report.slow_requests), report.table()
     assert report.rss_growth is not None
     assert report.rss_growth < 0.25, report.table()  # the 10-minute figure (README) is the real target
 
