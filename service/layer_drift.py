@@ -10,8 +10,10 @@ path. Each layer has its own `DriftMonitor` on channel axis 1 (ONNX's BatchNorma
 axis 1 of its input), so the figures per layer and per channel are those of the input drift
 (`service.drift`), and the model's alert names the layer and the channel that moved most.
 
-The probe runs with one intra-op thread, on the worker's own thread, so that the CPU it takes is what the
-worker's `time.thread_time` measures and charges to the drift budget.
+The probe runs on the model's providers (TF32 off on CUDA, as every session), with one intra-op thread,
+on the worker's own thread, so that the CPU it takes is what the worker's `time.thread_time` measures and
+charges to the drift budget. It holds its own copy of the weights up to the last BN layer: a network
+watched at its layers takes up to twice its weights' memory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import onnxruntime as ort
 from numpy.typing import NDArray
 
 from bn_export.moments import Moments
+from bn_export.providers import exact_providers
 from service.drift import DriftMonitor, DriftSnapshot
 
 log = logging.getLogger("bn_serve")
@@ -60,7 +63,7 @@ class LayerProbe:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         self._session = ort.InferenceSession(
-            probe.SerializeToString(), sess_options=options, providers=list(providers)
+            probe.SerializeToString(), sess_options=options, providers=exact_providers(providers)
         )
         self.input_names = [node.name for node in self._session.get_inputs()]
         # Requests can be stacked into one run only when every input takes any number of rows.

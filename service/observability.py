@@ -1,9 +1,15 @@
 """What the server reports about itself: plain Prometheus metrics (`service.metrics`) and a drift sampler.
 
 `Observability` belongs to one app and holds no model state: each loaded model carries its own
-`DriftWatch` (built here at its load, with the model). The core hands each run's watched input to
-`sample(watch, array)`; after a swap commits, `swapped` retires the old watches and moves the gauges; the
-HTTP layer counts requests and serves `/metrics` and `/v2/models/{name}/stats` from it.
+`DriftWatch` (frozen-bn's one-layer graph, watched at its input) or `LayerDriftWatch` (any other network,
+watched at every BatchNormalization layer), built here at its load, with the model. The core hands each
+run's watched input to `sample(watch, array)`, or a network's feeds to `sample_layers(watch, feeds)`;
+after a swap commits, `swapped` retires the old watches and moves the gauges; the HTTP layer counts
+requests and serves `/metrics` and `/v2/models/{name}/stats` from it.
+
+A network's feeds are only queued on the request's path (O(1)); the worker runs its layer probe
+(`service.layer_drift`) on them, small requests of one shape stacked into one run, one run at a time with
+the GIL given up between runs, under the same CPU budget and byte bound as the input sums below.
 
 Drift stays off the request's critical path. A small input (at most `inline_values` values, e.g. one 1x64
 row) is summed where it is served: its per-channel float64 `Σ(x-k)`, `Σ(x-k)²` about the frozen mean `k`
