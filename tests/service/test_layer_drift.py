@@ -19,7 +19,7 @@ from bn_export.providers import CPU
 from bn_export.recalibrate import recalibrate
 from service.model import LoadedModel, LoadOptions, load_model
 from service.observability import Observability
-from tests.fixtures.make_networks import OUT
+from tests.fixtures.make_networks import NETWORKS, OUT, example_inputs
 
 MLP = OUT / "mlp_bn1d.onnx"
 
@@ -69,6 +69,35 @@ def test_each_layers_live_statistics_equal_the_reference_evaluators_over_served_
     first = body["layers"][0]
     np.testing.assert_array_equal(first["frozen_mean"], watch.layers[0].monitor.moving_mean)
     assert first["channel_axis"] == 1
+
+
+@pytest.mark.parametrize("name", ["resnet_bn", "two_inputs", "norms", "channels_last"])
+def test_every_fixture_networks_layers_are_watched_as_the_reference_evaluator_sees_them(name: str) -> None:
+    """Convolutional layers (N, C, H, W), several inputs (one of them integer), a BatchNorm after other
+    norms, a channels-last input transposed before its layer: each layer's live statistics over the served
+    samples equal the reference evaluator's, per channel over axis 1 and every spatial position."""
+    path = OUT / f"{name}.onnx"
+    observability = Observability(max_cpu_fraction=1.0)
+    watch = served(path, observability, name=name).layer_drift
+    assert watch is not None
+    runs = [example_inputs(NETWORKS[name], rows, seed=seed) for seed, rows in enumerate([1, 3, 2, 1, 4])]
+    for feeds in runs:
+        observability.sample_layers(watch, feeds)
+    observability.flush()
+    everything = {key: np.concatenate([feeds[key] for feeds in runs]) for key in runs[0]}
+    model = onnx.load(path)
+    values: dict[str, Any] = ReferenceEvaluator(model).run(None, everything, intermediate=True)  # type: ignore[assignment]
+    snapshots, _ = watch.summary()
+    assert [layer.layer for layer in watch.layers] == [layer.name for layer in find_batchnorm_layers(model)]
+    for layer, snapshot in zip(watch.layers, snapshots, strict=True):
+        reference = np.moveaxis(np.asarray(values[layer.input], dtype=np.float64), 1, -1)
+        reference = reference.reshape(-1, reference.shape[-1])
+        assert snapshot.samples == 11
+        assert snapshot.values == reference.shape[0]
+        assert snapshot.live_mean is not None
+        assert snapshot.live_var is not None
+        np.testing.assert_allclose(snapshot.live_mean, reference.mean(axis=0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(snapshot.live_var, reference.var(axis=0), rtol=1e-4, atol=1e-7)
 
 
 def calibrated(tmp_path: Path, data: NDArray[np.float32]) -> onnx.ModelProto:
