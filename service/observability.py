@@ -306,7 +306,10 @@ class Observability:
             )
         except InvalidInputError as exc:
             return None, f"no layer to watch: {exc}"
-        probe = LayerProbe(proto, [layer.input for layer in layers], providers)
+        try:
+            probe = LayerProbe(proto, [layer.input for layer in layers], providers)
+        except Exception as exc:  # onnxruntime's own errors: the model serves without layer figures
+            return None, f"the session exposing the layers' inputs could not be built: {exc}"
         return LayerDriftWatch(probe, layers, model, version), None
 
     def swapped(
