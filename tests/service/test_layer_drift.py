@@ -168,3 +168,19 @@ def test_single_layer_frozen_bn_graphs_keep_their_input_watch(tmp_path: Path) ->
     model = served(path, Observability(), name="frozen")
     assert model.drift is not None
     assert model.layer_drift is None
+
+
+def test_with_drift_off_no_probe_is_built_and_the_reason_says_so() -> None:
+    model = served(MLP, Observability(drift=False))
+    assert model.layer_drift is None
+    assert model.drift is None
+    assert model.drift_reason is not None
+    assert "BN_SERVE_DRIFT=false" in model.drift_reason
+
+
+def test_a_network_without_batchnorm_layers_is_not_watched_and_says_why() -> None:
+    model = served(OUT / "resnet_fused.onnx", Observability(), name="fused")
+    assert model.layer_drift is None
+    assert model.drift is None
+    assert model.drift_reason is not None
+    assert "no BatchNormalization node" in model.drift_reason
