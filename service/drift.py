@@ -128,7 +128,8 @@ class DriftMonitor:
     the figures cover between W and 2W of the latest samples and old traffic cannot mask new drift.
 
     The score is compared with `threshold` once at least `min_samples` samples stand behind it: crossing
-    it logs one warning, falling back to or below it logs one info line, and a later crossing warns again.
+    it logs one warning, falling back to or below it logs one info line, and a later crossing warns again
+    (unless `log_events` is False: a layer of a network, whose model logs for all its layers).
     """
 
     def __init__(
@@ -142,6 +143,7 @@ class DriftMonitor:
         threshold: float = DEFAULT_THRESHOLD,
         min_samples: int = DEFAULT_MIN_SAMPLES,
         window: int | None = None,
+        log_events: bool = True,
     ) -> None:
         mean = np.asarray(moving_mean, dtype=np.float64)
         var = np.asarray(moving_var, dtype=np.float64)
@@ -170,6 +172,8 @@ class DriftMonitor:
         self.threshold = float(threshold)
         self.min_samples = min_samples
         self.window = window
+        # Off for the monitors of a network's layers, whose model logs one alert for all of them.
+        self.log_events = log_events
         self._lock = threading.Lock()
         self._reset_locked()
 
@@ -229,6 +233,8 @@ class DriftMonitor:
                     self._previous, self._previous_samples = self._current, self._current_samples
                     self._current, self._current_samples = Moments.empty(self.num_channels), 0
             snapshot, event = self._snapshot_locked(check=samples > 0)
+        if not self.log_events:
+            return snapshot
         if event == "crossed":
             logger.warning(
                 "input drift on %s: score %.4g above threshold %.4g over %d samples "

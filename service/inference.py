@@ -254,6 +254,8 @@ class InferenceCore:
                 array = feeds.get(watch.input_name)
                 if array is not None:
                     observability.sample(watch, array, requests)
+            elif model.layer_drift is not None:
+                observability.sample_layers(model.layer_drift, feeds, requests)
         return results
 
     def _check_size(self, inputs: list[tuple[str, NDArray[Any]]]) -> None:

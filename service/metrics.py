@@ -20,7 +20,7 @@ the traffic. Two supported ways out:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -108,6 +108,7 @@ class MetricDefinition:
 
 _MODEL = ("model", "version")
 _DRIFT_OUTCOME = (*_MODEL, "outcome")
+_LAYER = (*_MODEL, "layer")
 METRICS: tuple[MetricDefinition, ...] = (
     MetricDefinition(
         "requests", Counter, "requests",
@@ -182,7 +183,35 @@ METRICS: tuple[MetricDefinition, ...] = (
         "drift_alerting", Gauge, "drift_alerting", "1 while the drift score is above its threshold, else 0.",
         _MODEL, multiprocess_mode="liveall", per_model=True,
     ),
+    # A network's BatchNormalization layers (label `layer`: node names read from the graph at load, so the
+    # series stay bounded); dropped with the version by `forget_layers`.
+    MetricDefinition(
+        "layer_drift_score", Gauge, "layer_drift_score",
+        "Drift score (as bn_serve_drift_score) of the input of one BatchNormalization layer of a network.",
+        _LAYER, multiprocess_mode="liveall",
+    ),
+    MetricDefinition(
+        "layer_drift_mean_shift", Gauge, "layer_drift_max_abs_mean_shift",
+        "Largest |live mean - moving mean| / sqrt(moving var + eps) over one layer's channels.",
+        _LAYER, multiprocess_mode="liveall",
+    ),
+    MetricDefinition(
+        "layer_drift_log_var_ratio", Gauge, "layer_drift_max_abs_log_var_ratio",
+        "Largest |log((live var + eps) / (moving var + eps))| over one layer's channels.",
+        _LAYER, multiprocess_mode="liveall",
+    ),
+    MetricDefinition(
+        "layer_drift_samples", Gauge, "layer_drift_samples",
+        "Served samples (rows) behind one layer's live drift statistics.",
+        _LAYER, multiprocess_mode="liveall",
+    ),
+    MetricDefinition(
+        "layer_drift_alerting", Gauge, "layer_drift_alerting",
+        "1 while one layer's drift score is above its threshold, else 0.",
+        _LAYER, multiprocess_mode="liveall",
+    ),
 )  # fmt: skip
+_LAYER_METRICS = tuple(d for d in METRICS if d.labels == _LAYER)
 
 
 class ServiceMetrics:
@@ -207,6 +236,11 @@ class ServiceMetrics:
     drift_requests: Counter
     drift_request_samples: Counter
     drift_alerting: Gauge
+    layer_drift_score: Gauge
+    layer_drift_mean_shift: Gauge
+    layer_drift_log_var_ratio: Gauge
+    layer_drift_samples: Gauge
+    layer_drift_alerting: Gauge
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -271,6 +305,25 @@ class ServiceMetrics:
             self.drift_mean_shift.labels(model, version).set(snapshot.max_abs_mean_shift)
         if snapshot.max_abs_log_var_ratio is not None:
             self.drift_log_var_ratio.labels(model, version).set(snapshot.max_abs_log_var_ratio)
+
+    def observe_layer_drift(self, model: str, version: str, layer: str, snapshot: DriftSnapshot) -> None:
+        """Export one BN layer's drift figures (`layer`: a node name of the loaded graph)."""
+        self.layer_drift_samples.labels(model, version, layer).set(snapshot.samples)
+        self.layer_drift_alerting.labels(model, version, layer).set(1 if snapshot.alerting else 0)
+        if snapshot.score is not None:
+            self.layer_drift_score.labels(model, version, layer).set(snapshot.score)
+        if snapshot.max_abs_mean_shift is not None:
+            self.layer_drift_mean_shift.labels(model, version, layer).set(snapshot.max_abs_mean_shift)
+        if snapshot.max_abs_log_var_ratio is not None:
+            self.layer_drift_log_var_ratio.labels(model, version, layer).set(snapshot.max_abs_log_var_ratio)
+
+    def forget_layers(self, model: str, version: str, layers: Sequence[str]) -> None:
+        """Drop an unloaded version's per-layer drift series."""
+        for definition in _LAYER_METRICS:
+            metric = getattr(self, definition.attribute)
+            for layer in layers:
+                with suppress(KeyError):  # never set for this layer: nothing to drop
+                    metric.remove(model, version, layer)
 
     def observe_drift_coverage(
         self, model: str, version: str, outcome: DriftOutcome, requests: int, samples: int

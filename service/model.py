@@ -20,7 +20,7 @@ import numpy as np
 from service.batching import BatchPolicy, read_policy
 from service.datatypes import numpy_dtype
 from service.errors import ModelLoadError
-from service.observability import DriftWatch, Observability
+from service.observability import DriftWatch, LayerDriftWatch, Observability
 from service.runtime import Session
 from service.symlinks import check_inside
 from service.verification import parse_model, verify_frozen
@@ -46,8 +46,9 @@ class LoadOptions:
 class LoadedModel:
     """Everything served for one version of one model, fixed at its load.
 
-    `drift` is None when its inputs are not watched, `drift_reason` then says why; `labels` are the metric
-    label values `(name, version)`.
+    `drift` watches frozen-bn's one-layer graph at its input, `layer_drift` any other network at every
+    BatchNormalization layer; with neither, `drift_reason` says why. `labels` are the metric label values
+    `(name, version)`.
     """
 
     name: str
@@ -59,6 +60,7 @@ class LoadedModel:
     drift_reason: str | None
     labels: tuple[str, str]
     batching_note: str | None = None
+    layer_drift: LayerDriftWatch | None = field(default=None, repr=False)
 
 
 def load_model(
@@ -91,17 +93,12 @@ def load_model(
         _warm_up(session)
     drift: DriftWatch | None = None
     drift_reason: str | None = None
+    layer_drift: LayerDriftWatch | None = None
     if options.observability is not None:
-        try:
-            from bn_export.verify import find_statistics  # loads onnx's checker: only with models
-
-            statistics: Any = find_statistics(proto)
-            drift, drift_reason = options.observability.watch(
-                statistics, [spec.name for spec in session.inputs], name, str(version)
-            )
-        except Exception as exc:  # the model serves without drift figures rather than not at all
-            drift, drift_reason = None, f"reading the frozen statistics failed: {exc!r}"
-        if drift is None:
+        drift, drift_reason, layer_drift = _drift_watches(
+            proto, session, name, version, options.observability
+        )
+        if drift is None and layer_drift is None:
             log.warning("%s: no drift monitoring: %s", what, drift_reason)
     return LoadedModel(
         name=name,
@@ -111,9 +108,40 @@ def load_model(
         policy=policy,
         drift=drift,
         drift_reason=drift_reason,
+        layer_drift=layer_drift,
         labels=(name, str(version)),
         batching_note=batching_note,
     )
+
+
+def _drift_watches(
+    proto: Any, session: Session, name: str, version: int, observability: Observability
+) -> tuple[DriftWatch | None, str | None, LayerDriftWatch | None]:
+    """How a model's drift is watched: frozen-bn's own one-layer graph (or its folded form) at its input,
+    as the layer's statistics describe it; any other network with BatchNormalization layers at every
+    layer's input (a probe session built here). Returns the input watch or None and why, and the layer
+    watch or None. Never raises: the model serves without drift figures rather than not at all."""
+    from bn_export.graph_statistics import FrozenStatistics, frozen_bn_statistics
+    from bn_export.onnx_graph import GraphIndex
+    from bn_export.verify import find_statistics  # loads onnx's checker: only with models
+
+    version_label = str(version)
+    try:
+        layered = not isinstance(frozen_bn_statistics(GraphIndex(proto)), FrozenStatistics) and any(
+            node.op_type == "BatchNormalization" for node in proto.graph.node
+        )
+        if layered:
+            layer_watch, reason = observability.layer_watch(proto, session.providers, name, version_label)
+            if layer_watch is not None:
+                return None, None, layer_watch
+            return None, reason, None
+        statistics: Any = find_statistics(proto)
+        drift, reason = observability.watch(
+            statistics, [spec.name for spec in session.inputs], name, version_label
+        )
+    except Exception as exc:  # the model serves without drift figures rather than not at all
+        return None, f"reading the frozen statistics failed: {exc!r}", None
+    return drift, reason, None
 
 
 def exact_policy(policy: BatchPolicy, verification: dict[str, Any]) -> tuple[BatchPolicy, str | None]:

@@ -1,9 +1,15 @@
 """What the server reports about itself: plain Prometheus metrics (`service.metrics`) and a drift sampler.
 
 `Observability` belongs to one app and holds no model state: each loaded model carries its own
-`DriftWatch` (built here at its load, with the model). The core hands each run's watched input to
-`sample(watch, array)`; after a swap commits, `swapped` retires the old watches and moves the gauges; the
-HTTP layer counts requests and serves `/metrics` and `/v2/models/{name}/stats` from it.
+`DriftWatch` (frozen-bn's one-layer graph, watched at its input) or `LayerDriftWatch` (any other network,
+watched at every BatchNormalization layer), built here at its load, with the model. The core hands each
+run's watched input to `sample(watch, array)`, or a network's feeds to `sample_layers(watch, feeds)`;
+after a swap commits, `swapped` retires the old watches and moves the gauges; the HTTP layer counts
+requests and serves `/metrics` and `/v2/models/{name}/stats` from it.
+
+A network's feeds are only queued on the request's path (O(1)); the worker runs its layer probe
+(`service.layer_drift`) on them, small requests of one shape stacked into one run, one run at a time with
+the GIL given up between runs, under the same CPU budget and byte bound as the input sums below.
 
 Drift stays off the request's critical path. A small input (at most `inline_values` values, e.g. one 1x64
 row) is summed where it is served: its per-channel float64 `Σ(x-k)`, `Σ(x-k)²` about the frozen mean `k`
@@ -47,6 +53,7 @@ from bn_export.errors import InvalidInputError
 from bn_export.moments import Moments, ShiftedSums, merge_all, shifted_sums
 from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD, DriftMonitor, DriftSnapshot
 from service.errors import ModelNotFound
+from service.layer_drift import LayerMonitor, LayerProbe, LayerSummary, layer_moments, summarize
 from service.memory import release_free_memory
 from service.metrics import DRIFT_OUTCOMES, UNKNOWN_MODEL, DriftOutcome, ServiceMetrics
 from service.repository import ModelRepository, ModelVersion
@@ -66,6 +73,9 @@ _YIELD_S = 50e-6
 # Inputs of at most this many values are summed where they are served (O(C) numpy calls); larger ones are
 # queued for the worker, whose chunked sums cost less per value.
 DEFAULT_INLINE_VALUES = 4096
+# A network's probe runs on requests of one model and one sample shape stacked up to this many bytes of
+# input at once (one run for many small requests), or on one larger request alone.
+_LAYER_CHUNK_BYTES = 64 * 1024
 
 
 class CpuBudget:
@@ -144,6 +154,32 @@ class DriftWatch:
         self.retired = False
 
 
+class LayerDriftWatch:
+    """A loaded network's drift at every BatchNormalization layer: the probe session exposing the layers'
+    inputs, one monitor per layer, and what was fed to them (`service.layer_drift`).
+
+    Built once with its model (`Observability.layer_watch`) and never shared with another load; the swap
+    retires the old one, whose queued feeds then go nowhere.
+    """
+
+    __slots__ = ("alerting", "coverage", "layers", "model", "probe", "retired", "version")
+
+    def __init__(self, probe: LayerProbe, layers: list[LayerMonitor], model: str, version: str) -> None:
+        self.probe = probe
+        self.layers = layers
+        self.model = model
+        self.version = version
+        # The rest is the sampler's: `coverage` and `retired` need its lock, `alerting` its apply lock.
+        self.coverage = Coverage()
+        self.retired = False
+        self.alerting = False
+
+    def summary(self) -> tuple[list[DriftSnapshot], LayerSummary]:
+        """Every layer's figures (in layer order) and the model's reading of them."""
+        snapshots = [layer.monitor.snapshot() for layer in self.layers]
+        return snapshots, summarize(self.layers, snapshots)
+
+
 class Observability:
     """The app's metrics and its drift sampler: each loaded model's `DriftWatch` fed from a bounded queue
     by one thread. It holds no model state: the watches belong to the loaded models.
@@ -176,6 +212,8 @@ class Observability:
         self._pending_bytes = 0
         self._budget = CpuBudget(max_cpu_fraction)
         self._summed: set[DriftWatch] = set()
+        # Feeds of networks' runs for their layer probes (sharing the byte bound and the CPU budget).
+        self._layer_pending: deque[_QueuedFeeds] = deque()
         self._queue_lock = threading.Lock()
         # Held by whoever drains and applies, so a flush returns only after every earlier input is applied.
         self._apply_lock = threading.Lock()
@@ -253,6 +291,27 @@ class Observability:
             return None, f"the frozen statistics cannot be monitored: {exc}"
         return DriftWatch(monitor, input_names[0], model, version), None
 
+    def layer_watch(
+        self, proto: Any, providers: Sequence[str], model: str, version: str
+    ) -> tuple[LayerDriftWatch | None, str | None]:
+        """The per-layer drift watch of a network being loaded (`proto`, its parsed graph), or None and why
+        not (drift off; no BatchNormalization layer, or one that cannot be monitored)."""
+        if not self.drift:
+            return None, "drift monitoring is off (BN_SERVE_DRIFT=false)"
+        from service.layer_drift import layer_monitors  # onnx's graph tools: only with models
+
+        try:
+            layers = layer_monitors(
+                proto, model, version, threshold=self.drift_threshold, window=self.drift_window
+            )
+        except InvalidInputError as exc:
+            return None, f"no layer to watch: {exc}"
+        try:
+            probe = LayerProbe(proto, [layer.input for layer in layers], providers)
+        except Exception as exc:  # onnxruntime's own errors: the model serves without layer figures
+            return None, f"the session exposing the layers' inputs could not be built: {exc}"
+        return LayerDriftWatch(probe, layers, model, version), None
+
     def swapped(
         self, old: Sequence[ModelVersion], new: Sequence[ModelVersion], *, export: bool = True
     ) -> None:
@@ -266,8 +325,14 @@ class Observability:
                 for entry in old:
                     if entry.model is not None and entry.model.drift is not None:
                         entry.model.drift.retired = True
+                    if entry.model is not None and entry.model.layer_drift is not None:
+                        entry.model.layer_drift.retired = True
             for entry in old:
                 self.metrics.forget_model(entry.name, str(entry.version))
+                layer_watch = entry.model.layer_drift if entry.model is not None else None
+                if layer_watch is not None:
+                    names = [layer.layer for layer in layer_watch.layers]
+                    self.metrics.forget_layers(entry.name, str(entry.version), names)
             if not export:
                 return
             for entry in new:
@@ -277,6 +342,11 @@ class Observability:
                 drift = entry.model.drift if entry.model is not None else None
                 if drift is not None:
                     self.metrics.observe_drift(model, version, drift.monitor.snapshot())
+                layer_watch = entry.model.layer_drift if entry.model is not None else None
+                if layer_watch is not None:
+                    for layer in layer_watch.layers:
+                        snapshot = layer.monitor.snapshot()
+                        self.metrics.observe_layer_drift(model, version, layer.layer, snapshot)
 
     def render(self) -> tuple[bytes, str]:
         """`/metrics`: every input queued so far applied first, so a scrape sees every request answered
@@ -349,6 +419,38 @@ class Observability:
                     return
                 outcome = "skipped"
             self._count_locked(watch, outcome, requests, samples)
+
+    def sample_layers(
+        self, watch: LayerDriftWatch, feeds: dict[str, NDArray[Any]], requests: int = 1
+    ) -> None:
+        """Queue the validated `feeds` of a network's run of `requests` requests for its layer probe, O(1);
+        never blocks on the worker. Left out (and counted) while the CPU budget is spent or the queue is
+        full. The arrays are kept by reference, as `sample` keeps its inputs."""
+        first = next(iter(feeds.values()), None)
+        samples = int(first.shape[0]) if first is not None and first.ndim else 1
+        nbytes = sum(array.nbytes for array in feeds.values())
+        with self._queue_lock:
+            if watch.retired:
+                return
+            outcome: DriftOutcome = "dropped"
+            if self._pending_bytes + nbytes <= self.max_pending_bytes:
+                estimate = self._budget.admit(nbytes)
+                if estimate is not None:
+                    self._pending_bytes += nbytes
+                    self._layer_pending.append((watch, feeds, requests, estimate, nbytes))
+                    if 2 * self._pending_bytes > self.max_pending_bytes:
+                        self._wake.set()
+                    return
+                outcome = "skipped"
+            self._count_layers_locked(watch, outcome, requests, samples)
+
+    def _count_layers_locked(
+        self, watch: LayerDriftWatch, outcome: DriftOutcome, requests: int, samples: int
+    ) -> None:
+        watch.coverage.requests[outcome] += requests
+        watch.coverage.samples[outcome] += samples
+        if not watch.retired:
+            self.metrics.observe_drift_coverage(watch.model, watch.version, outcome, requests, samples)
 
     def _sum_inline(self, watch: DriftWatch, x: NDArray[Any], requests: int, samples: int) -> None:
         """Add the per-channel sums of a small `x: (N, ..., C at axis, ...)` to `watch`'s running sums,
@@ -428,6 +530,88 @@ class Observability:
         for watch, tally in tallies.items():
             if not watch.retired:
                 self._apply(watch, tally)
+        self._flush_layers_locked()
+
+    def _flush_layers_locked(self) -> None:
+        """Run the layer probes on the feeds queued so far, one chunk at a time (as `_flush_locked` sums),
+        and apply each network's moments to its layers' monitors."""
+        with self._queue_lock:
+            remaining = len(self._layer_pending)
+        tallies: dict[LayerDriftWatch, _LayerTally] = {}
+        while remaining:
+            started = time.thread_time()
+            with self._queue_lock:
+                chunk, _, estimated = self._take_feeds_locked(remaining)
+            remaining -= len(chunk)
+            watch = chunk[0][0]
+            if not watch.retired:
+                tallies.setdefault(watch, _LayerTally(watch)).add(chunk)
+            spent = time.thread_time() - started
+            with self._queue_lock:
+                # Settled as work on no bytes: a probe run costs more per byte than the sums whose cost
+                # per byte the budget learns; its CPU is charged all the same.
+                self._budget.settle(0, estimated, spent)
+            if remaining:
+                time.sleep(_YIELD_S)
+        for watch, layer_tally in tallies.items():
+            if not watch.retired:
+                self._apply_layers(watch, layer_tally)
+
+    def _take_feeds_locked(self, limit: int) -> tuple[list[_QueuedFeeds], int, float]:
+        """The next probe run: the oldest queued feeds and, when its probe stacks, the following ones of
+        the same network and sample shapes up to `_LAYER_CHUNK_BYTES`, at most `limit` in all."""
+        pending = self._layer_pending
+        first = pending.popleft()
+        chunk, nbytes, estimated = [first], first[4], first[3]
+        if first[0].probe.stackable:
+            key = _feed_key(first)
+            while (
+                len(chunk) < limit
+                and nbytes + pending[0][4] <= _LAYER_CHUNK_BYTES
+                and _feed_key(pending[0]) == key
+            ):
+                queued = pending.popleft()
+                chunk.append(queued)
+                nbytes += queued[4]
+                estimated += queued[3]
+        self._pending_bytes -= nbytes
+        return chunk, nbytes, estimated
+
+    def _apply_layers(self, watch: LayerDriftWatch, tally: _LayerTally) -> None:
+        """Merge one network's tally into its layers' monitors, export the figures, log the model's alert
+        when it starts or ends (naming the layer and channel that moved most), count the requests."""
+        samples = tally.counts["covered"][1]
+        snapshots = []
+        for layer, parts in zip(watch.layers, tally.parts, strict=True):
+            merged = merge_all(parts) if parts else Moments.empty(layer.monitor.num_channels)
+            snapshot = layer.monitor.add(merged, samples, skipped_batches=tally.unusable_runs)
+            self.metrics.observe_layer_drift(watch.model, watch.version, layer.layer, snapshot)
+            snapshots.append(snapshot)
+        summary = summarize(watch.layers, snapshots)
+        if summary.alerting and not watch.alerting:
+            alerting = [layer.layer for layer, s in zip(watch.layers, snapshots, strict=True) if s.alerting]
+            log.warning(
+                "drift at BatchNorm layers of model %s version %s: layer %r channel %s moved most "
+                "(score %.4g, mean shift up to %.3g std); alerting layers: %s",
+                watch.model,
+                watch.version,
+                summary.worst_layer,
+                summary.worst_channel,
+                summary.score,
+                summary.max_abs_mean_shift,
+                ", ".join(alerting),
+            )
+        elif watch.alerting and not summary.alerting:
+            log.info(
+                "drift at BatchNorm layers of model %s version %s recovered: every layer at or below its "
+                "threshold",
+                watch.model,
+                watch.version,
+            )
+        watch.alerting = summary.alerting
+        with self._queue_lock:
+            for outcome, (requests, count) in tally.counts.items():
+                self._count_layers_locked(watch, outcome, requests, count)
 
     def _take_locked(self, limit: int) -> tuple[list[_Queued], int, float]:
         """The next chunk to sum, its bytes and the CPU seconds charged for it: the oldest queued inputs up
@@ -457,6 +641,8 @@ class Observability:
         """The JSON body of `GET /v2/models/{name}[/versions/{v}]/stats` (after a `flush`)."""
         body: dict[str, Any] = {"name": entry.name, "version": str(entry.version), "state": entry.state.value}
         model = entry.model
+        if model is not None and model.layer_drift is not None:
+            return {**body, **self._layer_stats(model.layer_drift)}
         if model is None or model.drift is None:
             reason = model.drift_reason if model is not None else None
             return {**body, "drift": None, "reason": reason or f"the model is {entry.state.value.lower()}"}
@@ -472,6 +658,42 @@ class Observability:
             "max_cpu_fraction": self._budget.fraction,
             "coverage": coverage,
             "drift": snapshot.to_json(),
+        }
+
+    def _layer_stats(self, watch: LayerDriftWatch) -> dict[str, Any]:
+        """The stats of a network watched at its BN layers: the model's reading and, per layer and per
+        channel, the served mean and variance of the layer's input against its frozen ones."""
+        snapshots, summary = watch.summary()
+        with self._queue_lock:
+            coverage = watch.coverage.to_json()
+        layers = []
+        for layer, snapshot in zip(watch.layers, snapshots, strict=True):
+            monitor = layer.monitor
+            layers.append(
+                {
+                    "layer": layer.layer,
+                    "input": layer.input,
+                    "channel_axis": monitor.axis,
+                    "eps": monitor.eps,
+                    "frozen_mean": [float(v) for v in monitor.moving_mean],
+                    "frozen_var": [float(v) for v in monitor.moving_var],
+                    "drift": snapshot.to_json(),
+                }
+            )
+        return {
+            "drift": {
+                "alerting": summary.alerting,
+                "worst_layer": summary.worst_layer,
+                "worst_channel": summary.worst_channel,
+                "score": summary.score,
+                "max_abs_mean_shift": summary.max_abs_mean_shift,
+                "threshold": self.drift_threshold,
+                "samples": snapshots[0].samples if snapshots else 0,
+            },
+            "watched": "layers",
+            "max_cpu_fraction": self._budget.fraction,
+            "coverage": coverage,
+            "layers": layers,
         }
 
 
@@ -529,3 +751,50 @@ def _units(chunk: list[_Queued]) -> list[list[_Queued]]:
         else:
             small.setdefault((key, array.shape[1:], array.dtype), []).append(queued)
     return [*small.values(), *units]
+
+
+_QueuedFeeds = tuple[LayerDriftWatch, dict[str, NDArray[Any]], int, float, int]
+"""Queued feeds of a network's run: (its layer watch, the validated feeds, requests in the run, CPU seconds
+charged for it, their bytes)."""
+
+
+def _feed_key(queued: _QueuedFeeds) -> tuple[Any, ...]:
+    """What feeds must share to be stacked into one probe run: the network, each input's sample shape and
+    dtype."""
+    watch, feeds = queued[0], queued[1]
+    return (watch, *((name, a.shape[1:], a.dtype) for name, a in feeds.items()))
+
+
+class _LayerTally:
+    """One network's per-layer moments and request counts over the probe runs of one flush."""
+
+    def __init__(self, watch: LayerDriftWatch) -> None:
+        self.watch = watch
+        self.parts: list[list[Moments]] = [[] for _ in watch.layers]
+        self.counts: dict[DriftOutcome, list[int]] = {"covered": [0, 0], "unusable": [0, 0]}
+        self.unusable_runs = 0
+
+    def add(self, chunk: list[_QueuedFeeds]) -> None:
+        """Run the probe once on `chunk`'s feeds (stacked) and add every layer's moments of it."""
+        watch = self.watch
+        feeds = chunk[0][1]
+        if len(chunk) > 1:
+            feeds = {name: np.concatenate([queued[1][name] for queued in chunk], axis=0) for name in feeds}
+        first = next(iter(feeds.values()), None)
+        rows = int(first.shape[0]) if first is not None and first.ndim else 1
+        moments: list[Moments | None]
+        try:
+            moments = layer_moments(watch.layers, watch.probe.run(feeds))
+        except Exception as exc:  # onnxruntime's own errors: these feeds say nothing about drift
+            log.warning("drift of model %s version %s: probe run failed: %s", watch.model, watch.version, exc)
+            moments = [None]
+        present = [m for m in moments if m is not None]
+        usable = len(present) == len(self.parts)
+        if usable:
+            for parts, m in zip(self.parts, present, strict=True):
+                parts.append(m)
+        else:
+            self.unusable_runs += 1
+        counts = self.counts["covered" if usable else "unusable"]
+        counts[0] += sum(queued[2] for queued in chunk)
+        counts[1] += rows
