@@ -139,7 +139,7 @@ def start(image: str) -> Iterator[Callable[..., Running]]:
 
     def run(*extra: str) -> Running:
         name = f"frozen-bn-test-{uuid.uuid4().hex[:8]}"
-        port = free_port()
+        port, grpc_port = free_port(), free_port()
         names.append(name)
         began = time.monotonic()
         podman(
@@ -147,6 +147,8 @@ def start(image: str) -> Iterator[Callable[..., Running]]:
             "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096",
             # Loopback only: with the host network, the image default 0.0.0.0 would be every interface.
             "-e", "BN_SERVE_HOST=127.0.0.1", "-e", f"BN_SERVE_PORT={port}",
+            # Each container its own gRPC port too: on the host network, two would both want 8001.
+            "-e", f"BN_SERVE_GRPC_PORT={grpc_port}",
             *extra, image,
         )  # fmt: skip
         wait_ready(name, port)

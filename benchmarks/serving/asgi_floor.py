@@ -20,6 +20,9 @@ from typing import Any
 
 import uvicorn
 
+from service.http_limits import bounded_protocol
+from service.settings import Settings
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -101,7 +104,17 @@ def uvicorn_options(port: int) -> dict[str, Any]:
         "timeout_graceful_shutdown": 30.0,
         "log_config": None,
         "access_log": False,
+        "http": bounded_protocol(
+            _default("max_header_bytes"),
+            _default("max_header_count"),
+            head_timeout_s=_default("request_timeout_s"),
+            send_timeout_s=_default("send_timeout_s"),
+        ),
     }
+
+
+def _default(setting: str) -> Any:
+    return Settings.model_fields[setting].default
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Sequence
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -213,12 +214,17 @@ def test_asgi_floor_returns_the_canned_answer_for_each_workload_and_reports_read
 
 
 _CAPTURE_UVICORN_OPTIONS = """
-import json, sys
+import functools, json, sys
 import uvicorn
 from service import cli
 
+def encoded(value):
+    if isinstance(value, functools.partial):
+        return {"factory": value.func.__qualname__, **value.keywords}
+    return value
+
 def record(app, **options):
-    print("OPTIONS " + json.dumps(options))
+    print("OPTIONS " + json.dumps({key: encoded(value) for key, value in options.items()}))
 
 uvicorn.run = record
 cli.main(sys.argv[1:])
@@ -240,7 +246,11 @@ def test_asgi_floor_runs_uvicorn_with_the_options_bn_serve_gives_it(
         env={k: v for k, v in os.environ.items() if not k.startswith("BN_SERVE_")},
     )
     (line,) = [x for x in completed.stdout.splitlines() if x.startswith("OPTIONS ")]
-    assert json.loads(line.removeprefix("OPTIONS ")) == asgi_floor.uvicorn_options(4321)
+    expected = {
+        key: {"factory": value.func.__qualname__, **value.keywords} if isinstance(value, partial) else value
+        for key, value in asgi_floor.uvicorn_options(4321).items()
+    }
+    assert json.loads(line.removeprefix("OPTIONS ")) == expected
 
 
 class _Recorder(BaseHTTPRequestHandler):
