@@ -12,10 +12,13 @@ joins the queue of its `merge_key`; a collector task takes what is queued, at mo
 samples and at most `max_batch_elements` input elements (the server's `BN_SERVE_MAX_BATCH_ELEMENTS`,
 which bounds the memory one merged run takes: its concatenated inputs and its outputs), runs it once and
 resolves each request's future with its slice; what does not fit waits for the next run. No latency is
-added at low load: a lone request runs at once (the collector yields to the event loop once, so requests
-that arrived together share the run). Under concurrent load the collector waits for the batch to fill for
-at most `max_batch_delay_us` after the oldest request arrived; meanwhile, requests arriving during a run
-queue up and go in the next one, so batches grow with the load by themselves.
+added at low load. With `max_batch_delay_us` 0 (the default) a request that finds nothing of its model
+queued or running runs at once, without a future, a task or a turn of the event loop: there is nothing to
+merge it with; requests that arrive while a run is in the thread pool queue up and go in the next run
+together. With a delay, a lone request also runs at once, but the collector first yields to the event loop
+once, so requests that arrived together share the run; once more than one is queued it waits for the batch
+to fill for at most `max_batch_delay_us` after the oldest request arrived. Either way, requests arriving
+during a run queue up and go in the next one, so batches grow with the load by themselves.
 
 Errors stay with their request. Invalid requests are refused by `InferenceCore.prepare` before they queue.
 When a merged run fails, each of its requests is run again alone, so each gets its own answer or error.
@@ -206,12 +209,27 @@ class Batcher:
         self._inline_max_elements = inline_max_elements
         self._queues: dict[Hashable, _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+        # Requests of each loaded model (by `id`: held models stay alive) queued or running, merged or not.
+        self._held: dict[int, int] = {}
         self.runs = 0  # onnxruntime runs made, merged or alone: requests / runs is the mean merge
 
     async def infer(self, prepared: PreparedRequest) -> InferResponse:
         """`prepared`'s response, from a merged run when one is possible; raises as `InferenceCore.run`."""
-        policy = self._policy or prepared.model.policy
-        key = merge_key(prepared) if policy.enabled else None
+        model = prepared.model
+        policy = self._policy or model.policy
+        if not policy.enabled:
+            return await self._alone(prepared)
+        held = self._held.get(id(model), 0)
+        if held == 0 and policy.max_batch_delay_us == 0:
+            # Nothing of this model is queued or running, and the policy holds no request back: there is no
+            # companion to merge with, so the request runs at once (on the loop when small: no future, no
+            # task, no turn of the loop). One that arrives while this run is in the pool finds it held.
+            self._held[id(model)] = 1
+            try:
+                return await self._alone(prepared)
+            finally:
+                self._release(id(model))
+        key = merge_key(prepared)
         if key is None:
             return await self._alone(prepared)
         samples = batch_size(prepared)
@@ -236,7 +254,19 @@ class Batcher:
             queue.samples >= policy.max_batch_size or self._full(queue.elements)
         ):
             queue.filled.set()
-        return await pending.future
+        self._held[id(model)] = held + 1
+        try:
+            return await pending.future
+        finally:
+            self._release(id(model))
+
+    def _release(self, model_id: int) -> None:
+        """One request of the model `model_id` (an `id`, valid while it is held) is answered."""
+        left = self._held[model_id] - 1
+        if left:
+            self._held[model_id] = left
+        else:
+            del self._held[model_id]
 
     async def _collect(self, key: Hashable, queue: _Queue) -> None:
         policy = queue.policy
@@ -352,13 +382,12 @@ class Batcher:
         self, prepared: PreparedRequest, context: contextvars.Context | None = None
     ) -> InferResponse:
         """`prepared` run alone, in `context` (None: the caller's, the request's own task)."""
+        elements = input_elements(prepared)
+        if elements <= self._inline_max_elements and context is None:
+            self.runs += 1
+            return prepared.response(self._core.run(prepared.model, prepared.output_names, prepared.feeds))
         outputs = await self._call(
-            input_elements(prepared),
-            context,
-            self._core.run,
-            prepared.model,
-            prepared.output_names,
-            prepared.feeds,
+            elements, context, self._core.run, prepared.model, prepared.output_names, prepared.feeds
         )
         return prepared.response(outputs)
 

@@ -92,6 +92,26 @@ def test_merged_runs_equal_runs_alone_bitwise(core: InferenceCore, executor: Thr
                 assert merged[name].tobytes() == alone[name].tobytes(), name
 
 
+def test_without_a_delay_only_requests_that_overlap_a_run_merge(
+    core: InferenceCore, executor: ThreadPoolExecutor
+) -> None:
+    batches = samples(seed=7, count=40)
+    no_delay = BatchPolicy(max_batch_size=64, max_batch_delay_us=0)
+    # On the loop, each request finds nothing queued or running: it runs at once, alone.
+    on_loop = Batcher(core, executor, no_delay, inline_max_elements=1 << 20)
+    # In the pool, the first run is still going when the others arrive: they queue and merge.
+    in_pool = Batcher(core, executor, no_delay, inline_max_elements=0)
+    for batcher in (on_loop, in_pool):
+        responses = serve_concurrently(batcher, core, [request(x) for x in batches])
+        for x, response in zip(batches, responses, strict=True):
+            alone = dict(core.infer("frozen", "1", request(x)).outputs)
+            for name, got in response.outputs:
+                assert got.tobytes() == alone[name].tobytes(), name
+    assert on_loop.runs == len(batches)
+    assert in_pool.runs < len(batches) / 4, "requests queued behind a run were not merged"
+    assert not on_loop._held and not in_pool._held, "a request is still counted after its answer"
+
+
 def test_merged_output_equals_the_float64_formula(
     core: InferenceCore, executor: ThreadPoolExecutor, repository: Any
 ) -> None:
