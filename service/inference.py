@@ -237,8 +237,11 @@ class InferenceCore:
             raise InferenceFailed(f"{what} failed to run: {exc}") from None
         observability = self.observability
         if observability is not None:
-            name, version = model.labels
-            observability.ran(name, version, time.perf_counter() - started, _batch_size(feeds))
+            seconds = time.perf_counter() - started
+            if model.metrics is not None:
+                model.metrics.observe_inference(seconds, _batch_size(feeds))
+            else:  # a model built without the observability's series
+                observability.ran(*model.labels, seconds, _batch_size(feeds))
             watch = model.drift
             if watch is not None:
                 array = feeds.get(watch.input_name)

@@ -20,6 +20,7 @@ import numpy as np
 from service.batching import BatchPolicy, read_policy
 from service.datatypes import numpy_dtype
 from service.errors import ModelLoadError
+from service.metrics import ModelMetrics
 from service.observability import DriftWatch, Observability
 from service.runtime import Session
 from service.verification import parse_model, verify_frozen
@@ -45,7 +46,8 @@ class LoadedModel:
     """Everything served for one version of one model, fixed at its load.
 
     `drift` is None when its inputs are not watched, `drift_reason` then says why; `labels` are the metric
-    label values `(name, version)`.
+    label values `(name, version)` and `metrics` the version's series, looked up once (None without
+    observability).
     """
 
     name: str
@@ -56,6 +58,7 @@ class LoadedModel:
     drift: DriftWatch | None = field(repr=False)
     drift_reason: str | None
     labels: tuple[str, str]
+    metrics: ModelMetrics | None = field(default=None, repr=False, compare=False)
 
 
 def load_model(
@@ -100,6 +103,9 @@ def load_model(
         drift=drift,
         drift_reason=drift_reason,
         labels=(name, str(version)),
+        metrics=None
+        if options.observability is None
+        else options.observability.metrics.for_model(name, str(version)),
     )
 
 
