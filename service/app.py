@@ -288,5 +288,7 @@ def _freeze_heap(_: object) -> None:
 def app_from_environment() -> FastAPI:
     """The app for settings read from `BN_SERVE_*` variables: uvicorn's factory when it spawns workers."""
     settings = Settings()
-    configure_logging(settings.log_level)  # a spawned worker starts with logging unconfigured
+    configure_logging(
+        settings.log_level, settings.log_flush_interval_s
+    )  # a spawned worker starts with logging unconfigured
     return create_app(settings)

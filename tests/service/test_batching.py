@@ -109,7 +109,8 @@ def test_without_a_delay_only_requests_that_overlap_a_run_merge(
                 assert got.tobytes() == alone[name].tobytes(), name
     assert on_loop.runs == len(batches)
     assert in_pool.runs < len(batches) / 4, "requests queued behind a run were not merged"
-    assert not on_loop._held and not in_pool._held, "a request is still counted after its answer"
+    assert not on_loop._held, "a request is still counted after its answer"
+    assert not in_pool._held, "a request is still counted after its answer"
 
 
 def test_merged_output_equals_the_float64_formula(
