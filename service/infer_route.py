@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from service import codec
-from service.admission import Admission
+from service.admission import Admission, Deadline
 from service.batching import INLINE_MAX_ELEMENTS, Batcher
 from service.errors import ServiceError
 from service.http_errors import status_for
@@ -86,6 +86,10 @@ class InferRoute:
                         self._executor, self._prepare, body, header_length, model_name, model_version
                     )
                 prepared = ready  # its version's series count the request
+                if time.perf_counter() - started >= self._admission.timeout_s:
+                    # Past its deadline before its run: skipped. A run at once awaits nothing, so the
+                    # deadline's timer would not get a chance to cancel the request first.
+                    raise Deadline(self._admission.timeout_s).error()
                 result = await self._batcher.infer(ready)
                 # Binary outputs cost their encoding a view and a length: only JSON ones are worth a trip
                 # to the pool.
