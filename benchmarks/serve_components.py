@@ -101,9 +101,20 @@ async def components(
                 *observability.labels(core.repository, model_name, None), 200, 1e-4
             ),
         ),
+        (
+            "request metrics: the version's own series (ModelMetrics.observe_request)",
+            lambda: model.metrics is not None and model.metrics.observe_request(200, 1e-4),
+        ),
+        (
+            "run metrics: the version's own series (ModelMetrics.observe_inference)",
+            lambda: model.metrics is not None and model.metrics.observe_inference(1e-4, 1),
+        ),
         ("in-flight gauge: inc + dec", lambda: (metrics.in_flight.inc(), metrics.in_flight.dec())),
         ("admission: admit() enter + exit", admitted),
-        ("access log: write_access_record", lambda: write_access_record("POST", path, 200, 1e-4, "rid")),
+        (
+            "access log: write_access_record (as configured: log_flush_interval_s)",
+            lambda: write_access_record("POST", path, 200, 1e-4, "rid"),
+        ),
     ]
     print("| step | us per call |")
     print("|---|---:|")
