@@ -129,6 +129,10 @@ def create_app(settings: Settings) -> FastAPI:
             await loading
             observability.close()
             executor.shutdown(wait=True)
+            # Access records kept for their next write (log_flush_interval_s) go out now, whatever way the
+            # process ends after this.
+            for handler in logging.getLogger().handlers:
+                handler.flush()
 
     app = ServingApp(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.front = Front(app.framework, route=route, authenticator=authenticator, metrics=observability.metrics)

@@ -246,7 +246,7 @@ def test_a_run_in_the_pool_logs_with_its_request_id(tmp_path: Path, json_log: io
 def test_a_merged_run_logs_with_the_ids_of_all_its_requests(tmp_path: Path, json_log: io.StringIO) -> None:
     write(tmp_path, 1, frozen_model(A))
     served = Served(tmp_path, inline_values=0, max_pending_bytes=1)
-    _serve_with_ids(served, ["r0", "r1", "r2"], BatchPolicy(max_batch_size=64, max_batch_delay_us=1000))
+    _serve_with_ids(served, ["r0", "r1", "r2"], BatchPolicy(max_batch_size=64))
     (warning,) = _drift_warnings(json_log)
     assert warning["request_ids"] == ["r0", "r1", "r2"]
     assert warning["request_id"] == "r0"
