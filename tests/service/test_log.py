@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +26,7 @@ from service.log import (
     utc_timestamp,
     write_access_record,
 )
+from tests.service.conftest import start_server, stop_server
 
 
 @contextlib.contextmanager
@@ -176,3 +179,27 @@ def test_each_access_record_is_written_at_once_with_no_interval() -> None:
     handler.setStream(stream)
     handler.write_document({"message": "now"})
     assert json.loads(stream.getvalue())["message"] == "now"
+
+
+@pytest.mark.slow
+def test_no_kept_access_record_is_lost_when_the_server_stops(repository: Any) -> None:
+    # An interval no request outlives: every record reaches stderr through the shutdown's write alone.
+    server = start_server(
+        "--model-repository", str(repository.root), "--device", "cpu", "--log-flush-interval-s", "600"
+    )
+    ids = [f"kept-{i}" for i in range(25)]
+    body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.5] * 4}]}
+    try:
+        for rid in ids:
+            answer = httpx.post(
+                f"{server.url}/v2/models/frozen/infer", json=body, headers={"X-Request-ID": rid}, timeout=30
+            )
+            assert answer.status_code == 200
+    finally:
+        server.process.terminate()
+        server.process.wait(30)
+        output = server.output()
+        assert stop_server(server) == 0
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    logged = [r["request_id"] for r in records if r["logger"] == "bn_serve.access"]
+    assert [rid for rid in logged if rid.startswith("kept-")] == ids
