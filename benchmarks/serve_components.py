@@ -60,8 +60,10 @@ async def components(
     metrics = observability.metrics
     decoded, fmt = codec.decode_request(body, None)
     prepared = core.prepare(model_name, None, decoded)
-    entry, session, feeds, outputs = prepared.entry, prepared.session, prepared.feeds, prepared.output_names
-    result = prepared.response(core.run(entry, session, outputs, feeds))
+    model, session, feeds, outputs = prepared.model, prepared.session, prepared.feeds, prepared.output_names
+    result = prepared.response(core.run(model, outputs, feeds))
+    watch = model.drift
+    name, version = model.labels
     n, r = args.number, args.repeats
 
     def admitted() -> None:
@@ -85,10 +87,13 @@ async def components(
         ("onnxruntime: session.run alone", lambda: session.run(outputs, feeds)),
         (
             "run: InferenceCore.run (session + metrics + drift)",
-            lambda: core.run(entry, session, outputs, feeds),
+            lambda: core.run(model, outputs, feeds),
         ),
-        ("drift: Observability.served (inline sums)", lambda: observability.served(entry, feeds)),
-        ("run metrics: Observability.ran (2 histograms)", lambda: observability.ran(entry, 1e-4, 1)),
+        (
+            "drift: Observability.sample (inline sums)",
+            lambda: watch is not None and observability.sample(watch, feeds[watch.input_name]),
+        ),
+        ("run metrics: Observability.ran (2 histograms)", lambda: observability.ran(name, version, 1e-4, 1)),
         ("encode: codec.encode_response (orjson)", lambda: codec.encode_response(result, fmt)),
         (
             "request metrics: labels + observe_request",
@@ -96,9 +101,20 @@ async def components(
                 *observability.labels(core.repository, model_name, None), 200, 1e-4
             ),
         ),
+        (
+            "request metrics: the version's own series (ModelMetrics.observe_request)",
+            lambda: model.metrics is not None and model.metrics.observe_request(200, 1e-4),
+        ),
+        (
+            "run metrics: the version's own series (ModelMetrics.observe_inference)",
+            lambda: model.metrics is not None and model.metrics.observe_inference(1e-4, 1),
+        ),
         ("in-flight gauge: inc + dec", lambda: (metrics.in_flight.inc(), metrics.in_flight.dec())),
         ("admission: admit() enter + exit", admitted),
-        ("access log: write_access_record", lambda: write_access_record("POST", path, 200, 1e-4, "rid")),
+        (
+            "access log: write_access_record (as configured: log_flush_interval_s)",
+            lambda: write_access_record("POST", path, 200, 1e-4, "rid"),
+        ),
     ]
     print("| step | us per call |")
     print("|---|---:|")

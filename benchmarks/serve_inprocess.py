@@ -159,8 +159,10 @@ def bn_serve_app(repository: Path, overrides: dict[str, str], log: IO[str]) -> A
     from service.log import configure_logging
     from service.settings import Settings
 
-    settings = Settings(model_repository=repository, **{"grpc_port": 0, **overrides})
-    configure_logging(settings.log_level)
+    # No gRPC port unless asked for: the app is driven in-process, and a port another server holds would
+    # fail its start.
+    settings = Settings(model_repository=repository, **{"grpc_port": "0", **overrides})
+    configure_logging(settings.log_level, settings.log_flush_interval_s)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(log)

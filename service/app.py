@@ -132,6 +132,10 @@ def create_app(settings: Settings) -> FastAPI:
             await loading
             observability.close()
             executor.shutdown(wait=True)
+            # Access records kept for their next write (log_flush_interval_s) go out now, whatever way the
+            # process ends after this.
+            for handler in logging.getLogger().handlers:
+                handler.flush()
 
     app = ServingApp(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.front = Front(
@@ -299,5 +303,7 @@ def _freeze_heap(_: object) -> None:
 def app_from_environment() -> FastAPI:
     """The app for settings read from `BN_SERVE_*` variables: uvicorn's factory when it spawns workers."""
     settings = Settings()
-    configure_logging(settings.log_level)  # a spawned worker starts with logging unconfigured
+    configure_logging(
+        settings.log_level, settings.log_flush_interval_s
+    )  # a spawned worker starts with logging unconfigured
     return create_app(settings)

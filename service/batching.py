@@ -12,10 +12,15 @@ joins the queue of its `merge_key`; a collector task takes what is queued, at mo
 samples and at most `max_batch_elements` input elements (the server's `BN_SERVE_MAX_BATCH_ELEMENTS`,
 which bounds the memory one merged run takes: its concatenated inputs and its outputs), runs it once and
 resolves each request's future with its slice; what does not fit waits for the next run. No latency is
-added at low load: a lone request runs at once (the collector yields to the event loop once, so requests
-that arrived together share the run). Under concurrent load the collector waits for the batch to fill for
-at most `max_batch_delay_us` after the oldest request arrived; meanwhile, requests arriving during a run
-queue up and go in the next one, so batches grow with the load by themselves.
+added at low load: a lone request runs at once. Queued, it costs a future, a task and a turn of the
+event loop, in which requests that arrived together join it (the collector yields to the loop once before
+its first run). With `max_batch_delay_us` 0 (the default) that turn is only paid while it buys something:
+once a queued request found no companion in its turn, the next `PROBE_EVERY` requests of its model that
+find nothing queued or running run directly, without a future, a task or a turn of the loop, and the one
+after them queues again to look; as soon as a turn brings companions, requests queue again. Under
+concurrent load, once more than one is queued, the collector waits for the batch to fill for at most
+`max_batch_delay_us` after the oldest request arrived; meanwhile, requests arriving during a run queue up
+and go in the next one, so batches grow with the load by themselves.
 
 Errors stay with their request. Invalid requests are refused by `InferenceCore.prepare` before they queue.
 When a merged run fails, each of its requests is run again alone, so each gets its own answer or error.
@@ -62,6 +67,10 @@ CONFIG_FILE = "config.json"
 # Runs on at most this many input elements go on the event loop itself: for them, handing the run to a
 # thread and back (two context switches; measured in benchmarks/README.md) costs more than the run.
 INLINE_MAX_ELEMENTS = 16 * 1024
+
+# With no batching delay, a request queued alone (its turn of the loop brought no companion) lets this many
+# lone requests of its model run at once before one queues again to look for companions.
+PROBE_EVERY = 32
 
 T = TypeVar("T")
 
@@ -216,12 +225,36 @@ class Batcher:
         self._inline_max_elements = inline_max_elements
         self._queues: dict[Hashable, _Queue] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+        # Requests of each loaded model (by `id`: held models stay alive) queued or running, merged or not.
+        self._held: dict[int, int] = {}
+        # Per loaded model (by `id`), lone requests left to run at once: set when a queued request found no
+        # companion in its turn of the loop, cleared when one did (see `infer`).
+        self._direct: dict[int, int] = {}
+        self.direct_runs = 0  # requests run at once, without queueing
         self.runs = 0  # onnxruntime runs made, merged or alone: requests / runs is the mean merge
 
     async def infer(self, prepared: PreparedRequest) -> InferResponse:
         """`prepared`'s response, from a merged run when one is possible; raises as `InferenceCore.run`."""
-        policy = self._policy or prepared.model.policy
-        key = merge_key(prepared) if policy.enabled else None
+        model = prepared.model
+        policy = self._policy or model.policy
+        if not policy.enabled:
+            return await self._alone(prepared)
+        held = self._held.get(id(model), 0)
+        direct = self._direct.get(id(model), 0)
+        if held == 0 and direct and policy.max_batch_delay_us == 0:
+            # Nothing of this model is queued or running, the policy holds no request back, and the last
+            # queued request found no companion: the request runs at once (on the loop when small: no
+            # future, no task, no turn of the loop). One that arrives while this run is in the pool finds
+            # it held and queues. Every `PROBE_EVERY`th goes through the queue again, to see whether
+            # requests arrive together once more.
+            self._direct[id(model)] = direct - 1
+            self.direct_runs += 1
+            self._held[id(model)] = 1
+            try:
+                return await self._alone(prepared)
+            finally:
+                self._release(id(model))
+        key = merge_key(prepared)
         if key is None:
             return await self._alone(prepared)
         samples = batch_size(prepared)
@@ -246,7 +279,19 @@ class Batcher:
             queue.samples >= policy.max_batch_size or self._full(queue.elements)
         ):
             queue.filled.set()
-        return await pending.future
+        self._held[id(model)] = held + 1
+        try:
+            return await pending.future
+        finally:
+            self._release(id(model))
+
+    def _release(self, model_id: int) -> None:
+        """One request of the model `model_id` (an `id`, valid while it is held) is answered."""
+        left = self._held[model_id] - 1
+        if left:
+            self._held[model_id] = left
+        else:
+            del self._held[model_id]
 
     async def _collect(self, key: Hashable, queue: _Queue) -> None:
         policy = queue.policy
@@ -262,6 +307,10 @@ class Batcher:
                 ):
                     await self._wait_to_fill(queue)
                 batch = self._take(queue)
+                if policy.max_batch_delay_us == 0:
+                    # Merging found a companion, or nothing came with the request: lone ones run at once.
+                    alone = len(batch) == 1 and not queue.items
+                    self._direct[id(batch[0].prepared.model)] = PROBE_EVERY if alone else 0
                 await self._run_batch(batch)
         except BaseException as exc:  # the collector itself failed: no queued request may hang on it
             for pending in queue.items:
@@ -362,13 +411,12 @@ class Batcher:
         self, prepared: PreparedRequest, context: contextvars.Context | None = None
     ) -> InferResponse:
         """`prepared` run alone, in `context` (None: the caller's, the request's own task)."""
+        elements = input_elements(prepared)
+        if elements <= self._inline_max_elements and context is None:
+            self.runs += 1
+            return prepared.response(self._core.run(prepared.model, prepared.output_names, prepared.feeds))
         outputs = await self._call(
-            input_elements(prepared),
-            context,
-            self._core.run,
-            prepared.model,
-            prepared.output_names,
-            prepared.feeds,
+            elements, context, self._core.run, prepared.model, prepared.output_names, prepared.feeds
         )
         return prepared.response(outputs)
 

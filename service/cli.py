@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the empirical frozen-statistics checks may take per model at load (default 20)",
     )
     parser.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument(
+        "--log-flush-interval-s",
+        type=float,
+        help="write access records out together at most this long after they are made (default 0.05; "
+        "0 writes each at once)",
+    )
     return parser
 
 
@@ -96,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"bn-serve: error: invalid settings: {describe(exc)}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_flush_interval_s)
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,

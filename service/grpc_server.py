@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service import grpc_codec
-from service.admission import Admission
+from service.admission import Admission, Deadline
 from service.auth import Authenticator
 from service.batching import Batcher
 from service.errors import ConfigurationError, InvalidInput, ServiceError
@@ -155,7 +155,7 @@ class GrpcInference:
         in_flight.inc()
         try:
             with self._admission.admit():
-                response = await self._infer(request)
+                response = await self._infer(request, started)
             status = 200
             return response
         except ServiceError as exc:
@@ -173,7 +173,7 @@ class GrpcInference:
                 model, version, status, time.perf_counter() - started, protocol="grpc"
             )
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, started: float) -> pb.ModelInferResponse:
         name, version = request.model_name, request.model_version or None
         inline = request.ByteSize() <= INLINE_MESSAGE_BYTES
 
@@ -182,6 +182,9 @@ class GrpcInference:
             return self._core.prepare(name, version, decoded), raw
 
         prepared, raw = prepare() if inline else await self._in_pool(self._executor, prepare)
+        if time.perf_counter() - started >= self._admission.timeout_s:
+            # Past its deadline before its run: skipped (a run at once awaits nothing the timer could cancel).
+            raise Deadline(self._admission.timeout_s).error()
         result = await self._batcher.infer(prepared)
         if inline or raw:
             return grpc_codec.encode_response(result, raw)

@@ -15,7 +15,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
 from service import codec
-from service.admission import Admission
+from service.admission import Admission, Deadline
 from service.batching import INLINE_MAX_ELEMENTS, Batcher
 from service.errors import ServiceError
 from service.http_errors import status_for
@@ -63,13 +63,15 @@ class InferRoute:
         """The encoded response to the request whose headers and `receive` are given; raises `ServiceError`
         (mapped by `service.http_errors`) or Starlette's `ClientDisconnect`.
 
-        Counted by model, version and status; the labels come from the repository, never from the URL (an
-        unknown model or version counts as `UNKNOWN_MODEL`). A request whose client went away, or whose
-        task was cancelled, counts as 499 (nginx's "client closed request").
+        Counted by model, version and status; the labels are those of the version that served it, else come
+        from the repository, never from the URL (an unknown model or version counts as `UNKNOWN_MODEL`). A
+        request whose client went away, or whose task was cancelled, counts as 499 (nginx's "client closed
+        request"). One coroutine from the body to the answer: each nested one would cost a frame per request.
         """
         started = time.perf_counter()
         arrived_at = asyncio.get_running_loop().time()
         status = 500
+        prepared: PreparedRequest | None = None
         in_flight = self._metrics.in_flight
         in_flight.inc()
         try:
@@ -78,7 +80,29 @@ class InferRoute:
             with self._admission.receiving(arrived_at):
                 body = await read_body(receive, headers, self._max_request_bytes, align_at=header_length)
             with self._admission.admit(arrived_at):
-                encoded = await self._answer(model_name, model_version, header_length, body)
+                # Small bodies are decoded and encoded on the event loop: a trip to the pool costs them more.
+                if len(body) <= INLINE_BODY_BYTES:
+                    decoded, fmt = codec.decode_request(body, header_length)
+                    ready = self._core.prepare(model_name, model_version, decoded)
+                else:
+                    ready, fmt = await offload(
+                        self._executor, self._prepare, body, header_length, model_name, model_version
+                    )
+                prepared = ready  # its version's series count the request
+                if time.perf_counter() - started >= self._admission.timeout_s:
+                    # Past its deadline before its run: skipped. A run at once awaits nothing, so the
+                    # deadline's timer would not get a chance to cancel the request first.
+                    raise Deadline(self._admission.timeout_s).error()
+                result = await self._batcher.infer(ready)
+                # Binary outputs cost their encoding a view and a length: only JSON ones are worth a trip
+                # to the pool.
+                if (
+                    sum(array.size for name, array in result.outputs if not fmt.is_binary(name))
+                    <= INLINE_MAX_ELEMENTS
+                ):
+                    encoded = codec.encode_response(result, fmt)
+                else:
+                    encoded = await offload(self._executor, codec.encode_response, result, fmt)
             status = 200
             return encoded
         except ServiceError as exc:
@@ -89,26 +113,16 @@ class InferRoute:
             raise
         finally:
             in_flight.dec()
-            model, version = self._observability.labels(self._core.repository, model_name, model_version)
-            self._metrics.observe_request(model, version, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            served = None if prepared is None else prepared.model.metrics
+            if served is not None:
+                served.observe_request(status, seconds)
+            else:
+                model, version = self._observability.labels(self._core.repository, model_name, model_version)
+                self._metrics.observe_request(model, version, status, seconds)
 
-    async def _answer(
-        self, model_name: str, model_version: str | None, header_length: int | None, body: bytes | memoryview
-    ) -> codec.EncodedResponse:
-
-        def prepare() -> tuple[PreparedRequest, codec.ResponseFormat]:
-            decoded, fmt = codec.decode_request(body, header_length)
-            return self._core.prepare(model_name, model_version, decoded), fmt
-
-        # Small bodies are decoded and encoded on the event loop: a trip to the pool costs them more.
-        prepared, fmt = (
-            prepare() if len(body) <= INLINE_BODY_BYTES else await offload(self._executor, prepare)
-        )
-        result = await self._batcher.infer(prepared)
-        # Binary outputs cost their encoding a view and a length: only JSON ones are worth a trip to the pool.
-        if (
-            sum(array.size for name, array in result.outputs if not fmt.is_binary(name))
-            <= INLINE_MAX_ELEMENTS
-        ):
-            return codec.encode_response(result, fmt)
-        return await offload(self._executor, codec.encode_response, result, fmt)
+    def _prepare(
+        self, body: bytes | memoryview, header_length: int | None, model_name: str, model_version: str | None
+    ) -> tuple[PreparedRequest, codec.ResponseFormat]:
+        decoded, fmt = codec.decode_request(body, header_length)
+        return self._core.prepare(model_name, model_version, decoded), fmt

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.batching import BatchPolicy
-from service.datatypes import convert_lossless, numpy_dtype
+from service.datatypes import convert_lossless
 from service.errors import InferenceFailed, InvalidInput, ModelNotReady, PayloadTooLarge
 from service.model import LoadedModel, LoadOptions, timed_load
 from service.observability import Observability
@@ -247,8 +247,11 @@ class InferenceCore:
             raise InferenceFailed(f"{what} failed to run: {exc}") from None
         observability = self.observability
         if observability is not None:
-            name, version = model.labels
-            observability.ran(name, version, time.perf_counter() - started, _batch_size(feeds))
+            seconds = time.perf_counter() - started
+            if model.metrics is not None:
+                model.metrics.observe_inference(seconds, _batch_size(feeds))
+            else:  # a model built without the observability's series
+                observability.ran(*model.labels, seconds, _batch_size(feeds))
             watch = model.drift
             if watch is not None:
                 array = feeds.get(watch.input_name)
@@ -268,7 +271,7 @@ class InferenceCore:
             )
 
     def _feeds(self, session: Session, inputs: list[tuple[str, NDArray[Any]]]) -> dict[str, NDArray[Any]]:
-        specs = {spec.name: spec for spec in session.inputs}
+        specs, dtypes = session.input_specs, session.input_dtypes
         feeds: dict[str, NDArray[Any]] = {}
         for name, array in inputs:
             if name in feeds:
@@ -276,27 +279,27 @@ class InferenceCore:
             spec = specs.get(name)
             if spec is None:
                 raise InvalidInput(f"unknown input {name!r}; the model's inputs are {', '.join(specs)}")
-            feeds[name] = self._validate(spec, array)
-        missing = [name for name in specs if name not in feeds]
-        if missing:
+            feeds[name] = self._validate(spec, dtypes[name], array)
+        if len(feeds) != len(specs):
+            missing = [name for name in specs if name not in feeds]
             raise InvalidInput(f"missing input(s) {', '.join(missing)}; the model needs {', '.join(specs)}")
         return feeds
 
-    def _validate(self, spec: TensorSpec, array: NDArray[Any]) -> NDArray[Any]:
-        expected = spec.metadata_shape()
-        if array.ndim != len(spec.shape):
+    def _validate(self, spec: TensorSpec, dtype: np.dtype[Any], array: NDArray[Any]) -> NDArray[Any]:
+        shape = spec.shape
+        if array.ndim != len(shape):
             raise InvalidInput(
                 f"input {spec.name!r} has shape {list(array.shape)}, "
-                f"expected rank {len(spec.shape)} {expected}"
+                f"expected rank {len(shape)} {spec.metadata_shape()}"
             )
-        for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+        for axis, (got, want) in enumerate(zip(array.shape, shape, strict=True)):
             if want is not None and got != want:
                 what = "channels" if axis == 1 else "elements"
                 raise InvalidInput(
                     f"input {spec.name!r} has {got} {what} on axis {axis}, the model expects {want} "
-                    f"(shape {expected}, -1 is any)"
+                    f"(shape {spec.metadata_shape()}, -1 is any)"
                 )
-        array = convert_lossless(array, numpy_dtype(spec.datatype), name=spec.name)
+        array = convert_lossless(array, dtype, name=spec.name)
         if not self.allow_non_finite and array.dtype.kind == "f":
             finite = np.isfinite(array)
             if not finite.all():
@@ -309,9 +312,9 @@ class InferenceCore:
 
     @staticmethod
     def _output_names(session: Session, requested: list[str] | None) -> list[str]:
-        available = [spec.name for spec in session.outputs]
+        available = session.output_names
         if requested is None:
-            return available
+            return available  # the session's own list: never changed by a request
         for name in requested:
             if name not in available:
                 raise InvalidInput(f"unknown output {name!r}; the model's outputs are {', '.join(available)}")

@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from typing import Any
 
@@ -88,9 +89,10 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(document, default=str).decode()
 
 
-def configure_logging(level: str) -> None:
-    """Send every logger (ours, uvicorn's, onnxruntime's Python side) to stderr as JSON lines at `level`."""
-    handler = JsonLinesHandler()
+def configure_logging(level: str, flush_interval_s: float = 0.0) -> None:
+    """Send every logger (ours, uvicorn's, onnxruntime's Python side) to stderr as JSON lines at `level`;
+    access records are written out at most `flush_interval_s` after they are made (0: each at once)."""
+    handler = JsonLinesHandler(flush_interval_s)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -101,23 +103,86 @@ def configure_logging(level: str) -> None:
 
 
 class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler writing `JsonFormatter` lines, and preformatted documents by `write_document`."""
+    """A stream handler writing `JsonFormatter` lines, and preformatted documents by `write_document`.
 
-    def __init__(self) -> None:
+    With `flush_interval_s` > 0 the documents (access records) are kept and written together: at most that
+    long after the first of them, once `buffer_bytes` are kept, before any other record (so the stream keeps
+    the order they were made in), and on `flush`/`close` (`logging.shutdown` calls both at exit). A write
+    and a flush per request was most of an access record's cost; what a crash (SIGKILL) can lose is at most
+    the last `flush_interval_s` of access records. 0 writes each one at once.
+    """
+
+    def __init__(self, flush_interval_s: float = 0.0, buffer_bytes: int = 64 * 1024) -> None:
         super().__init__()
         self.setFormatter(JsonFormatter())
+        if flush_interval_s < 0:
+            raise ValueError(f"flush_interval_s must be at least 0, got {flush_interval_s}")
+        self.flush_interval_s = flush_interval_s
+        self.buffer_bytes = buffer_bytes
+        self._kept: list[str] = []  # lines not written yet, each ending in a newline; under the lock
+        self._kept_bytes = 0
+        self._due = threading.Event()  # set when the first line is kept: the writer's timer starts
+        self._writer: threading.Thread | None = None
 
     def write_document(self, document: dict[str, Any]) -> None:
-        """Write `document` as one JSON line, under the handler's lock as `emit` does."""
-        line = orjson.dumps(document, default=str).decode()
+        """Write `document` as one JSON line (or keep it for the next write), under the handler's lock as
+        `emit` does."""
+        line = orjson.dumps(document, default=str).decode() + "\n"
         self.acquire()
         try:
-            self.stream.write(line + "\n")
-            self.flush()
+            if self.flush_interval_s == 0:
+                self.stream.write(line)
+                self.stream.flush()
+                return
+            self._kept.append(line)
+            self._kept_bytes += len(line)
+            if self._kept_bytes >= self.buffer_bytes:
+                self._write_kept()
+            elif len(self._kept) == 1:
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_when_due, name="bn-serve-log", daemon=True
+                    )
+                    self._writer.start()
+                self._due.set()
         except Exception:  # as `emit`: a broken stream must not fail the request that is logged
             self.handleError(logging.makeLogRecord({"msg": line}))
         finally:
             self.release()
+
+    def _write_kept(self) -> None:
+        """Write the kept lines in one call; the caller holds the lock."""
+        if self._kept:
+            text, self._kept, self._kept_bytes = "".join(self._kept), [], 0
+            self.stream.write(text)
+            self.stream.flush()
+
+    def _write_when_due(self) -> None:
+        while True:
+            self._due.wait()
+            self._due.clear()
+            time.sleep(self.flush_interval_s)
+            self.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called under the lock: the kept access records go first, in the order they were made.
+        if self._kept:
+            try:
+                self._write_kept()
+            except Exception:
+                self.handleError(record)
+        super().emit(record)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self._kept:
+                self._write_kept()
+        except Exception:  # as `emit`: a broken stream loses its lines, not the server
+            self._kept, self._kept_bytes = [], 0
+        finally:
+            self.release()
+        super().flush()
 
 
 def _only_json_handler(logger: logging.Logger) -> JsonLinesHandler | None:

@@ -214,6 +214,48 @@ METRICS: tuple[MetricDefinition, ...] = (
 _LAYER_METRICS = tuple(d for d in METRICS if d.labels == _LAYER)
 
 
+class ModelMetrics:
+    """One loaded model version's request and run series of `metrics`, each looked up once.
+
+    `labels()` takes a lock and builds a key on every call; a served request would pay for it four times.
+    Built with the model (`LoadedModel.metrics`), so the label values are the version's own. A child is
+    created on first use, not here: a version that serves nothing exports no series for it.
+    """
+
+    __slots__ = ("_metrics", "_model", "_requests", "_run", "_seconds", "_version")
+
+    def __init__(self, metrics: ServiceMetrics, model: str, version: str) -> None:
+        self._metrics = metrics
+        self._model = model
+        self._version = version
+        self._run: tuple[Any, Any] | None = None
+        self._requests: dict[tuple[int, str], Any] = {}
+        self._seconds: dict[str, Any] = {}
+
+    def observe_inference(self, seconds: float, batch_size: int) -> None:
+        """As `ServiceMetrics.observe_inference` for this version."""
+        run = self._run
+        if run is None:
+            labels = (self._model, self._version)
+            metrics = self._metrics
+            run = self._run = (metrics.inference_seconds.labels(*labels), metrics.batch_size.labels(*labels))
+        run[0].observe(seconds)
+        run[1].observe(batch_size)
+
+    def observe_request(self, status: int, seconds: float, protocol: str = "rest") -> None:
+        """As `ServiceMetrics.observe_request` for this version."""
+        counter = self._requests.get((status, protocol))
+        if counter is None:
+            counter = self._metrics.requests.labels(self._model, self._version, str(status), protocol)
+            self._requests[status, protocol] = counter
+        counter.inc()
+        histogram = self._seconds.get(protocol)
+        if histogram is None:
+            histogram = self._metrics.request_seconds.labels(self._model, self._version, protocol)
+            self._seconds[protocol] = histogram
+        histogram.observe(seconds)
+
+
 class ServiceMetrics:
     """The server's metrics (`METRICS`): request counts and latencies, batching, model state, input drift.
 
@@ -257,6 +299,10 @@ class ServiceMetrics:
         """
         self.requests.labels(model, version, str(status), protocol).inc()
         self.request_seconds.labels(model, version, protocol).observe(seconds)
+
+    def for_model(self, model: str, version: str) -> ModelMetrics:
+        """The series of one loaded model version, for its request path (see `ModelMetrics`)."""
+        return ModelMetrics(self, model, version)
 
     def observe_auth_rejected(self, status: int) -> None:
         """Count one request refused by authentication (401 or 403): it never reaches a route."""

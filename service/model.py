@@ -20,6 +20,7 @@ import numpy as np
 from service.batching import BatchPolicy, read_policy
 from service.datatypes import numpy_dtype
 from service.errors import ModelLoadError
+from service.metrics import ModelMetrics
 from service.observability import DriftWatch, LayerDriftWatch, Observability
 from service.runtime import Session
 from service.symlinks import check_inside
@@ -48,7 +49,7 @@ class LoadedModel:
 
     `drift` watches frozen-bn's one-layer graph at its input, `layer_drift` any other network at every
     BatchNormalization layer; with neither, `drift_reason` says why. `labels` are the metric label values
-    `(name, version)`.
+    `(name, version)` and `metrics` the version's series, looked up once (None without observability).
     """
 
     name: str
@@ -61,6 +62,7 @@ class LoadedModel:
     labels: tuple[str, str]
     batching_note: str | None = None
     layer_drift: LayerDriftWatch | None = field(default=None, repr=False)
+    metrics: ModelMetrics | None = field(default=None, repr=False, compare=False)
 
 
 def load_model(
@@ -111,6 +113,9 @@ def load_model(
         layer_drift=layer_drift,
         labels=(name, str(version)),
         batching_note=batching_note,
+        metrics=None
+        if options.observability is None
+        else options.observability.metrics.for_model(name, str(version)),
     )
 
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from bn_export.providers import exact_providers
-from service.datatypes import datatype_from_ort
+from service.datatypes import datatype_from_ort, numpy_dtype
 from service.errors import ConfigurationError, ModelLoadError
 from service.settings import Device
 
@@ -116,6 +116,10 @@ class Session:
         self.providers: list[str] = list(self._session.get_providers())
         self.inputs = [_spec(node) for node in self._session.get_inputs()]
         self.outputs = [_spec(node) for node in self._session.get_outputs()]
+        # What each request is validated against, built once here rather than per request.
+        self.input_specs = {spec.name: spec for spec in self.inputs}
+        self.input_dtypes = {spec.name: numpy_dtype(spec.datatype) for spec in self.inputs}
+        self.output_names = [spec.name for spec in self.outputs]
 
     def run(self, output_names: Sequence[str], feeds: Mapping[str, NDArray[Any]]) -> list[NDArray[Any]]:
         """The named outputs for `feeds` (already validated against `inputs`)."""

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
         "(bn-export verify --budget)",
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_flush_interval_s: float = Field(
+        default=0.05,
+        ge=0,
+        description="access records are written out together at most this long after they are made "
+        "(a crash loses at most that much of them); 0 writes each at once",
+    )
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
     # On by default: with no delay it never holds a request back, and merged runs measured no slower (see
     # benchmarks/README.md, "Serving"); every model served passes the batch-invariance check at load.

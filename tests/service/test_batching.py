@@ -19,7 +19,7 @@ import pytest
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
-from service.batching import Batcher, BatchPolicy, model_directory, read_policy
+from service.batching import PROBE_EVERY, Batcher, BatchPolicy, model_directory, read_policy
 from service.errors import InvalidInput, ModelLoadError
 from service.inference import InferenceCore, InferRequest, InferResponse
 from service.model import LoadedModel
@@ -90,6 +90,29 @@ def test_merged_runs_equal_runs_alone_bitwise(core: InferenceCore, executor: Thr
             for name in ("output", "logits"):
                 assert merged[name].shape == alone[name].shape
                 assert merged[name].tobytes() == alone[name].tobytes(), name
+
+
+def test_without_a_delay_lone_requests_run_at_once_and_requests_together_still_merge(
+    core: InferenceCore, executor: ThreadPoolExecutor
+) -> None:
+    batcher = Batcher(core, executor, BatchPolicy(max_batch_size=64, max_batch_delay_us=0))
+    lone = samples(seed=7, count=3 * PROBE_EVERY)
+
+    async def one_after_another() -> list[InferResponse]:
+        return [await batcher.infer(core.prepare("frozen", "1", request(x))) for x in lone]
+
+    answers = asyncio.run(one_after_another())
+    # The first queues and finds no companion; then PROBE_EVERY run at once, one queues to look, and so on.
+    assert batcher.runs == len(lone)
+    assert batcher.direct_runs == len(lone) - 3
+    together = samples(seed=8, count=40)
+    responses = serve_concurrently(batcher, core, [request(x) for x in together])
+    assert batcher.runs - len(lone) < len(together) / 4, "requests arriving together were not merged"
+    for x, response in zip([*lone, *together], [*answers, *responses], strict=True):
+        alone = dict(core.infer("frozen", "1", request(x)).outputs)
+        for name, got in response.outputs:
+            assert got.tobytes() == alone[name].tobytes(), name
+    assert not batcher._held, "a request is still counted after its answer"
 
 
 def test_merged_output_equals_the_float64_formula(

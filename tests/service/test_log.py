@@ -8,9 +8,12 @@ import io
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +26,7 @@ from service.log import (
     utc_timestamp,
     write_access_record,
 )
+from tests.service.conftest import start_server, stop_server
 
 
 @contextlib.contextmanager
@@ -133,3 +137,69 @@ def test_json_lines_carry_extra_fields_but_not_uvicorns_colour_codes() -> None:
     assert document["message"] == "Started server process [42]"
     assert document["model"] == "digits"
     assert "color_message" not in document
+
+
+def test_kept_access_records_are_written_in_order_before_any_other_record_and_on_flush() -> None:
+    stream = io.StringIO()
+    handler = JsonLinesHandler(flush_interval_s=60.0)
+    handler.setStream(stream)
+    handler.write_document({"message": "first"})
+    handler.write_document({"message": "second"})
+    assert stream.getvalue() == "", "a line was written before its interval ended"
+    handler.handle(logging.makeLogRecord({"msg": "a warning", "levelno": logging.WARNING}))
+    handler.write_document({"message": "third"})
+    assert [json.loads(line)["message"] for line in stream.getvalue().splitlines()] == [
+        "first",
+        "second",
+        "a warning",
+    ]
+    handler.flush()  # what logging.shutdown does at exit: nothing kept is lost
+    assert json.loads(stream.getvalue().splitlines()[-1])["message"] == "third"
+
+
+def test_kept_access_records_are_written_within_their_interval_or_once_the_buffer_fills() -> None:
+    stream = io.StringIO()
+    handler = JsonLinesHandler(flush_interval_s=0.05, buffer_bytes=1 << 20)
+    handler.setStream(stream)
+    handler.write_document({"message": "timed"})
+    deadline = time.monotonic() + 5
+    while not stream.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert json.loads(stream.getvalue())["message"] == "timed"
+    full = JsonLinesHandler(flush_interval_s=60.0, buffer_bytes=100)
+    full.setStream(stream := io.StringIO())
+    for index in range(5):
+        full.write_document({"message": f"line {index}", "padding": "x" * 20})
+    assert len(stream.getvalue().splitlines()) >= 2, "a full buffer was not written out"
+
+
+def test_each_access_record_is_written_at_once_with_no_interval() -> None:
+    stream = io.StringIO()
+    handler = JsonLinesHandler(flush_interval_s=0)
+    handler.setStream(stream)
+    handler.write_document({"message": "now"})
+    assert json.loads(stream.getvalue())["message"] == "now"
+
+
+@pytest.mark.slow
+def test_no_kept_access_record_is_lost_when_the_server_stops(repository: Any) -> None:
+    # An interval no request outlives: every record reaches stderr through the shutdown's write alone.
+    server = start_server(
+        "--model-repository", str(repository.root), "--device", "cpu", "--log-flush-interval-s", "600"
+    )
+    ids = [f"kept-{i}" for i in range(25)]
+    body = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [0.5] * 4}]}
+    try:
+        for rid in ids:
+            answer = httpx.post(
+                f"{server.url}/v2/models/frozen/infer", json=body, headers={"X-Request-ID": rid}, timeout=30
+            )
+            assert answer.status_code == 200
+    finally:
+        server.process.terminate()
+        server.process.wait(30)
+        output = server.output()
+        assert stop_server(server) == 0
+    records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    logged = [r["request_id"] for r in records if r["logger"] == "bn_serve.access"]
+    assert [rid for rid in logged if rid.startswith("kept-")] == ids
