@@ -142,6 +142,17 @@ class Admitted:
         self._timer = loop.call_at(start + self._admission.timeout_s, self._expire)
         return self
 
+    def admit(self) -> None:
+        """Trade the upload place held since `receiving` for an inference place, under the same deadline and
+        its one timer (a second timer per request costs the event loop's timer heap at high concurrency).
+        Raises `Overloaded` when every inference place is taken; the upload place is given back first."""
+        if self._gate is not None:
+            self._gate.leave()
+            self._gate = None
+        inference = self._admission.gate
+        inference.enter()
+        self._gate = inference
+
     def _expire(self) -> None:
         self._expired = True
         if self._task is not None:

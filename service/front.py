@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from contextlib import nullcontext
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
@@ -33,7 +32,7 @@ from service.infer_route import InferRoute, response_headers
 from service.limits import declared_body_too_large, guarded
 from service.log import RequestIds, request_id, write_access_record
 from service.metrics import ServiceMetrics
-from service.responses import ResponseBudget, body_slices
+from service.responses import SEND_SLICE_BYTES, ResponseBudget, body_slices
 
 log = logging.getLogger("bn_serve")
 
@@ -146,12 +145,17 @@ class Front:
             log.error("%s %s: unexpected error", method, path, exc_info=exc)
             return await _send(send, 500, _JSON_HEADERS, INTERNAL_ERROR, rid)
         # Held until the last byte is handed to the transport: unread responses are bounded in bytes.
-        reservation = nullcontext() if self.responses is None else self.responses.reserve(encoded.length)
+        budget, size = self.responses, encoded.length
+        if budget is not None:
+            try:
+                budget.take(size)
+            except Overloaded as exc:  # nothing sent yet
+                return await self._send_error(send, exc, method, path, rid)
         try:
-            with reservation:
-                return await _send(send, 200, response_headers(encoded), encoded.parts, rid)
-        except Overloaded as exc:  # only from the reservation, before anything was sent
-            return await self._send_error(send, exc, method, path, rid)
+            return await _send(send, 200, response_headers(encoded), encoded.parts, rid)
+        finally:
+            if budget is not None:
+                budget.give_back(size)
 
     @staticmethod
     async def _send_error(send: Send, exc: ServiceError, method: str, path: str, rid: str) -> int:
@@ -176,6 +180,9 @@ async def _send(
     length = sum(len(part) for part in parts)
     headers = [*headers, (b"content-length", str(length).encode()), (b"x-request-id", rid.encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
+    if len(parts) == 1 and length <= SEND_SLICE_BYTES:  # the usual small answer: one message
+        await send({"type": "http.response.body", "body": parts[0], "more_body": False})
+        return status
     # In slices: the transport holds about one at a time (service.responses).
     slices = list(body_slices(parts))
     last = len(slices) - 1

@@ -70,14 +70,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
-            if self._head_bytes == 0 and self._head_timer is None:
-                self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
             before = self._head_bytes
             self._head_bytes += len(data)
             if before > self.max_header_bytes:
                 self._refuse(431, self._too_large())
                 return
         super().data_received(data)
+        # The head's deadline is armed only for a head still incomplete after this read: most requests
+        # arrive whole in one read, and a timer armed and cancelled per request costs the event loop's
+        # timer heap at high concurrency.
+        waiting = self._in_head and self._head_bytes > 0 and self._head_timer is None
+        if waiting and not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url), headers=0)

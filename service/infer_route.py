@@ -77,9 +77,9 @@ class InferRoute:
         try:
             header_length = framing(headers)
             # The body arrives holding an upload place, not an inference place (see service.admission).
-            with self._admission.receiving(arrived_at):
+            with self._admission.receiving(arrived_at) as place:
                 body = await read_body(receive, headers, self._max_request_bytes, align_at=header_length)
-            with self._admission.admit(arrived_at):
+                place.admit()
                 # Small bodies are decoded and encoded on the event loop: a trip to the pool costs them more.
                 if len(body) <= INLINE_BODY_BYTES:
                     decoded, fmt = codec.decode_request(body, header_length)

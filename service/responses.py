@@ -16,7 +16,6 @@ wait.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -52,9 +51,9 @@ class ResponseBudget:
             registry=registry,
         )
 
-    @contextmanager
-    def reserve(self, size: int) -> Iterator[None]:
-        """Hold `size` bytes for the block; raises `Overloaded` (and counts it) when they do not fit."""
+    def take(self, size: int) -> None:
+        """Hold `size` bytes until `give_back(size)`; raises `Overloaded` (and counts it) when they do not
+        fit. Two plain calls rather than a context manager: this runs once per infer request."""
         if self.pending + size > self.capacity:
             self._refused.inc()
             raise Overloaded(
@@ -65,11 +64,11 @@ class ResponseBudget:
             )
         self.pending += size
         self._pending.set(self.pending)
-        try:
-            yield
-        finally:
-            self.pending -= size
-            self._pending.set(self.pending)
+
+    def give_back(self, size: int) -> None:
+        """Release `size` bytes held by `take`."""
+        self.pending -= size
+        self._pending.set(self.pending)
 
 
 def body_slices(
