@@ -166,7 +166,7 @@ def _check_options(
         raise InvalidInputError(f"eps must be a positive finite number, got {eps!r}")
 
 
-def _progress(enabled: bool, total: int, desc: str) -> tqdm[Any]:
+def progress_bar(enabled: bool, total: int, desc: str) -> tqdm[Any]:
     """A tqdm bar on stderr when asked for and stderr is a terminal; silent otherwise."""
     return tqdm(
         total=total,
@@ -371,7 +371,7 @@ def fit(
     head_state: _HeadState | None = None
     labels: NDArray[Any] = np.empty(0)
     population: Moments | None = None
-    with _progress(progress, passes * data.num_samples, "fit") as bar:
+    with progress_bar(progress, passes * data.num_samples, "fit") as bar:
         if targets is not None:
             labels, head_state = _prepare_head(data, targets, loss, channels, layer.dtype, rng)
             opt = make_optimizer(optimizer, lr)

@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import sys
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from bn_export.data import (
 from bn_export.distributed import _connect, is_zarr, open_zarr_dataset
 from bn_export.errors import DataError, ExportError, InvalidInputError
 from bn_export.files import write_atomically
+from bn_export.fit import progress_bar
 from bn_export.graph_surgery import (
     BatchNormLayer,
     batch_statistics_model,
@@ -254,19 +254,6 @@ def _session(model: onnx.ModelProto, threads: int | None = None) -> ort.Inferenc
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _progress(enabled: bool, total: int, desc: str) -> tqdm[Any]:
-    """A tqdm bar on stderr when asked for and stderr is a terminal; silent otherwise."""
-    return tqdm(
-        total=total,
-        desc=desc,
-        unit="sample",
-        unit_scale=True,
-        leave=False,
-        file=sys.stderr,
-        disable=not (enabled and sys.stderr.isatty()),
-    )
-
-
 def select_layers(layers: Sequence[BatchNormLayer], names: Sequence[str] | None) -> list[BatchNormLayer]:
     """The layers named (all when `names` is None); an unknown name raises naming the layers there are."""
     if names is None:
@@ -376,7 +363,7 @@ def _exact(
         current = with_statistics(proto, chosen, statistics)
         channels = {layer.input: layer.num_channels for layer in group}
         probe, outputs = probe_model(current, list(channels), types)
-        with _progress(progress, feeds.num_samples, f"pass {number + 1}/{len(plan)}") as bar:
+        with progress_bar(progress, feeds.num_samples, f"pass {number + 1}/{len(plan)}") as bar:
             totals = engine(probe, feeds, batch_size, outputs, list(channels.values()), bar)
         found = dict(zip(channels, totals, strict=True))
         for layer in group:
@@ -517,7 +504,7 @@ def _one_pass(
     var_sums = {layer.name: np.zeros(layer.num_channels) for layer in chosen}
     counts = {layer.name: 0 for layer in chosen}
     batches = 0
-    with _progress(progress, feeds.num_samples, "one pass") as bar:
+    with progress_bar(progress, feeds.num_samples, "one pass") as bar:
         for feed in feeds.batches(batch_size):
             values = iter(session.run(names, feed))
             for layer in chosen:
