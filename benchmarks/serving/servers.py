@@ -104,8 +104,8 @@ def peer_servers(
 
     MLServer runs inference in its main process (`parallel_workers=0`): on one pinned core, its default
     worker process only adds a hop. Without `grpc_port`, MLServer's gRPC and metrics servers keep their
-    defaults on spare ports and KServe's gRPC server is off; with it, both serve V2 gRPC on `grpc_port`
-    (run one at a time).
+    defaults on spare ports (up to 64 MiB a gRPC message) and KServe's gRPC server is off; with it, both
+    serve V2 gRPC on `grpc_port` (run one at a time).
     """
     mlserver_repo = workdir / "mlserver-models"
     for model in sorted(repository.glob("*/1/model.onnx")):
@@ -134,6 +134,8 @@ def peer_servers(
             "MLSERVER_GRPC_PORT": str(grpc_port if grpc_port is not None else free_port()),
             "MLSERVER_METRICS_PORT": str(free_port()),
             "MLSERVER_PARALLEL_WORKERS": "0",
+            # W3's 4.8 MB gRPC requests exceed gRPC's default 4 MiB limit.
+            "MLSERVER_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
         },
         start_timeout_s=120.0,
     )
