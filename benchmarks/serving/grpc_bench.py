@@ -1,13 +1,15 @@
 """The gRPC serving benchmark: W1 and W3 over gRPC with raw tensor contents, against a canned-response server.
 
     python benchmarks/serve.py --grpc [--duration 10] [--workloads W1-c1,W1-c32,W3-raw]
-        [--servers canned,bn-serve]
+        [--servers canned,bn-serve,kserve,mlserver] [--venv-cache DIR]
 
-Each server runs alone, pinned to CPU 0; the load generator (`grpc_load.py`, a fixed number of calls in
-flight) runs pinned to CPU 1. `canned` answers every call with the right pre-serialized response without
-decoding anything, so its row is the load generator's and grpc.aio's own ceiling on this machine. Before
-each workload one answer is checked against the closed-form reference, so a fast wrong answer cannot enter
-the table.
+`kserve` and `mlserver` are the peers' V2 gRPC servers, started as the REST runs start them (`servers.py`,
+`peers/`, their own virtual environments under `--venv-cache`) with their gRPC port on; a peer that cannot
+start is skipped with the reason printed. Each server runs alone, pinned to CPU 0; the load generator
+(`grpc_load.py`, a fixed number of calls in flight) runs pinned to CPU 1. `canned` answers every call with
+the right pre-serialized response without decoding anything, so its row is the load generator's and
+grpc.aio's own ceiling on this machine. Before each workload one answer is checked against the closed-form
+reference, so a fast wrong answer cannot enter the table.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
 
+from benchmarks.serving import venvs
 from benchmarks.serving.grpc_load import CHANNEL_OPTIONS, METHOD, GrpcLoadResult
 from benchmarks.serving.models import (
     INPUT_NAME,
@@ -35,12 +38,13 @@ from benchmarks.serving.models import (
     benchmark_models,
     write_repository,
 )
-from benchmarks.serving.servers import free_port, stop
+from benchmarks.serving.servers import ServerStartError, free_port, peer_servers, stop
 from benchmarks.serving.workloads import ATOL, RTOL, sample_input
 from service.proto import grpc_service_pb2 as pb
 
 SERVING = Path(__file__).resolve().parent
 ROOT = SERVING.parents[1]
+PEERS = ("kserve", "mlserver")
 SERVER_CPU, LOAD_CPU = 0, 1
 
 
@@ -80,26 +84,34 @@ def check(target: str, request: bytes, expected: np.ndarray) -> None:
     with grpc.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         answer = pb.ModelInferResponse.FromString(channel.unary_unary(METHOD)(request, timeout=60))
     index = [o.name for o in answer.outputs].index(OUTPUT_NAME)
-    got = np.frombuffer(answer.raw_output_contents[index], "<f4").reshape(list(answer.outputs[index].shape))
+    shape = list(answer.outputs[index].shape)
+    if answer.raw_output_contents:
+        got = np.frombuffer(answer.raw_output_contents[index], "<f4").reshape(shape)
+    else:  # MLServer answers with typed contents
+        got = np.asarray(answer.outputs[index].contents.fp32_contents, dtype=np.float32).reshape(shape)
     np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
 
 
 @contextlib.contextmanager
-def running(argv: Sequence[str], target: str, log: Path) -> Iterator[None]:
+def running(
+    argv: Sequence[str], target: str, log: Path, env: Mapping[str, str] | None = None
+) -> Iterator[None]:
     """`argv` pinned to the server CPU, yielded once `ServerReady` answers true; stopped on the way out."""
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             ["taskset", "-c", str(SERVER_CPU), *argv],
             stdout=log_file,
             stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
             cwd=ROOT,
+            env={**os.environ, **(env or {})},
         )
         try:
             deadline = time.monotonic() + 120
             while True:
                 if process.poll() is not None:
-                    raise RuntimeError(
+                    raise ServerStartError(
                         f"{argv[0]} exited with {process.returncode}: {log.read_text()[-2000:]}"
                     )
                 with contextlib.suppress(grpc.RpcError), grpc.insecure_channel(target) as channel:
@@ -107,7 +119,7 @@ def running(argv: Sequence[str], target: str, log: Path) -> Iterator[None]:
                     if pb.ServerReadyResponse.FromString(ready(b"", timeout=2)).ready:
                         break
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{argv[0]} not ready: {log.read_text()[-2000:]}")
+                    raise ServerStartError(f"{argv[0]} not ready: {log.read_text()[-2000:]}")
                 time.sleep(0.2)
             yield
         finally:
@@ -127,12 +139,41 @@ def measure(target: str, request: Path, in_flight: int, duration_s: float) -> Gr
     return GrpcLoadResult(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def server_command(
+    server: str, port: int, work: Path, peer_pythons: Mapping[str, Path]
+) -> tuple[list[str], dict[str, str]]:
+    """The argv and extra environment that start `server` with its V2 gRPC port on `port`."""
+    if server == "canned":
+        return [sys.executable, str(SERVING / "grpc_canned.py"), "--port", str(port),
+                "--response", str(work / "response.pb")], {}  # fmt: skip
+    if server == "bn-serve":
+        return [sys.executable, "-m", "service.cli", "--model-repository", str(work / "models"),
+                "--device", "cpu", "--port", str(free_port()), "--grpc-port", str(port),
+                "--log-level", "warning"], {}  # fmt: skip
+    if server in PEERS:
+        specs = peer_servers(
+            work / "models", peer_pythons["mlserver"], peer_pythons["kserve"], work, grpc_port=port
+        )
+        spec = next(s for s in specs if s.name == server)
+        return list(spec.argv), dict(spec.env)
+    raise SystemExit(f"unknown server {server!r}: choose from canned, bn-serve, {', '.join(PEERS)}")
+
+
+def peer_environments(cache: Path) -> dict[str, Path]:
+    """The peers' pythons, from their pinned requirements (built on first use, as for the REST runs)."""
+    benchmarks = SERVING.parent
+    return {name: venvs.ensure_venv(cache, name, benchmarks / f"requirements-{name}.txt") for name in PEERS}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/serve.py --grpc", description=__doc__.splitlines()[0])
     parser.add_argument("--grpc", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per workload")
     parser.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS))
-    parser.add_argument("--servers", default="canned,bn-serve")
+    parser.add_argument("--servers", default="canned,bn-serve,kserve,mlserver")
+    parser.add_argument(
+        "--venv-cache", type=Path, default=ROOT / ".cache" / "bench-venvs", help="peers' venvs"
+    )
     args = parser.parse_args(argv)
     if not {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
         raise SystemExit(f"needs CPUs {SERVER_CPU} and {LOAD_CPU}")
@@ -140,12 +181,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     selected = [w for w in WORKLOADS if w.name in wanted]
     servers = [s.strip() for s in args.servers.split(",")]
     models = {m.name: m for m in benchmark_models()}
+    peer_pythons = peer_environments(args.venv_cache) if set(servers) & set(PEERS) else {}
     rows: list[tuple[str, str, GrpcLoadResult, int]] = []
+    skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="bench-grpc-") as tmp:
         work = Path(tmp)
         write_repository(work / "models", tuple(models.values()))
         for server in servers:
             for workload in selected:
+                if server in skipped:
+                    break
                 model = models[workload.model]
                 x = sample_input(model, workload.batch)
                 expected = model.reference(x)
@@ -154,16 +199,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (work / "response.pb").write_bytes(infer_response(model, expected))
                 port = free_port()
                 target = f"127.0.0.1:{port}"
-                if server == "canned":
-                    command = [sys.executable, str(SERVING / "grpc_canned.py"), "--port", str(port),
-                               "--response", str(work / "response.pb")]  # fmt: skip
-                else:
-                    command = [sys.executable, "-m", "service.cli", "--model-repository",
-                               str(work / "models"), "--device", "cpu", "--port", str(free_port()),
-                               "--grpc-port", str(port), "--log-level", "warning"]  # fmt: skip
-                with running(command, target, work / f"{server}.log"):
-                    check(target, request, expected)
-                    result = measure(target, work / "request.pb", workload.in_flight, args.duration)
+                command, env = server_command(server, port, work, peer_pythons)
+                try:
+                    with running(command, target, work / f"{server}.log", env):
+                        check(target, request, expected)
+                        result = measure(target, work / "request.pb", workload.in_flight, args.duration)
+                except ServerStartError as error:
+                    skipped[server] = str(error).strip().splitlines()[-1]
+                    print(f"[{server}] skipped: {error}", flush=True)
+                    break
+                except (grpc.RpcError, AssertionError, subprocess.CalledProcessError) as error:
+                    # One workload a server fails (a wrong answer, a refused message) is named, not fatal.
+                    skipped[f"{server} {workload.name}"] = str(error).strip().splitlines()[0]
+                    print(f"[{server}] {workload.name}-grpc failed: {error}", flush=True)
+                    continue
                 rows.append((server, workload.name, result, len(request)))
                 print(
                     f"[{server}] {workload.name}-grpc: {result.calls_per_s:,.1f} calls/s, "
@@ -178,4 +227,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"| {server} | {name}-grpc | {result.calls_per_s:,.1f} | {result.p50_ms:.2f} "
             f"| {result.p99_ms:.2f} | {result.calls_per_s * size / 1e6:,.1f} | {result.errors} |"
         )
+    for server, reason in skipped.items():
+        print(f"skipped {server}: {reason}")
     return 0

@@ -94,12 +94,18 @@ def own_servers(repository: Path, canned: Path, bn_serve: str | None) -> list[Se
 
 
 def peer_servers(
-    repository: Path, mlserver_python: Path, kserve_python: Path, workdir: Path
+    repository: Path,
+    mlserver_python: Path,
+    kserve_python: Path,
+    workdir: Path,
+    grpc_port: int | None = None,
 ) -> list[ServerSpec]:
     """Seldon MLServer and the KServe Python server, each in its own virtual environment.
 
     MLServer runs inference in its main process (`parallel_workers=0`): on one pinned core, its default
-    worker process only adds a hop. Its gRPC and metrics servers keep their defaults on spare ports.
+    worker process only adds a hop. Without `grpc_port`, MLServer's gRPC and metrics servers keep their
+    defaults on spare ports (up to 64 MiB a gRPC message) and KServe's gRPC server is off; with it, both
+    serve V2 gRPC on `grpc_port` (run one at a time).
     """
     mlserver_repo = workdir / "mlserver-models"
     for model in sorted(repository.glob("*/1/model.onnx")):
@@ -125,9 +131,11 @@ def peer_servers(
             "PYTHONPATH": str(SERVING / "peers"),
             "MLSERVER_HOST": "127.0.0.1",
             "MLSERVER_HTTP_PORT": str(http_port),
-            "MLSERVER_GRPC_PORT": str(free_port()),
+            "MLSERVER_GRPC_PORT": str(grpc_port if grpc_port is not None else free_port()),
             "MLSERVER_METRICS_PORT": str(free_port()),
             "MLSERVER_PARALLEL_WORKERS": "0",
+            # W3's 4.8 MB gRPC requests exceed gRPC's default 4 MiB limit.
+            "MLSERVER_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
         },
         start_timeout_s=120.0,
     )
@@ -142,8 +150,7 @@ def peer_servers(
             str(repository),
             "--http_port",
             str(kserve_port),
-            "--enable_grpc",
-            "false",
+            *(("--enable_grpc", "false") if grpc_port is None else ("--grpc_port", str(grpc_port))),
             "--workers",
             "1",
             "--enable_latency_logging",
