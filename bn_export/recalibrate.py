@@ -25,6 +25,7 @@ model, data and options.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -99,16 +100,7 @@ class LayerChange:
     var_ratio_max: float
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "group": self.group,
-            "channels": self.channels,
-            "values_per_channel": self.values_per_channel,
-            "mean_shift_max": self.mean_shift_max,
-            "mean_shift_rms": self.mean_shift_rms,
-            "var_ratio_min": self.var_ratio_min,
-            "var_ratio_max": self.var_ratio_max,
-        }
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
