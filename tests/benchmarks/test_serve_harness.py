@@ -507,3 +507,29 @@ def test_bn_serve_variants_run_on_ports_of_their_own_with_the_settings_as_enviro
     assert variant.argv[variant.argv.index("--port") + 1] == str(variant.port)
     assert variant.argv[: base.argv.index("--port")] == base.argv[: base.argv.index("--port")]
     assert bn_serve_variants([s for s in specs if s.name != "bn-serve"], ["lean:drift=false"]) == []
+
+
+def test_grpc_targets_compare_bn_serve_with_the_best_peer_and_the_transfer_floor() -> None:
+    from benchmarks.serving.grpc_bench import target_lines
+    from benchmarks.serving.grpc_load import GrpcLoadResult
+
+    def result(calls: int, p50_ms: float) -> GrpcLoadResult:
+        return GrpcLoadResult(calls, errors=0, duration_s=1.0, p50_ms=p50_ms, p90_ms=p50_ms, p99_ms=p50_ms)
+
+    results = {
+        ("bn-serve", "W1-c32"): result(1500, 20.0),
+        ("kserve", "W1-c32"): result(1100, 30.0),
+        ("mlserver", "W1-c32"): result(900, 40.0),
+        ("bn-serve", "W3-raw"): result(20, 50.0),
+        ("canned", "W3-raw"): result(30, 30.0),
+    }
+    assert target_lines(results) == [
+        "MISSED  W1-c32 >= 1.5x the best peer: 1.36x kserve",
+        "MET     W3-raw within 2x the loopback transfer floor: 1.50x its time per call, p50 1.67x",
+    ]
+    results[("kserve", "W1-c32")] = result(1000, 30.0)
+    results[("canned", "W3-raw")] = result(41, 30.0)
+    lines = target_lines(results)
+    assert lines[0].startswith("MET ")
+    assert lines[1].startswith("MISSED ")
+    assert target_lines({})[0].startswith("n/a")
