@@ -29,7 +29,8 @@ from bn_export import __version__
 from service import codec
 from service.admission import Admission, AdmissionGate
 from service.auth import Authenticator, load_api_keys
-from service.batching import Batcher, BatchPolicy
+from service.batching import INLINE_MAX_ELEMENTS, Batcher, BatchPolicy
+from service.direct_infer import DirectInfer
 from service.errors import ConfigurationError, InvalidInput, ServiceError
 from service.front import Front, ServingApp
 from service.grpc_server import GrpcHealth, GrpcInference, GrpcServer
@@ -147,6 +148,19 @@ def create_app(settings: Settings) -> FastAPI:
         max_other_body_bytes=REPOSITORY_BODY_LIMIT,
         responses=ResponseBudget(settings.max_pending_response_bytes, observability.metrics.registry),
     )
+    if settings.direct_infer:
+        app.direct_infer = DirectInfer(
+            core,
+            batcher,
+            admission,
+            authenticator,
+            app.front.ids,
+            observability.metrics,
+            app.front.responses,
+            max_request_bytes=settings.max_request_bytes,
+            max_batch_elements=settings.max_batch_elements,
+            inline_max_elements=INLINE_MAX_ELEMENTS,
+        )
     app.openapi = lambda: _openapi_with_infer(app)  # type: ignore[method-assign]
     app.state.lifecycle = lifecycle
     app.state.core = core

@@ -60,6 +60,7 @@ from service.symlinks import check_inside
 
 if TYPE_CHECKING:
     from service.inference import InferenceCore, InferResponse, PreparedRequest
+    from service.model import LoadedModel
 
 log = logging.getLogger("bn_serve")
 
@@ -233,6 +234,10 @@ class Batcher:
         self.direct_runs = 0  # requests run at once, without queueing
         self.runs = 0  # onnxruntime runs made, merged or alone: requests / runs is the mean merge
 
+    def policy_of(self, model: LoadedModel) -> BatchPolicy:
+        """The policy `model`'s requests merge by: the batcher's own when it has one, else the model's."""
+        return self._policy or model.policy
+
     async def infer(self, prepared: PreparedRequest) -> InferResponse:
         """`prepared`'s response, from a merged run when one is possible; raises as `InferenceCore.run`."""
         model = prepared.model
@@ -385,7 +390,7 @@ class Batcher:
                 feeds,
                 len(live),
             )
-            parts = _split(outputs, [p.samples for p in live])
+            parts = split_outputs(outputs, [p.samples for p in live])
         except Exception as exc:  # any failure of the merged run: each request is retried alone
             context.run(
                 log.warning, "a merged run of %d requests failed (%s); running each alone", len(live), exc
@@ -429,7 +434,7 @@ class Batcher:
         return await offload(self._executor, function, *args, context=context)
 
 
-def _split(outputs: list[NDArray[Any]], sizes: list[int]) -> list[list[NDArray[Any]]]:
+def split_outputs(outputs: list[NDArray[Any]], sizes: list[int]) -> list[list[NDArray[Any]]]:
     """Each request's slice of every output, at the offsets of `sizes` along axis 0.
 
     Raises `ServiceError` when an output does not have one row per merged sample (a model whose outputs are

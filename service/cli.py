@@ -18,7 +18,7 @@ from bn_export import __version__
 from service.app import create_app
 from service.codec import describe
 from service.errors import ServiceError
-from service.http_limits import bounded_protocol
+from service.http_direct import serving_protocol
 from service.log import configure_logging
 from service.runtime import resolve_providers
 from service.settings import Settings
@@ -112,10 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # access records, with the request id, so uvicorn's are off.
         "log_config": None,
         "access_log": False,
-        # httptools, as uvicorn[standard] would pick, with the head's size, count and deadline bounded.
+        # httptools, as uvicorn[standard] would pick, with the head's size, count and deadline bounded, and
+        # small JSON infer requests answered without an ASGI task (service.http_direct).
         "http": cast(
             "type[asyncio.Protocol]",
-            bounded_protocol(
+            serving_protocol(
                 settings.max_header_bytes,
                 settings.max_header_count,
                 head_timeout_s=settings.request_timeout_s,

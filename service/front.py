@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
@@ -33,6 +34,9 @@ from service.limits import declared_body_too_large, guarded
 from service.log import RequestIds, request_id, write_access_record
 from service.metrics import ServiceMetrics
 from service.responses import SEND_SLICE_BYTES, ResponseBudget, body_slices
+
+if TYPE_CHECKING:
+    from service.direct_infer import DirectInfer
 
 log = logging.getLogger("bn_serve")
 
@@ -209,6 +213,8 @@ class ServingApp(FastAPI):
     """
 
     front: Front | None = None
+    # Small JSON infer requests answered by the HTTP protocol itself (`service.http_direct`); None: none.
+    direct_infer: DirectInfer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.front is not None and scope["type"] == "http":

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
         "(a crash loses at most that much of them); 0 writes each at once",
     )
     graceful_shutdown_s: float = Field(default=30.0, gt=0)
+    direct_infer: bool = Field(
+        default=True,
+        description="answer small JSON infer requests from the HTTP protocol itself, merged per turn of "
+        "the event loop (service.direct_infer); false sends every request through the ASGI app",
+    )
     # On by default: with no delay it never holds a request back, and merged runs measured no slower (see
     # benchmarks/README.md, "Serving"); every model served passes the batch-invariance check at load.
     max_batch_size: int = Field(
