@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 import orjson
 import uvicorn
+import uvloop
 from uvicorn.server import ServerState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +151,7 @@ def main() -> None:
                 stats = pstats.Stats(profile)
                 stats.sort_stats("tottime").print_stats(30)
 
-    asyncio.run(run())
+    uvloop.run(run())  # as uvicorn runs bn-serve
 
 
 if __name__ == "__main__":

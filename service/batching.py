@@ -175,7 +175,10 @@ def batch_size(prepared: PreparedRequest) -> int:
 
 def input_elements(prepared: PreparedRequest) -> int:
     """Tensor elements of the request's inputs, all together."""
-    return sum(array.size for array in prepared.feeds.values())
+    feeds = prepared.feeds
+    if len(feeds) == 1:
+        return int(next(iter(feeds.values())).size)
+    return sum(array.size for array in feeds.values())
 
 
 @dataclass

@@ -61,7 +61,8 @@ class EncodedResponse:
     @property
     def length(self) -> int:
         """The body's length in bytes (its Content-Length)."""
-        return sum(len(part) for part in self.parts)
+        parts = self.parts
+        return len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
 
     @property
     def body(self) -> bytes:
@@ -153,11 +154,13 @@ def _decode_inputs(
     decoded = []
     offset = 0
     for tensor in inputs:
-        if any(d < 0 for d in tensor.shape):
+        shape = tensor.shape
+        if shape and min(shape) < 0:
             raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} has a negative dimension")
         # numpy refuses (ValueError) any shape whose non-zero dimensions multiply past its index range, even
         # one holding a zero, so such shapes are the client's mistake, said before numpy sees them.
-        if math.prod(max(d, 1) for d in tensor.shape) > _MAX_SHAPE_PRODUCT:
+        nonzero = [d for d in shape if d] if 0 in shape else shape
+        if math.prod(nonzero) > _MAX_SHAPE_PRODUCT:
             raise InvalidInput(f"input {tensor.name!r}: shape {tensor.shape} is larger than any array can be")
         dtype = numpy_dtype(tensor.datatype)
         size = _binary_size(tensor)

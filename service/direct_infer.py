@@ -278,19 +278,16 @@ class DirectInfer:
         except ServiceError as exc:
             self._finish_error(item, exc)
             return
-        budget, size = self._responses, encoded.length
+        budget = self._responses
         if budget is not None:
+            # Written to the transport at once: nothing waits here, only a refusal can apply.
             try:
-                budget.take(size)
+                budget.check(encoded.length)
             except Overloaded as exc:
                 self._finish_error(item, exc)
                 return
         headers = [*response_headers(encoded), (b"x-request-id", item.rid.encode())]
-        try:
-            answered = item.connection.direct_answer(item.exchange, 200, headers, encoded.parts)
-        finally:
-            if budget is not None:
-                budget.give_back(size)
+        answered = item.connection.direct_answer(item.exchange, 200, headers, encoded.parts)
         self.requests += 1
         self._record(item, 200 if answered else 499)
 

@@ -115,7 +115,8 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
             content.extend((name, b": ", value, b"\r\n"))
         for name, value in headers:
             content.extend((name, b": ", value, b"\r\n"))
-        content.append(b"content-length: %d\r\n" % sum(len(part) for part in parts))
+        length = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
+        content.append(b"content-length: %d\r\n" % length)
         if not cycle.keep_alive:
             content.append(b"connection: close\r\n")
         content.append(b"\r\n")

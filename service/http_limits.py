@@ -88,7 +88,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4, headers=1)  # name, ": ", value, CRLF
+        # `_count` inlined: this runs for every header of every request.
+        self._parsed_bytes += len(name) + len(value) + 4  # name, ": ", value, CRLF
+        self._header_count += 1
+        if self._header_count > self.max_header_count or self._parsed_bytes > self.max_header_bytes:
+            self._count(0, headers=0)  # raises with the reason
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:

@@ -263,7 +263,7 @@ class InferenceCore:
 
     def _check_size(self, inputs: list[tuple[str, NDArray[Any]]]) -> None:
         """Refuse requests over `max_request_elements` before any conversion allocates for them."""
-        total = sum(array.size for _, array in inputs)
+        total = inputs[0][1].size if len(inputs) == 1 else sum(array.size for _, array in inputs)
         if self.max_request_elements is not None and total > self.max_request_elements:
             raise PayloadTooLarge(
                 f"the request holds {total} tensor elements, the limit is {self.max_request_elements} "

@@ -65,6 +65,12 @@ class ResponseBudget:
         self.pending += size
         self._pending.set(self.pending)
 
+    def check(self, size: int) -> None:
+        """Refuse (as `take`) a response of `size` bytes that would not fit, holding nothing: for a response
+        handed to the transport at once, with no wait between reserving and releasing its bytes."""
+        if self.pending + size > self.capacity:
+            self.take(size)  # raises and counts the refusal
+
     def give_back(self, size: int) -> None:
         """Release `size` bytes held by `take`."""
         self.pending -= size
