@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import os
 import threading
-from bisect import bisect_left
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, reduce
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from prometheus_client import (
@@ -225,6 +226,12 @@ METRICS: tuple[MetricDefinition, ...] = (
 _LAYER_METRICS = tuple(d for d in METRICS if d.labels == _LAYER)
 
 
+def _drain(pending: deque[float]) -> list[float]:
+    """What `pending` held at the call, oldest first, popped from the left one at a time (in C, `map`):
+    a value appended on the right meanwhile stays for the next drain. Only one thread may drain."""
+    return list(map(deque.popleft, itertools.repeat(pending, len(pending))))
+
+
 class _CounterSeries:
     """One counter child's increments since the last flush, in a deque: `add(amount)` is `deque.append`,
     one C call that the GIL makes atomic, so threads add without a lock and none is lost."""
@@ -237,11 +244,7 @@ class _CounterSeries:
         self.add: Callable[[float], None] = self._pending.append
 
     def flush(self) -> None:
-        """Add what arrived to the child (only `flush` pops, so a count appended meanwhile waits)."""
-        pending = self._pending
-        total = 0.0
-        for _ in range(len(pending)):
-            total += pending.popleft()
+        total = sum(_drain(self._pending))  # whole numbers: exact in any order
         if total:
             self.child.inc(total)
 
@@ -250,9 +253,9 @@ class _HistogramSeries:
     """One histogram child's observations since the last flush, appended as `_CounterSeries`' are.
 
     `flush` buckets them as `Histogram.observe` does (the first upper bound >= the value) and adds them to
-    running totals in arrival order, then sets the child's bucket counts and sum to those totals: the sum is
-    the same float, to the last bit, as observing each value in turn would give. The series is its child's
-    only writer (`ServiceMetrics` keeps one per label set).
+    running totals one at a time in arrival order, then sets the child's bucket counts and sum to those
+    totals: the sum is the same float, to the last bit, as observing each value in turn would give. The
+    series is its child's only writer (`ServiceMetrics` keeps one per label set).
     """
 
     __slots__ = ("_bounds", "_counts", "_pending", "_sum", "add", "child")
@@ -266,16 +269,18 @@ class _HistogramSeries:
         self.add: Callable[[float], None] = self._pending.append
 
     def flush(self) -> None:
-        pending = self._pending
-        arrived = len(pending)
+        arrived = _drain(self._pending)
         if not arrived:
             return
-        bounds, counts, total = self._bounds, self._counts, self._sum
-        for _ in range(arrived):
-            amount = pending.popleft()
-            total += amount
-            counts[bisect_left(bounds, amount)] += 1
-        self._sum = total
+        # Loops in C (`reduce`, `sorted`) rather than one Python step per value. `reduce` adds left to right,
+        # as `+=` per observation does (`sum` compensates from Python 3.12 on: another last bit).
+        self._sum = total = reduce(operator.add, arrived, self._sum)
+        ordered = sorted(arrived)
+        counts, below = self._counts, 0
+        for index, bound in enumerate(self._bounds):
+            at_most = bisect_right(ordered, bound)  # values <= bound: this bucket's and those below
+            counts[index] += at_most - below
+            below = at_most
         # prometheus-client keeps a histogram child's per-bucket (not cumulative) counts and its sum as
         # values with `set`; it has no public call that adds many observations at once.
         child = self.child
