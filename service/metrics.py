@@ -14,7 +14,8 @@ the traffic. Two supported ways out:
   and histograms add up, the in-flight gauge sums over live workers, the model gauges take the maximum
   over live workers, and the drift gauges keep one series per worker (label `pid`), because a drift score
   computed from part of the traffic does not add. Call `ServiceMetrics.close()` when a worker exits so its
-  live gauges disappear.
+  live gauges disappear. A worker's request counts reach its files at its flushes (`FLUSH_INTERVAL_S`,
+  see `ServiceMetrics`), so another worker's scrape shows them up to that long after they are answered.
 """
 
 from __future__ import annotations
@@ -366,7 +367,7 @@ class ServiceMetrics:
     Counters and histograms are not updated in prometheus-client per request: each labelled series
     (`series`) appends what it is given to a deque and `flush()` moves it into the prometheus-client child;
     the in-flight gauge is a `LiveCount` read at flush. prometheus-client's own update takes a lock and a
-    few checks per value (about 20 µs of a small request's ~190 µs in all). `render()` flushes first, so
+    few checks per value, about ten times per request. `render()` flushes first, so
     a scrape sees every request answered before it; `start()` also flushes every `flush_interval_s`, which
     bounds what waits in the deques and is how long other workers' scrapes lag in multi-process mode. The
     exposition (names, labels, buckets, sums) is what observing each value in prometheus-client gives.
