@@ -465,10 +465,12 @@ def test_forgetting_a_version_drops_its_unflushed_drift_counts_and_keeps_its_req
 def test_close_flushes_what_was_recorded_and_stops_the_periodic_flush() -> None:
     registry = CollectorRegistry()
     metrics = ServiceMetrics(registry, flush_interval_s=3600)
+    before = set(threading.enumerate())
     metrics.start()
+    (flusher,) = set(threading.enumerate()) - before
     metrics.observe_request("digits", "1", 200, 0.001)
     labels = {"model": "digits", "version": "1", "status": "200", "protocol": "rest"}
     assert registry.get_sample_value("bn_serve_requests_total", labels) == 0  # created, not yet flushed
     metrics.close()
     assert registry.get_sample_value("bn_serve_requests_total", labels) == 1
-    assert not any(t.name == "bn-serve-metrics" for t in threading.enumerate())
+    assert not flusher.is_alive()
