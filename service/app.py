@@ -138,6 +138,8 @@ def create_app(settings: Settings) -> FastAPI:
             for handler in logging.getLogger().handlers:
                 handler.flush()
 
+    responses = ResponseBudget(settings.max_pending_response_bytes, observability.metrics.registry)
+    observability.metrics.on_flush(responses.export)
     app = ServingApp(title="frozen-bn", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.front = Front(
         app.framework,
@@ -146,7 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
         metrics=observability.metrics,
         request_timeout_s=settings.request_timeout_s,
         max_other_body_bytes=REPOSITORY_BODY_LIMIT,
-        responses=ResponseBudget(settings.max_pending_response_bytes, observability.metrics.registry),
+        responses=responses,
     )
     if settings.direct_infer:
         app.direct_infer = DirectInfer(

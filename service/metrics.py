@@ -14,15 +14,23 @@ the traffic. Two supported ways out:
   and histograms add up, the in-flight gauge sums over live workers, the model gauges take the maximum
   over live workers, and the drift gauges keep one series per worker (label `pid`), because a drift score
   computed from part of the traffic does not add. Call `ServiceMetrics.close()` when a worker exits so its
-  live gauges disappear.
+  live gauges disappear. A worker's request counts reach its files at its flushes (`FLUSH_INTERVAL_S`,
+  see `ServiceMetrics`), so another worker's scrape shows them up to that long after they are answered.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
+import operator
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from bisect import bisect_right
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial, reduce
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from prometheus_client import (
@@ -38,8 +46,13 @@ from prometheus_client import (
 if TYPE_CHECKING:
     from service.drift import DriftSnapshot
 
+log = logging.getLogger(__name__)
+
 NAMESPACE = "bn_serve"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How often the counts recorded since the last flush reach prometheus-client when nobody scrapes: in
+# multi-process mode, the delay before another worker's `/metrics` shows them.
+FLUSH_INTERVAL_S = 1.0
 
 # A frozen BatchNorm (plus a linear head) answers in tens of microseconds on a CPU; HTTP and JSON add
 # hundreds; a big batch or a cold GPU can take seconds. Roughly x2.5 steps from 50 µs to 10 s.
@@ -136,7 +149,7 @@ METRICS: tuple[MetricDefinition, ...] = (
         ("status",),
     ),
     MetricDefinition(
-        "in_flight", Gauge, "requests_in_flight", "Requests being processed right now.",
+        "requests_in_flight", Gauge, "requests_in_flight", "Requests being processed right now.",
         multiprocess_mode="livesum",
     ),
     MetricDefinition(
@@ -214,12 +227,101 @@ METRICS: tuple[MetricDefinition, ...] = (
 _LAYER_METRICS = tuple(d for d in METRICS if d.labels == _LAYER)
 
 
+def _drain(pending: deque[float]) -> list[float]:
+    """What `pending` held at the call, oldest first, popped from the left one at a time (in C, `map`):
+    a value appended on the right meanwhile stays for the next drain. Only one thread may drain."""
+    return list(map(deque.popleft, itertools.repeat(pending, len(pending))))
+
+
+class _CounterSeries:
+    """One counter child's increments since the last flush, in a deque: `add(amount)` is `deque.append`,
+    one C call that the GIL makes atomic, so threads add without a lock and none is lost."""
+
+    __slots__ = ("_pending", "add", "child")
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+        self._pending: deque[float] = deque()
+        self.add: Callable[[float], None] = self._pending.append
+
+    def flush(self) -> None:
+        total = sum(_drain(self._pending))  # whole numbers: exact in any order
+        if total:
+            self.child.inc(total)
+
+
+class _HistogramSeries:
+    """One histogram child's observations since the last flush, appended as `_CounterSeries`' are.
+
+    `flush` buckets them as `Histogram.observe` does (the first upper bound >= the value) and adds them to
+    running totals one at a time in arrival order, then sets the child's bucket counts and sum to those
+    totals: the sum is the same float, to the last bit, as observing each value in turn would give. The
+    series is its child's only writer (`ServiceMetrics` keeps one per label set).
+    """
+
+    __slots__ = ("_bounds", "_counts", "_pending", "_sum", "add", "child")
+
+    def __init__(self, child: Any, upper_bounds: Sequence[float]) -> None:
+        self.child = child
+        self._bounds = tuple(upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        self._pending: deque[float] = deque()
+        self.add: Callable[[float], None] = self._pending.append
+
+    def flush(self) -> None:
+        arrived = _drain(self._pending)
+        if not arrived:
+            return
+        # Loops in C (`reduce`, `sorted`) rather than one Python step per value. `reduce` adds left to right,
+        # as `+=` per observation does (`sum` compensates from Python 3.12 on: another last bit).
+        self._sum = total = reduce(operator.add, arrived, self._sum)
+        ordered = sorted(arrived)
+        counts, below = self._counts, 0
+        for index, bound in enumerate(self._bounds):
+            at_most = bisect_right(ordered, bound)  # values <= bound: this bucket's and those below
+            counts[index] += at_most - below
+            below = at_most
+        # prometheus-client keeps a histogram child's per-bucket (not cumulative) counts and its sum as
+        # values with `set`; it has no public call that adds many observations at once.
+        child = self.child
+        child._sum.set(total)
+        for value, count in zip(child._buckets, counts, strict=True):
+            value.set(count)
+
+
+_Series = _CounterSeries | _HistogramSeries
+
+
+class LiveCount:
+    """The number of open blocks (requests in flight): `inc` and `dec` are `next` on two `itertools.count`
+    (C calls the GIL makes atomic: no lock, no Python frame); `value()` is their difference."""
+
+    __slots__ = ("_finished", "_reads", "_started", "dec", "inc")
+
+    def __init__(self) -> None:
+        self._started = itertools.count()
+        self._finished = itertools.count()
+        self.inc: Callable[[], int] = partial(next, self._started)
+        self.dec: Callable[[], int] = partial(next, self._finished)
+        self._reads = 0  # each `value()` takes one number from both counts
+
+    def value(self) -> int:
+        """Blocks entered and not yet left; call from one thread at a time (`ServiceMetrics.flush`)."""
+        # Finished first: a block that enters and leaves between the two reads is then counted as open, a
+        # moment's overcount, where the other order could report fewer than zero.
+        finished = next(self._finished) - self._reads
+        started = next(self._started) - self._reads
+        self._reads += 1
+        return started - finished
+
+
 class ModelMetrics:
     """One loaded model version's request and run series of `metrics`, each looked up once.
 
-    `labels()` takes a lock and builds a key on every call; a served request would pay for it four times.
-    Built with the model (`LoadedModel.metrics`), so the label values are the version's own. A child is
-    created on first use, not here: a version that serves nothing exports no series for it.
+    Built with the model (`LoadedModel.metrics`), so the label values are the version's own. A series is
+    created on first use, not here: a version that serves nothing exports no series for it. Each update
+    is one append (see `ServiceMetrics`).
     """
 
     __slots__ = ("_metrics", "_model", "_requests", "_run", "_seconds", "_version")
@@ -228,32 +330,32 @@ class ModelMetrics:
         self._metrics = metrics
         self._model = model
         self._version = version
-        self._run: tuple[Any, Any] | None = None
-        self._requests: dict[tuple[int, str], Any] = {}
-        self._seconds: dict[str, Any] = {}
+        self._run: tuple[Callable[[float], None], Callable[[float], None]] | None = None
+        self._requests: dict[tuple[int, str], Callable[[float], None]] = {}
+        self._seconds: dict[str, Callable[[float], None]] = {}
 
     def observe_inference(self, seconds: float, batch_size: int) -> None:
         """As `ServiceMetrics.observe_inference` for this version."""
         run = self._run
         if run is None:
             labels = (self._model, self._version)
-            metrics = self._metrics
-            run = self._run = (metrics.inference_seconds.labels(*labels), metrics.batch_size.labels(*labels))
-        run[0].observe(seconds)
-        run[1].observe(batch_size)
+            series = self._metrics.series
+            run = self._run = (series("inference_seconds", labels).add, series("batch_size", labels).add)
+        run[0](seconds)
+        run[1](batch_size)
 
     def observe_request(self, status: int, seconds: float, protocol: str = "rest") -> None:
         """As `ServiceMetrics.observe_request` for this version."""
-        counter = self._requests.get((status, protocol))
-        if counter is None:
-            counter = self._metrics.requests.labels(self._model, self._version, str(status), protocol)
-            self._requests[status, protocol] = counter
-        counter.inc()
-        histogram = self._seconds.get(protocol)
-        if histogram is None:
-            histogram = self._metrics.request_seconds.labels(self._model, self._version, protocol)
-            self._seconds[protocol] = histogram
-        histogram.observe(seconds)
+        count = self._requests.get((status, protocol))
+        if count is None:
+            labels = (self._model, self._version, str(status), protocol)
+            count = self._requests[status, protocol] = self._metrics.series("requests", labels).add
+        count(1)
+        observe = self._seconds.get(protocol)
+        if observe is None:
+            series = self._metrics.series("request_seconds", (self._model, self._version, protocol))
+            observe = self._seconds[protocol] = series.add
+        observe(seconds)
 
 
 class ServiceMetrics:
@@ -261,6 +363,14 @@ class ServiceMetrics:
 
     Build one per app; the app calls the `observe_*`/`set_*` methods from its request path (all are
     thread-safe and O(1)) and serves `render()` on `GET /metrics`.
+
+    Counters and histograms are not updated in prometheus-client per request: each labelled series
+    (`series`) appends what it is given to a deque and `flush()` moves it into the prometheus-client child;
+    the in-flight gauge is a `LiveCount` read at flush. prometheus-client's own update takes a lock and a
+    few checks per value, about ten times per request. `render()` flushes first, so
+    a scrape sees every request answered before it; `start()` also flushes every `flush_interval_s`, which
+    bounds what waits in the deques and is how long other workers' scrapes lag in multi-process mode. The
+    exposition (names, labels, buckets, sums) is what observing each value in prometheus-client gives.
     """
 
     requests: Counter
@@ -268,7 +378,7 @@ class ServiceMetrics:
     inference_seconds: Histogram
     batch_size: Histogram
     auth_rejected: Counter
-    in_flight: Gauge
+    requests_in_flight: Gauge
     model_ready: Gauge
     model_load_seconds: Gauge
     drift_score: Gauge
@@ -284,10 +394,76 @@ class ServiceMetrics:
     layer_drift_samples: Gauge
     layer_drift_alerting: Gauge
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, flush_interval_s: float = FLUSH_INTERVAL_S
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         for definition in METRICS:
             setattr(self, definition.attribute, definition.build(self.registry))
+        self.in_flight = LiveCount()
+        self.flush_interval_s = flush_interval_s
+        # Per counter or histogram, its series by label values; entries are added without a lock (one
+        # `setdefault`) and removed only under `_flush_lock`, by `forget_model`.
+        self._series: dict[str, dict[tuple[str, ...], _Series]] = {
+            d.attribute: {} for d in METRICS if d.kind is not Gauge
+        }
+        self._definitions = {d.attribute: d for d in METRICS}
+        self._exporters: list[Callable[[], None]] = []
+        self._flush_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    def series(self, attribute: str, labels: tuple[str, ...]) -> _CounterSeries | _HistogramSeries:
+        """The series of counter or histogram `attribute` (a `METRICS` entry) with these label values.
+
+        Its prometheus-client child is created here, on first use, as `labels()` would on a first update
+        (so its `_created` time is the first update's); updates go through the returned series' `add`.
+        """
+        table = self._series[attribute]
+        found = table.get(labels)
+        if found is not None:
+            return found
+        metric = getattr(self, attribute)
+        child = metric.labels(*labels)
+        definition = self._definitions[attribute]
+        created: _Series
+        if definition.kind is Histogram:
+            created = _HistogramSeries(child, (*(definition.buckets or ()), float("inf")))
+        else:
+            created = _CounterSeries(child)
+        # Two threads creating the same series at once share the first one stored (the child is one).
+        return table.setdefault(labels, created)
+
+    def on_flush(self, export: Callable[[], None]) -> None:
+        """Call `export` at every flush, to set gauges kept elsewhere (as plain numbers) in the registry."""
+        self._exporters.append(export)
+
+    def flush(self) -> None:
+        """Move every update recorded since the last flush into prometheus-client (and its files in
+        multi-process mode); set the in-flight gauge and run the `on_flush` exporters."""
+        with self._flush_lock:
+            for table in self._series.values():
+                for series in tuple(table.values()):
+                    series.flush()
+            self.requests_in_flight.set(self.in_flight.value())
+            for export in self._exporters:
+                export()
+
+    def start(self) -> None:
+        """Flush every `flush_interval_s` from a background thread until `close()` (no-op when started)."""
+        if self._flusher is None:
+            self._stop.clear()
+            self._flusher = threading.Thread(
+                target=self._flush_periodically, name="bn-serve-metrics", daemon=True
+            )
+            self._flusher.start()
+
+    def _flush_periodically(self) -> None:
+        while not self._stop.wait(self.flush_interval_s):
+            try:
+                self.flush()
+            except Exception:  # a fault here must cost the metrics only, never the server
+                log.exception("the metrics could not be flushed")
 
     def observe_request(
         self, model: str, version: str, status: int | str, seconds: float, protocol: str = "rest"
@@ -297,8 +473,8 @@ class ServiceMetrics:
         `model` must be a known model name (or `UNKNOWN_MODEL`), `status` the HTTP status code and
         `protocol` "rest" or "grpc", so that the number of series stays bounded whatever clients send.
         """
-        self.requests.labels(model, version, str(status), protocol).inc()
-        self.request_seconds.labels(model, version, protocol).observe(seconds)
+        self.series("requests", (model, version, str(status), protocol)).add(1)
+        self.series("request_seconds", (model, version, protocol)).add(seconds)
 
     def for_model(self, model: str, version: str) -> ModelMetrics:
         """The series of one loaded model version, for its request path (see `ModelMetrics`)."""
@@ -306,12 +482,12 @@ class ServiceMetrics:
 
     def observe_auth_rejected(self, status: int) -> None:
         """Count one request refused by authentication (401 or 403): it never reaches a route."""
-        self.auth_rejected.labels(str(status)).inc()
+        self.series("auth_rejected", (str(status),)).add(1)
 
     def observe_inference(self, model: str, version: str, seconds: float, batch_size: int) -> None:
         """Record one onnxruntime run: its duration and the number of samples it held."""
-        self.inference_seconds.labels(model, version).observe(seconds)
-        self.batch_size.labels(model, version).observe(batch_size)
+        self.series("inference_seconds", (model, version)).add(seconds)
+        self.series("batch_size", (model, version)).add(batch_size)
 
     @contextmanager
     def track_in_flight(self) -> Iterator[None]:
@@ -331,15 +507,20 @@ class ServiceMetrics:
             self.model_load_seconds.labels(model, version).set(load_seconds)
 
     def forget_model(self, model: str, version: str) -> None:
-        """Drop the series describing an unloaded model version (`per_model`) so they stop being exported."""
-        for definition in METRICS:
-            if not definition.per_model:
-                continue
-            metric = getattr(self, definition.attribute)
-            extra = [(o,) for o in DRIFT_OUTCOMES] if "outcome" in definition.labels else [()]
-            for rest in extra:
-                with suppress(KeyError):  # never set for this version: nothing to drop
-                    metric.remove(model, version, *rest)
+        """Drop the series describing an unloaded model version (`per_model`) so they stop being exported,
+        with their updates not yet flushed: a later flush would bring them back."""
+        with self._flush_lock:
+            for definition in METRICS:
+                if not definition.per_model:
+                    continue
+                table = self._series.get(definition.attribute, {})
+                for labels in [labels for labels in table if labels[:2] == (model, version)]:
+                    del table[labels]
+                metric = getattr(self, definition.attribute)
+                extra = [(o,) for o in DRIFT_OUTCOMES] if "outcome" in definition.labels else [()]
+                for rest in extra:
+                    with suppress(KeyError):  # never set for this version: nothing to drop
+                        metric.remove(model, version, *rest)
 
     def observe_drift(self, model: str, version: str, snapshot: DriftSnapshot) -> None:
         """Export a drift monitor's latest figures; figures not yet defined (no samples) are left unset."""
@@ -376,14 +557,16 @@ class ServiceMetrics:
     ) -> None:
         """Count `requests` served requests of `samples` samples by what drift did with them."""
         if requests:
-            self.drift_requests.labels(model, version, outcome).inc(requests)
-            self.drift_request_samples.labels(model, version, outcome).inc(samples)
+            self.series("drift_requests", (model, version, outcome)).add(requests)
+            self.series("drift_request_samples", (model, version, outcome)).add(samples)
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition of every metric, and its content type, for `GET /metrics`.
 
-        In multi-process mode the figures are read back from every worker's files, not from this registry.
+        Every update recorded before is flushed first. In multi-process mode the figures are read back from
+        every worker's files, not from this registry.
         """
+        self.flush()
         if multiprocess_mode():
             aggregated = CollectorRegistry()
             multiprocess.MultiProcessCollector(aggregated)  # type: ignore[no-untyped-call]
@@ -391,6 +574,12 @@ class ServiceMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def close(self) -> None:
-        """Call when this worker exits: in multi-process mode, its live gauges stop being exported."""
+        """Call when this worker exits: stops the periodic flush after a last one; in multi-process mode,
+        its live gauges stop being exported."""
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
+        self.flush()
         if multiprocess_mode():
             multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

@@ -226,8 +226,9 @@ class Observability:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the background worker (no-op when already started). With drift off it still runs: it is
-        also what hands freed heap back to the OS once a second."""
+        """Start the background worker and the metrics' periodic flush (no-op when already started). With
+        drift off the worker still runs: it is also what hands freed heap back to the OS once a second."""
+        self.metrics.start()
         if self._worker is None:
             self._stop.clear()
             name = "bn-serve-drift" if self.drift else "bn-serve-trim"

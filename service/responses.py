@@ -63,7 +63,6 @@ class ResponseBudget:
                 retry_after_s=self.retry_after_s,
             )
         self.pending += size
-        self._pending.set(self.pending)
 
     def check(self, size: int) -> None:
         """Refuse (as `take`) a response of `size` bytes that would not fit, holding nothing: for a response
@@ -74,6 +73,10 @@ class ResponseBudget:
     def give_back(self, size: int) -> None:
         """Release `size` bytes held by `take`."""
         self.pending -= size
+
+    def export(self) -> None:
+        """Set `bn_serve_pending_response_bytes` to the bytes held now. Called by the metrics' flush
+        (`ServiceMetrics.on_flush`) rather than on every change: a gauge's `set` takes a lock."""
         self._pending.set(self.pending)
 
 

@@ -68,6 +68,7 @@ class Served:
         return output
 
     def metric(self, name: str, version: str = "1", **labels: str) -> float | None:
+        self.observability.metrics.flush()
         value = self.observability.metrics.registry.get_sample_value(
             name, {"model": "m", "version": version, **labels}
         )

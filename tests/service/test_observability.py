@@ -154,6 +154,20 @@ def test_unknown_model_names_share_one_bounded_label_value(fresh: InProcess) -> 
     assert request_counts(samples) == {(UNKNOWN_MODEL, UNKNOWN_MODEL, "404"): 3}
 
 
+def test_a_scrape_right_after_each_request_counts_it(fresh: InProcess) -> None:
+    # Far sooner than the periodic flush (every second): only the scrape's own flush can show them.
+    x = np.ones((1, CHANNELS), dtype=np.float32)
+    frozen = {"model": "frozen", "version": "2"}
+    for n in range(1, 4):
+        assert fresh.post("/v2/models/frozen/infer", json=infer_body(x)).status_code == 200
+        samples = scrape(fresh.get)
+        assert request_counts(samples)[("frozen", "2", "200")] == n
+        assert value(samples, "bn_serve_request_seconds_count", **frozen) == n
+        assert value(samples, "bn_serve_inference_seconds_count", **frozen) == n
+        assert value(samples, "bn_serve_requests_in_flight") == 0
+        assert value(samples, "bn_serve_pending_response_bytes") == 0
+
+
 def test_histograms_count_every_request_and_every_run_with_its_samples(fresh: InProcess) -> None:
     sizes = [1, 3, 8, 3]
     for n in sizes:
