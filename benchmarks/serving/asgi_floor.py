@@ -20,7 +20,7 @@ from typing import Any
 
 import uvicorn
 
-from service.http_limits import bounded_protocol
+from service.http_direct import serving_protocol
 from service.settings import Settings
 
 Scope = MutableMapping[str, Any]
@@ -104,7 +104,7 @@ def uvicorn_options(port: int) -> dict[str, Any]:
         "timeout_graceful_shutdown": 30.0,
         "log_config": None,
         "access_log": False,
-        "http": bounded_protocol(
+        "http": serving_protocol(
             _default("max_header_bytes"),
             _default("max_header_count"),
             head_timeout_s=_default("request_timeout_s"),

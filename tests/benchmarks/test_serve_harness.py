@@ -533,3 +533,35 @@ def test_grpc_targets_compare_bn_serve_with_the_best_peer_and_the_transfer_floor
     assert lines[0].startswith("MET ")
     assert lines[1].startswith("MISSED ")
     assert target_lines({})[0].startswith("n/a")
+
+
+def test_rest_targets_are_set_against_triton_the_asgi_floor_loopback_and_the_naive_route() -> None:
+    from benchmarks.serving.report import Row, targets
+
+    def row(server: str, role: str, workload: str, rps: float, p50: float = 1.0, p99: float = 2.0) -> Row:
+        return Row(server, role, workload, "ok", requests_per_s=rps, p50_ms=p50, p99_ms=p99, rss_mib=100)
+
+    rows = [
+        row("bn-serve", "subject", "W1-c32", 9000),
+        row("asgi-floor", "asgi", "W1-c32", 16000),
+        row("triton", "peer", "W1-c32", 6000),
+        row("mlserver", "peer", "W1-c32", 8000),  # faster than Triton here: the targets still name Triton
+        row("bn-serve", "subject", "W3-binary", 200, p50=4.0),
+        row("loopback", "wire", "W3-binary", 300, p50=3.0),
+        row("triton", "peer", "W3-binary", 90),
+        row("bn-serve", "subject", "W1-c1", 3000, p50=0.30, p99=0.60),
+        row("triton", "peer", "W1-c1", 2500, p50=0.33, p99=0.90),
+        row("baseline", "baseline", "W1-c1", 2900, p50=0.31, p99=0.50),
+    ]
+    verdicts = {t["target"]: t["met"] for t in targets(rows)}
+    assert verdicts == {
+        "W1 c32 >= 1.5x Triton and >= 0.5x the bare-ASGI floor": True,
+        "W3 binary >= 2x Triton and p50 within 1.5x loopback": True,
+        "W1 c1 p50 and p99 <= Triton's and the naive route's": False,  # p99 0.60 > the naive route's 0.50
+        "peak RSS <= leanest peer's": True,
+    }
+    rows[0] = row("bn-serve", "subject", "W1-c32", 7900)  # 1.32x Triton
+    rows[4] = row("bn-serve", "subject", "W3-binary", 200, p50=4.6)  # p50 1.53x loopback
+    verdicts = {t["target"]: t["met"] for t in targets(rows)}
+    assert verdicts["W1 c32 >= 1.5x Triton and >= 0.5x the bare-ASGI floor"] is False
+    assert verdicts["W3 binary >= 2x Triton and p50 within 1.5x loopback"] is False
