@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from service.datatypes import convert_lossless, numpy_dtype, v2_datatype
 from service.errors import InvalidInput
 from service.inference import InferRequest, InferResponse
-from service.protocol import InferenceRequest, RequestInput
+from service.protocol import MAX_RANK, InferenceRequest, RequestInput
 
 # The JSON element kinds each V2 datatype accepts: numbers for floats, integers for integer types, booleans
 # for BOOL. Anything else (strings, null, ragged nesting -> object arrays) is a client mistake.
@@ -101,7 +101,14 @@ def decode_request(
 
 
 def _decode(header: memoryview, binary: memoryview) -> tuple[InferRequest, ResponseFormat]:
-    request = _parse_header(header)
+    if not binary:
+        document = json_object(header)
+        plain = _decode_plain(document, header)
+        if plain is not None:
+            return plain, _JSON_FORMAT
+        request = _validated(document)
+    else:
+        request = _parse_header(header)
     # A JSON boolean can only be where the text has `true` or `false`: most bodies skip the per-element check.
     may_hold_booleans = _has_boolean_literal(header)
     inputs = _decode_inputs(request.inputs, binary, may_hold_booleans=may_hold_booleans)
@@ -132,11 +139,62 @@ def json_object(raw: bytes | memoryview) -> dict[str, Any]:
 
 
 def _parse_header(header: memoryview) -> InferenceRequest:
-    document = json_object(header)
+    return _validated(json_object(header))
+
+
+def _validated(document: dict[str, Any]) -> InferenceRequest:
     try:
         return InferenceRequest.model_validate(document)
     except ValidationError as exc:
         raise InvalidInput(f"request does not follow the V2 inference schema: {describe(exc)}") from None
+
+
+# The common JSON request: `inputs` only (and maybe `id`), each a float tensor's name, shape, datatype and
+# flat `data`, nothing else; outputs all in JSON.
+_PLAIN_REQUEST_KEYS = (frozenset({"inputs"}), frozenset({"inputs", "id"}))
+_PLAIN_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
+_PLAIN_DATATYPES: dict[str, np.dtype[Any]] = {
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+_JSON_FORMAT = ResponseFormat()
+
+
+def _decode_plain(document: dict[str, Any], header: memoryview) -> InferRequest | None:
+    """The common request decoded without the schema's validation, or None for anything else (which the
+    full path then validates and decodes, with its messages). What this takes, the full path would decode
+    to the same arrays: every check it skips holds for these documents (`test_codec.py` compares them)."""
+    if document.keys() not in _PLAIN_REQUEST_KEYS:
+        return None
+    request_id = document.get("id")
+    inputs = document["inputs"]
+    if (request_id is not None and type(request_id) is not str) or type(inputs) is not list or not inputs:
+        return None
+    if _has_boolean_literal(header):
+        return None  # booleans among numbers are refused by the full path
+    decoded = []
+    for tensor in inputs:
+        if type(tensor) is not dict or tensor.keys() != _PLAIN_TENSOR_KEYS:
+            return None
+        name, shape, data = tensor["name"], tensor["shape"], tensor["data"]
+        dtype = _PLAIN_DATATYPES.get(tensor["datatype"])
+        if dtype is None or type(name) is not str or type(shape) is not list or type(data) is not list:
+            return None
+        if len(shape) > MAX_RANK or not all(type(d) is int and d > 0 for d in shape):
+            return None
+        try:
+            array = np.asarray(data)
+        except ValueError:  # ragged nesting: the full path says so
+            return None
+        if array.ndim != 1 or array.dtype.kind not in "if" or array.size != math.prod(shape):
+            return None
+        # As the full path: a decimal stated as a float type is rounded to it; overflow becomes inf (refused
+        # or kept downstream by the non-finite policy).
+        with np.errstate(over="ignore"):
+            array = array.astype(dtype)
+        decoded.append((name, array.reshape(shape)))
+    return InferRequest(id=request_id, inputs=decoded, outputs=None)
 
 
 def describe(exc: ValidationError) -> str:
@@ -214,6 +272,20 @@ def _array_from_json(
         raise InvalidInput(
             f"input {tensor.name!r}: data is ragged; send a flat list or lists nested as shape {tensor.shape}"
         ) from None
+    if (
+        dtype.kind in "iu"
+        and array.dtype.kind == "f"
+        and array.size
+        and _holds_only(int, tensor.data, array.ndim)
+    ):
+        # numpy reads integers past int64 beside other integers as float64, rounding them: read as uint64,
+        # they stay exact (and are converted, or refused, below like any other integers).
+        try:
+            array = np.asarray(tensor.data, dtype=np.uint64)
+        except OverflowError:
+            raise InvalidInput(
+                f"input {tensor.name!r}: {tensor.datatype} data holds integers outside its range"
+            ) from None
     if array.size == 0:
         array = array.astype(dtype)
     elif array.dtype.kind not in _JSON_KINDS[dtype.kind]:
@@ -248,6 +320,15 @@ def _has_boolean_literal(text: memoryview, chunk: int = 1 << 20) -> bool:
         if b"true" in piece or b"false" in piece:
             return True
     return False
+
+
+def _holds_only(kind: type, data: Any, depth: int) -> bool:
+    """Whether nested lists `data`, `depth` levels deep, hold only values of type `kind` (exactly: a bool
+    is not an int here)."""
+    elements: Any = data if isinstance(data, list) else [data]
+    for _ in range(depth - 1):
+        elements = itertools.chain.from_iterable(elements)
+    return set(map(type, elements)) == {kind}
 
 
 def _holds_booleans(data: Any, depth: int) -> bool:

@@ -92,6 +92,10 @@ def convert_lossless(array: NDArray[Any], dtype: np.dtype[Any], *, name: str) ->
         converted = array.astype(dtype)
         back = converted.astype(array.dtype)
     same = back == array
+    if array.dtype.kind in "iu" and dtype.kind in "iu":
+        # Between integers of one width the cast wraps and wraps back (2**63 as int64 is -2**63): the sign
+        # tells the two apart.
+        same &= (converted < 0) == (array < 0)
     if array.dtype.kind == "f":
         same |= np.isnan(array) & np.isnan(back)
     if not same.all():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,105 @@ def test_demo_request_is_one_digits_row_as_v2_json() -> None:
     assert array.dtype == np.float32
     assert array.shape == (1, 64)
     np.testing.assert_array_equal(array[0], digits["data"][0])
+
+
+def _full_path(body: bytes) -> Any:
+    """What the schema-validating path decodes `body` to (the plain path skipped)."""
+    from service import codec
+
+    header = memoryview(body)
+    request = codec._validated(codec.json_object(header))
+    inputs = codec._decode_inputs(request.inputs, header[:0], may_hold_booleans=True)
+    return codec._to_core(request, inputs)
+
+
+_plain_values = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False, width=64),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.booleans(),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    datatype=st.sampled_from(["FP16", "FP32", "FP64", "INT32"]),
+    values=st.data(),
+    request_id=st.one_of(st.none(), st.text(max_size=5), st.integers()),
+    nested=st.booleans(),
+    extra=st.booleans(),
+)
+def test_the_plain_request_path_decodes_as_the_validating_path_or_leaves_the_request_to_it(
+    shape: list[int], datatype: str, values: Any, request_id: Any, nested: bool, extra: bool
+) -> None:
+    from service import codec
+
+    count = int(np.prod(shape)) if shape else 1
+    data = values.draw(st.lists(_plain_values, min_size=count, max_size=count))
+    tensor: dict[str, Any] = {"name": "x", "shape": shape, "datatype": datatype, "data": data}
+    if nested and shape:
+        tensor["data"] = np.asarray(data, dtype=object).reshape(shape).tolist()
+    if extra:
+        tensor["parameters"] = {}
+    document: dict[str, Any] = {"inputs": [tensor]}
+    if request_id is not None:
+        document["id"] = request_id
+    body = json.dumps(document).encode()  # orjson refuses integers past 64 bits; clients may send them
+    plain = codec._decode_plain(codec.json_object(memoryview(body)), memoryview(body))
+    try:
+        full, fmt = _full_path(body)
+    except InvalidInput:
+        assert plain is None  # what the full path refuses, the plain path never takes
+        return
+    if plain is None:
+        return
+    assert fmt == ResponseFormat()
+    assert plain.id == full.id
+    assert plain.outputs == full.outputs
+    assert [name for name, _ in plain.inputs] == [name for name, _ in full.inputs]
+    for (_, got), (_, want) in zip(plain.inputs, full.inputs, strict=True):
+        assert got.dtype == want.dtype
+        assert got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
+
+
+def test_the_plain_path_takes_the_common_request() -> None:
+    from service import codec
+
+    body = orjson.dumps({"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1.5] * 6}]})
+    plain = codec._decode_plain(codec.json_object(memoryview(body)), memoryview(body))
+    assert plain is not None
+    np.testing.assert_array_equal(plain.inputs[0][1], np.full((2, 3), 1.5, dtype=np.float32))
+
+
+@pytest.mark.parametrize("values", [[2**63, 0], [0, 2**64 - 1], [[2**63], [1]]])
+def test_uint64_data_past_int64_beside_other_integers_is_read_exactly(values: list[Any]) -> None:
+    expected = np.asarray(values, dtype=np.uint64)
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": list(expected.shape), "datatype": "UINT64", "data": values}]}
+    )
+    request, _ = decode_request(body.encode())
+    ((_, array),) = request.inputs
+    assert array.dtype == np.uint64
+    assert array.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    ("datatype", "values"), [("INT64", [2**63]), ("INT64", [2**63, 0]), ("UINT64", [-1, 2**63])]
+)
+def test_integers_outside_the_stated_datatype_are_refused_not_wrapped(
+    datatype: str, values: list[int]
+) -> None:
+    tensor = {"name": "x", "shape": [len(values)], "datatype": datatype, "data": values}
+    body = json.dumps({"inputs": [tensor]})
+    with pytest.raises(InvalidInput):
+        decode_request(body.encode())
+
+
+def test_a_lossless_conversion_between_integers_of_one_width_keeps_the_sign() -> None:
+    big = np.array([2**63], dtype=np.uint64)
+    with pytest.raises(InvalidInput):
+        convert_lossless(big, np.dtype(np.int64), name="x")
+    with pytest.raises(InvalidInput):
+        convert_lossless(np.array([-1], dtype=np.int64), np.dtype(np.uint64), name="x")
+    assert convert_lossless(np.array([5], dtype=np.uint64), np.dtype(np.int64), name="x").tolist() == [5]
