@@ -181,7 +181,7 @@ def _decode_plain(document: dict[str, Any], header: memoryview) -> InferRequest 
         dtype = _PLAIN_DATATYPES.get(tensor["datatype"])
         if dtype is None or type(name) is not str or type(shape) is not list or type(data) is not list:
             return None
-        if len(shape) > MAX_RANK or not all(type(d) is int and d > 0 for d in shape):
+        if not shape or len(shape) > MAX_RANK or set(map(type, shape)) != {int} or min(shape) < 1:
             return None
         try:
             array = np.asarray(data)
@@ -315,6 +315,9 @@ def _array_from_json(
 def _has_boolean_literal(text: memoryview, chunk: int = 1 << 20) -> bool:
     """Whether JSON `text` has `true` or `false` in it; scanned in overlapping copies of `chunk` bytes, as
     `bytes.find` (memchr-fast, unlike `re` on a memoryview) needs `bytes` and a whole copy costs the body."""
+    if len(text) <= chunk:  # the usual small body: one copy, no loop
+        piece = text.tobytes()
+        return b"true" in piece or b"false" in piece
     for start in range(0, len(text), chunk):
         piece = bytes(text[start : start + chunk + 4])
         if b"true" in piece or b"false" in piece:
