@@ -155,8 +155,7 @@ def merge_key(prepared: PreparedRequest) -> Hashable | None:
     Mergeable: every model input has a dynamic axis 0 and every fed array the same size on it. The key is
     the session, the outputs asked for, and each input's name, dtype and non-batch dimensions.
     """
-    specs = prepared.model.session.inputs
-    if not specs or any(not spec.shape or spec.shape[0] is not None for spec in specs):
+    if not prepared.model.session.batchable:
         return None
     signature = []
     batch = None

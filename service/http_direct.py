@@ -110,9 +110,7 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
         cycle: RequestResponseCycle = exchange
         if cycle.disconnected or self.transport.is_closing():
             return False
-        content: list[bytes | memoryview] = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            content.extend((name, b": ", value, b"\r\n"))
+        content: list[bytes | memoryview] = [_head_start(status, self.server_state.default_headers)]
         for name, value in headers:
             content.extend((name, b": ", value, b"\r\n"))
         length = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
@@ -132,6 +130,20 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
         """Start `exchange`'s ASGI task now: its body is complete in its cycle (a client already gone is
         answered 499 there, as any other)."""
         HttpToolsProtocol._start_asgi_task(self, exchange, self.app)
+
+
+_head_starts: dict[int, tuple[object, bytes]] = {}
+
+
+def _head_start(status: int, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The status line and uvicorn's default headers (`date`, `server`) as bytes, joined once per status
+    for each list of them (uvicorn replaces the list when the date changes, once a second)."""
+    cached = _head_starts.get(status)
+    if cached is not None and cached[0] is default_headers:
+        return cached[1]
+    joined = STATUS_LINE[status] + b"".join(name + b": " + value + b"\r\n" for name, value in default_headers)
+    _head_starts[status] = (default_headers, joined)
+    return joined
 
 
 def serving_protocol(

@@ -120,6 +120,10 @@ class Session:
         self.input_specs = {spec.name: spec for spec in self.inputs}
         self.input_dtypes = {spec.name: numpy_dtype(spec.datatype) for spec in self.inputs}
         self.output_names = [spec.name for spec in self.outputs]
+        # Whether requests may merge at all: every input has a dynamic batch axis (see `batching.merge_key`).
+        self.batchable = bool(self.inputs) and all(
+            bool(spec.shape) and spec.shape[0] is None for spec in self.inputs
+        )
 
     def run(self, output_names: Sequence[str], feeds: Mapping[str, NDArray[Any]]) -> list[NDArray[Any]]:
         """The named outputs for `feeds` (already validated against `inputs`)."""
