@@ -18,7 +18,7 @@ import functools
 import math
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -546,6 +546,32 @@ def shifted_sums(
                 s1 += np.add.reduce(d, axis=(0, 2))
                 s2 += np.einsum("rcw,rcw->c", d, d)
     return A * B, s1, s2
+
+
+def shifted_sums_by_part(
+    x: NDArray[Any], axis: int, k: NDArray[np.float64], starts: Sequence[int]
+) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
+    """`shifted_sums` of each part of `x: (N, ..., C at axis, ...)` cut along axis 0 at `starts`.
+
+    `starts` are the parts' first samples, increasing, the first 0 and every part at least one sample.
+    Returns the values per channel of one sample (a part of m samples holds m times that) and `Σ(x-k)`,
+    `Σ(x-k)²` per part and channel, each `(len(starts), C)` float64. One pass over `x` for every part: the
+    sums of many small inputs stacked into one array, each input's own sums still apart (to leave out one
+    holding NaN/±Inf and keep the others).
+    """
+    N, C = x.shape[0], x.shape[axis]
+    inner = math.prod(x.shape[1:axis]) * math.prod(x.shape[axis + 1 :])
+    with np.errstate(invalid="ignore", over="ignore"):
+        if inner == 1:
+            d = x.reshape(N, C) - k
+            rows1, rows2 = d, d * d
+        else:
+            view = x.reshape(N, math.prod(x.shape[1:axis]), C, math.prod(x.shape[axis + 1 :]))
+            d4 = view - k[:, None]
+            rows1, rows2 = np.add.reduce(d4, axis=(1, 3)), np.einsum("npcb,npcb->nc", d4, d4)
+        if len(starts) == N:  # one sample per part: the rows are the parts
+            return inner, rows1, rows2
+        return inner, np.add.reduceat(rows1, starts, axis=0), np.add.reduceat(rows2, starts, axis=0)
 
 
 def shifted_moments(x: NDArray[Any], axis: int, shift: NDArray[np.float64]) -> Moments | None:
