@@ -549,29 +549,21 @@ def shifted_sums(
 
 
 def shifted_sums_by_part(
-    x: NDArray[Any], axis: int, k: NDArray[np.float64], starts: Sequence[int]
-) -> tuple[int, NDArray[np.float64], NDArray[np.float64]]:
-    """`shifted_sums` of each part of `x: (N, ..., C at axis, ...)` cut along axis 0 at `starts`.
+    rows: NDArray[Any], k: NDArray[np.float64], starts: Sequence[int]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """`Σ(x-k)`, `Σ(x-k)²` per channel of each part of `rows: (R, C)` (channels last), cut at `starts`.
 
-    `starts` are the parts' first samples, increasing, the first 0 and every part at least one sample.
-    Returns the values per channel of one sample (a part of m samples holds m times that) and `Σ(x-k)`,
-    `Σ(x-k)²` per part and channel, each `(len(starts), C)` float64. One pass over `x` for every part: the
-    sums of many small inputs stacked into one array, each input's own sums still apart (to leave out one
-    holding NaN/±Inf and keep the others).
+    `starts` are the parts' first rows, increasing, the first 0, every part at least one row. Returns two
+    `(len(starts), C)` float64 arrays, `k: (C,)` on the rows' grid. One pass over the rows for every part:
+    many small inputs stacked into one array, each input's own sums still apart (to leave out one holding
+    NaN/±Inf and keep the others).
     """
-    N, C = x.shape[0], x.shape[axis]
-    inner = math.prod(x.shape[1:axis]) * math.prod(x.shape[axis + 1 :])
     with np.errstate(invalid="ignore", over="ignore"):
-        if inner == 1:
-            d = x.reshape(N, C) - k
-            rows1, rows2 = d, d * d
-        else:
-            view = x.reshape(N, math.prod(x.shape[1:axis]), C, math.prod(x.shape[axis + 1 :]))
-            d4 = view - k[:, None]
-            rows1, rows2 = np.add.reduce(d4, axis=(1, 3)), np.einsum("npcb,npcb->nc", d4, d4)
-        if len(starts) == N:  # one sample per part: the rows are the parts
-            return inner, rows1, rows2
-        return inner, np.add.reduceat(rows1, starts, axis=0), np.add.reduceat(rows2, starts, axis=0)
+        d = rows - k
+        d2 = d * d
+        if len(starts) == len(rows):  # one row per part: the rows are the parts
+            return d, d2
+        return np.add.reduceat(d, starts, axis=0), np.add.reduceat(d2, starts, axis=0)
 
 
 def shifted_moments(x: NDArray[Any], axis: int, shift: NDArray[np.float64]) -> Moments | None:

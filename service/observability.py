@@ -12,8 +12,8 @@ A network's feeds are only queued on the request's path (O(1)); the worker runs 
 the GIL given up between runs, under the same CPU budget and byte bound as the input sums below.
 
 Drift stays off the request's critical path. A small input (at most `inline_values` values, e.g. one
-1x64 row) is copied where it is served into its watch's block of rows of its dtype and sample shape
-(`_RowBlock`: `block_values` values, 1,024 such rows), under a lock, O(C). The block is summed when it
+1x64 row) is copied where it is served into its watch's block of its dtype (`_RowBlock`: `block_values`
+values as rows of C, 1,024 such inputs), under a lock, O(C). The block is summed when it
 fills or when the drift worker flushes (every `interval_s`, and before any figure is read): one pass over
 all its rows (`bn_export.moments.shifted_sums_by_part`: float64 `Σ(x-k)`, `Σ(x-k)²` about the frozen mean
 `k`, each input's apart, so that one holding NaN/±Inf is left out alone) and one CPU charge per block.
@@ -44,6 +44,7 @@ Inputs holding NaN/±Inf (served with `allow_non_finite`) or of a shape the moni
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -141,66 +142,79 @@ class Coverage:
 
 
 class _RowBlock:
-    """Small inputs of one watch, dtype and sample shape, copied one after another along axis 0, waiting to
-    be summed in one pass (see the module docstring). Needs the sampler's lock."""
+    """Small inputs of one watch and dtype, copied one after another as rows of C values (each input's
+    values of every channel, channels last, whatever its layout), waiting to be summed in one pass (see the
+    module docstring). Needs the sampler's lock."""
 
-    __slots__ = ("data", "estimated", "filled", "requests", "spare", "starts")
+    __slots__ = ("data", "estimated", "filled", "requests", "samples", "spare", "starts")
 
-    def __init__(self, dtype: np.dtype[Any], sample_shape: tuple[int, ...], rows: int) -> None:
-        self.data: NDArray[Any] = np.empty((rows, *sample_shape), dtype)
+    def __init__(self, dtype: np.dtype[Any], channels: int, rows: int) -> None:
+        self.data: NDArray[Any] = np.empty((rows, channels), dtype)
         # The buffer a detached block handed back once summed: the next detach swaps it in.
         self.spare: NDArray[Any] | None = None
         self.filled = 0
         self.starts: list[int] = []  # each input's first row
+        self.samples: list[int] = []  # each input's samples (its rows are its values per channel)
         self.requests: list[int] = []  # the requests in each input's run
         self.estimated = 0.0  # CPU seconds charged for them when admitted
+
+    def add(self, x: NDArray[Any], axis: int, samples: int, requests: int) -> None:
+        """Copy `x: (N, ..., C at axis, ...)` in, as its `x.size // C` rows; the caller made room."""
+        filled = self.filled
+        rows = x.size // self.data.shape[1]
+        target = self.data[filled : filled + rows]
+        if x.ndim == 2:  # (N, C): its rows as they are
+            target[...] = x
+        else:
+            outer = math.prod(x.shape[:axis])
+            target.reshape(outer, -1, x.shape[axis])[...] = np.moveaxis(
+                x.reshape(outer, x.shape[axis], -1), 1, 2
+            )
+        self.starts.append(filled)
+        self.samples.append(samples)
+        self.requests.append(requests)
+        self.filled = filled + rows
 
     def detach(self) -> _Rows:
         """The rows copied so far, with what the block knows of them; the block starts afresh on another
         buffer. Hand the detached buffer back to `spare` once summed."""
-        rows = _Rows(self.data, self.filled, self.starts, self.requests, self.estimated)
+        rows = _Rows(self.data, self.filled, self.starts, self.samples, self.requests, self.estimated)
         self.data = self.spare if self.spare is not None else np.empty_like(self.data)
         self.spare = None
-        self.filled, self.starts, self.requests, self.estimated = 0, [], [], 0.0
+        self.filled, self.starts, self.samples, self.requests, self.estimated = 0, [], [], [], 0.0
         return rows
 
 
 @dataclass(frozen=True)
 class _Rows:
-    """A detached block: `filled` rows of `buffer`, the inputs' first rows and requests, their charge."""
+    """A detached block: `filled` rows of `buffer`; each input's first row, samples and requests; their
+    CPU charge."""
 
     buffer: NDArray[Any]
     filled: int
     starts: list[int]
+    samples: list[int]
     requests: list[int]
     estimated: float
 
-    def sums(
-        self, axis: int, shift: NDArray[np.float64]
-    ) -> tuple[int, NDArray[Any], NDArray[Any], list[int]]:
+    def sums(self, shift: NDArray[np.float64]) -> tuple[int, NDArray[Any], NDArray[Any], list[int]]:
         """Values per channel, `Σ(x-k)`, `Σ(x-k)²` per channel of the inputs whose sums are finite, and the
         counts of `DriftWatch.pending` (covered requests and samples, unusable ones, inputs with NaN/Inf)."""
-        rows = self.buffer[: self.filled]
-        inner, s1, s2 = shifted_sums_by_part(rows, axis, shift, self.starts)
+        s1, s2 = shifted_sums_by_part(self.buffer[: self.filled], shift, self.starts)
         finite = np.isfinite(s2).all(axis=1)  # NaN/Inf anywhere in an input show in its own sums
         if finite.all():
-            return (
-                inner * self.filled,
-                s1.sum(axis=0),
-                s2.sum(axis=0),
-                [sum(self.requests), self.filled, 0, 0, 0],
-            )
-        samples = np.diff(np.append(self.starts, self.filled))
-        requests = np.asarray(self.requests)
-        kept = int(samples[finite].sum())
+            counts = [sum(self.requests), sum(self.samples), 0, 0, 0]
+            return self.filled, s1.sum(axis=0), s2.sum(axis=0), counts
+        values = np.diff(np.append(self.starts, self.filled))
+        samples, requests = np.asarray(self.samples), np.asarray(self.requests)
         counts = [
             int(requests[finite].sum()),
-            kept,
+            int(samples[finite].sum()),
             int(requests[~finite].sum()),
             int(samples[~finite].sum()),
             int((~finite).sum()),
         ]
-        return inner * kept, s1[finite].sum(axis=0), s2[finite].sum(axis=0), counts
+        return int(values[finite].sum()), s1[finite].sum(axis=0), s2[finite].sum(axis=0), counts
 
 
 class DriftWatch:
@@ -230,8 +244,8 @@ class DriftWatch:
         # The rest is the sampler's and needs its lock.
         self.coverage = Coverage()
         self.sums: dict[str, ShiftedSums] = {}  # running sums of small inputs, per dtype
-        # Small inputs' rows not summed yet, per dtype and sample shape.
-        self.blocks: dict[tuple[np.dtype[Any], tuple[int, ...]], _RowBlock] = {}
+        # Small inputs' rows not summed yet, per dtype.
+        self.blocks: dict[np.dtype[Any], _RowBlock] = {}
         # Behind `sums`: covered requests and samples, unusable requests and samples, inputs with NaN/Inf.
         self.pending = [0, 0, 0, 0, 0]
         self.retired = False
@@ -538,9 +552,9 @@ class Observability:
             self.metrics.observe_drift_coverage(watch.model, watch.version, outcome, requests, samples)
 
     def _add_rows(self, watch: DriftWatch, x: NDArray[Any], requests: int, samples: int) -> None:
-        """Copy a small `x: (N, ..., C at axis, ...)` into `watch`'s block of its dtype and sample shape,
-        summing the block first when `x` does not fit; its sums' CPU is charged to the budget when the
-        block is summed, as the worker's is."""
+        """Copy a small `x: (N, ..., C at axis, ...)` into `watch`'s block of its dtype, summing the block
+        first when `x` does not fit; its sums' CPU is charged to the budget when the block is summed, as
+        the worker's is."""
         with self._queue_lock:
             if watch.retired:
                 return
@@ -554,19 +568,13 @@ class Observability:
                 pending[0] += requests
                 pending[1] += samples
                 return
-            key = (x.dtype, x.shape[1:])
-            block = watch.blocks.get(key)
+            block = watch.blocks.get(x.dtype)
             if block is None:
-                rows = self.block_values // (x.size // samples)
-                block = watch.blocks[key] = _RowBlock(x.dtype, x.shape[1:], rows)
-            filled = block.filled
-            if filled + samples > block.data.shape[0]:
+                channels = watch.monitor.num_channels
+                block = watch.blocks[x.dtype] = _RowBlock(x.dtype, channels, self.block_values // channels)
+            if block.filled + x.size // block.data.shape[1] > block.data.shape[0]:
                 self._sum_block_locked(watch, block)
-                filled = 0
-            block.data[filled : filled + samples] = x
-            block.starts.append(filled)
-            block.requests.append(requests)
-            block.filled = filled + samples
+            block.add(x, watch.monitor.axis, samples, requests)
             block.estimated += estimate
 
     def _shifted_sums_locked(self, watch: DriftWatch, dtype: np.dtype[Any]) -> ShiftedSums:
@@ -580,7 +588,7 @@ class Observability:
         sums = self._shifted_sums_locked(watch, block.data.dtype)
         rows = block.detach()
         started = time.thread_time()
-        summed = rows.sums(watch.monitor.axis, sums.shift)
+        summed = rows.sums(sums.shift)
         spent = time.thread_time() - started
         self._add_block_locked(watch, sums, sums.shift, summed)
         # Settled as work on no bytes: the cost per byte the budget learns is the worker's.
@@ -632,7 +640,7 @@ class Observability:
         if detached:
             # Summed off the lock: requests go on filling fresh blocks meanwhile.
             started = time.thread_time()
-            summed_blocks = [rows.sums(watch.monitor.axis, shift) for watch, _, _, shift, rows in detached]
+            summed_blocks = [rows.sums(shift) for _, _, _, shift, rows in detached]
             spent = time.thread_time() - started
         with self._queue_lock:
             if detached:

@@ -637,6 +637,25 @@ def test_sums_of_a_full_block_are_charged_to_the_budget_once(repository: Reposit
     np.testing.assert_allclose(stats["drift"]["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
 
 
+def test_inputs_of_many_layouts_share_one_block_per_dtype() -> None:
+    # Small inputs of a model with dynamic spatial sizes (1x4xH, 40 sizes) and two dtypes: rows of C values
+    # whatever the layout, so the memory held stays one block per dtype, not one per shape.
+    observability = Observability(max_cpu_fraction=1.0)
+    mean = np.zeros(CHANNELS)
+    watch = DriftWatch(DriftMonitor(mean, np.ones(CHANNELS), EPS), "input", "m", "1")
+    rng = np.random.default_rng(16)
+    served = [rng.normal(size=(2, CHANNELS, h)).astype(dtype) for h in range(1, 41) for dtype in ("f4", "f8")]
+    for x in served:
+        observability.sample(watch, x)
+    assert sorted(str(dtype) for dtype in watch.blocks) == ["float32", "float64"]
+    observability.flush()
+    snapshot = watch.monitor.snapshot()
+    values = np.concatenate([np.moveaxis(x.astype(np.float64), 1, -1).reshape(-1, CHANNELS) for x in served])
+    assert (snapshot.samples, snapshot.values) == (2 * len(served), len(values))
+    np.testing.assert_allclose(snapshot.live_mean, values.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(snapshot.live_var, values.var(axis=0), rtol=1e-10, atol=1e-12)
+
+
 def test_stats_and_metrics_read_right_after_a_request_count_it(
     fresh: InProcess, repository: Repository
 ) -> None:
