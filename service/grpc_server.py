@@ -155,7 +155,7 @@ class GrpcInference:
 
         Counted in the series of the version that served it (`LoadedModel.metrics`, looked up at its load),
         else (not found, not ready, refused before it was prepared) by labels from the repository: the
-        client's strings never become label values. One coroutine from the message to the answer: each
+        client's strings never become label values. One coroutine from the parsed message to the answer: each
         nested one would cost a frame per call.
         """
         started = time.perf_counter()
