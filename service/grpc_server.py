@@ -279,10 +279,11 @@ class GrpcInference:
         decides where it is decoded) rather than having it measured again."""
         method = f"/{SERVICE}/ModelInfer"
         parse = pb.ModelInferRequest.FromString
+        guarded = self._authenticator.enabled  # the keys are read once, when the app is built
 
         async def handle(raw: bytes, context: Context) -> bytes:
             try:
-                if self._authenticator.enabled:
+                if guarded:
                     self._authenticate(context)
                 response = await self.model_infer(_parse(parse, raw), len(raw))
             except (asyncio.CancelledError, grpc.aio.AbortError):

@@ -133,7 +133,7 @@ class Session:
     def run(self, output_names: Sequence[str], feeds: Mapping[str, NDArray[Any]]) -> list[NDArray[Any]]:
         """The named outputs for `feeds` (already validated against `inputs`)."""
         results = self._session.run(list(output_names), dict(feeds))
-        return [np.asarray(r) for r in results]
+        return list(map(np.asarray, results))
 
 
 def _spec(node: Any) -> TensorSpec:
