@@ -18,7 +18,7 @@ import functools
 import math
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -546,6 +546,24 @@ def shifted_sums(
                 s1 += np.add.reduce(d, axis=(0, 2))
                 s2 += np.einsum("rcw,rcw->c", d, d)
     return A * B, s1, s2
+
+
+def shifted_sums_by_part(
+    rows: NDArray[Any], k: NDArray[np.float64], starts: Sequence[int]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """`Σ(x-k)`, `Σ(x-k)²` per channel of each part of `rows: (R, C)` (channels last), cut at `starts`.
+
+    `starts` are the parts' first rows, increasing, the first 0, every part at least one row. Returns two
+    `(len(starts), C)` float64 arrays, `k: (C,)` on the rows' grid. One pass over the rows for every part:
+    many small inputs stacked into one array, each input's own sums still apart (to leave out one holding
+    NaN/±Inf and keep the others).
+    """
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = rows - k
+        d2 = d * d
+        if len(starts) == len(rows):  # one row per part: the rows are the parts
+            return d, d2
+        return np.add.reduceat(d, starts, axis=0), np.add.reduceat(d2, starts, axis=0)
 
 
 def shifted_moments(x: NDArray[Any], axis: int, shift: NDArray[np.float64]) -> Moments | None:

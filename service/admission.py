@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -93,8 +94,9 @@ class Admission:
 
     `with admission.admit(): ...` inside a task: raises `Overloaded` at once when the gate is full; when the
     deadline passes first, the task is cancelled at the await it is suspended on and the block raises
-    `RequestTimeout`. The deadline is one timer armed on the event loop and cancelled on the way out, so a
-    request that finishes in time pays for no extra task (as `asyncio.wait_for` would create) and no await.
+    `RequestTimeout`. The deadlines are watched by one timer for all requests (`_Deadlines`), so a request
+    that finishes in time pays for no extra task (as `asyncio.wait_for` would create), no await, and no
+    timer of its own to push onto the event loop's heap and cancel.
     Work the cancelled await stood for goes on (a run in a thread finishes), and a request still queued for
     a batch is skipped by the batcher, its future being cancelled.
     """
@@ -105,6 +107,7 @@ class Admission:
         self.gate = gate
         self.timeout_s = timeout_s
         self.uploads = uploads
+        self.deadlines = _Deadlines()
 
     def admit(self, arrived_at: float | None = None) -> Admitted:
         """The context of one request: enter it from the task that serves the request. Its deadline is
@@ -117,10 +120,64 @@ class Admission:
         return Admitted(self, self.uploads, arrived_at)
 
 
+class _Deadlines:
+    """The deadlines of one admission's requests in flight, in the order they fall due, behind one timer.
+
+    Every request's deadline is the same `timeout_s` after its arrival, and requests enter in the order
+    they arrive, so their deadlines come in order: one timer, armed for the earliest deadline of a request
+    in flight, serves them all. A request that finishes is only marked done (and dropped once it is the
+    earliest); when the timer fires it drops the done ones, expires those past due and re-arms for the next.
+    A deadline out of order (an `arrived_at` older than one already watched) gets a timer of its own.
+    Used from the event loop's thread only.
+    """
+
+    __slots__ = ("_due", "_loop", "_timer")
+
+    def __init__(self) -> None:
+        self._due: deque[Admitted] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, admitted: Admitted, loop: asyncio.AbstractEventLoop) -> asyncio.TimerHandle | None:
+        """Watch `admitted`'s deadline; returns the timer of its own when it is out of order."""
+        if loop is not self._loop:  # another event loop than the last request's: the old one's are gone
+            self._due.clear()
+            self._loop, self._timer = loop, None
+        due = self._due
+        if due and admitted.due_at < due[-1].due_at:
+            return loop.call_at(admitted.due_at, admitted.expire)
+        due.append(admitted)
+        if self._timer is None:
+            self._timer = loop.call_at(admitted.due_at, self._fire)
+        return None
+
+    def finished(self) -> None:
+        """Drop the done requests that fall due first (the others go when the timer reaches them)."""
+        due = self._due
+        while due and due[0].done:
+            due.popleft()
+
+    def _fire(self) -> None:
+        self._timer = None
+        loop = self._loop
+        if loop is None:
+            return
+        now = loop.time()
+        due = self._due
+        while due:
+            head = due[0]
+            if not head.done:
+                if head.due_at > now:
+                    self._timer = loop.call_at(head.due_at, self._fire)
+                    return
+                head.expire()
+            due.popleft()
+
+
 class Admitted:
     """One request's place and deadline; see `Admission`."""
 
-    __slots__ = ("_admission", "_arrived_at", "_expired", "_gate", "_task", "_timer")
+    __slots__ = ("_admission", "_arrived_at", "_expired", "_gate", "_task", "_timer", "done", "due_at")
 
     def __init__(self, admission: Admission, gate: AdmissionGate | None, arrived_at: float | None) -> None:
         self._admission = admission
@@ -128,7 +185,9 @@ class Admitted:
         self._arrived_at = arrived_at
         self._expired = False
         self._task: asyncio.Task[object] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # its own, for a deadline out of order only
+        self.due_at = 0.0  # on the event loop's clock, once entered
+        self.done = False
 
     def __enter__(self) -> Admitted:
         task = asyncio.current_task()
@@ -139,12 +198,13 @@ class Admitted:
         if self._gate is not None:
             self._gate.enter()
         self._task = task
-        self._timer = loop.call_at(start + self._admission.timeout_s, self._expire)
+        self.due_at = start + self._admission.timeout_s
+        self._timer = self._admission.deadlines.add(self, loop)
         return self
 
     def admit(self) -> None:
-        """Trade the upload place held since `receiving` for an inference place, under the same deadline and
-        its one timer (a second timer per request costs the event loop's timer heap at high concurrency).
+        """Trade the upload place held since `receiving` for an inference place, under the same deadline
+        (a second deadline per request would cost the event loop's timers at high concurrency).
         Raises `Overloaded` when every inference place is taken; the upload place is given back first."""
         if self._gate is not None:
             self._gate.leave()
@@ -153,20 +213,27 @@ class Admitted:
         inference.enter()
         self._gate = inference
 
-    def _expire(self) -> None:
+    def expire(self) -> None:
+        """The deadline passed: cancel the request's task (its `__exit__` makes that the 504)."""
+        if self.done:
+            return
         self._expired = True
         if self._task is not None:
             self._task.cancel()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self.done = True
         if self._timer is not None:
             self._timer.cancel()
+        else:
+            self._admission.deadlines.finished()
         if self._gate is not None:
             self._gate.leave()
-        if not self._expired or self._task is None:
+        task, self._task = self._task, None  # a done request waiting in `_Deadlines` holds no task
+        if not self._expired or task is None:
             return
         # Our own cancellation becomes the 504; one from elsewhere (shutdown, a caller's timeout) stays one.
-        uncancel = getattr(self._task, "uncancel", None)  # Python 3.11+; 3.10 counts no cancellations
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+; 3.10 counts no cancellations
         others = uncancel() if uncancel is not None else 0
         if exc_type is asyncio.CancelledError and others == 0:
             raise Deadline(self._admission.timeout_s).error() from None

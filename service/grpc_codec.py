@@ -12,6 +12,7 @@ datatype has no typed field (FP16). Datatypes, their dtypes and the lossless con
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import numpy as np
@@ -37,6 +38,7 @@ CONTENTS_FIELD: dict[str, tuple[str, np.dtype[Any]]] = {
     "FP64": ("fp64_contents", np.dtype(np.float64)),
 }
 _FIELDS = sorted({field for field, _ in CONTENTS_FIELD.values()} | {"bytes_contents"})
+_LITTLE_ENDIAN = sys.byteorder == "little"
 # The largest product of dimensions numpy reshapes to for an 8-byte element type: bytes must fit its intp.
 _MAX_SHAPE_PRODUCT = np.iinfo(np.intp).max // 8
 
@@ -48,35 +50,38 @@ def decode_request(request: pb.ModelInferRequest) -> tuple[InferRequest, bool]:
     a count of raw entries other than one per input, raw bytes that disagree with the shape, typed
     contents in another datatype's field or of the wrong length, a negative or overflowing shape.
     """
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
+    raw = request.raw_input_contents
+    tensors = request.inputs
+    if raw and len(raw) != len(tensors):
         raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; send one per input"
+            f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs; send one per input"
         )
     inputs = []
-    for index, tensor in enumerate(request.inputs):
-        shape = _shape(tensor.name, list(tensor.shape))
-        dtype = numpy_dtype(tensor.datatype)
+    for index, tensor in enumerate(tensors):
+        name, datatype = tensor.name, tensor.datatype
+        shape = _shape(name, list(tensor.shape))
+        dtype = numpy_dtype(datatype)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(
-                    f"input {tensor.name!r} has contents while the request sends raw_input_contents; "
+                    f"input {name!r} has contents while the request sends raw_input_contents; "
                     "send all inputs one way"
                 )
-            array = _from_raw(tensor.name, tensor.datatype, shape, dtype, raw[index])
+            array = _from_raw(name, datatype, shape, dtype, raw[index])
         else:
             array = _from_contents(tensor, shape, dtype)
-        inputs.append((tensor.name, array))
-    outputs = [output.name for output in request.outputs] or None
-    return InferRequest(id=request.id or None, inputs=inputs, outputs=outputs), bool(raw)
+        inputs.append((name, array))
+    outputs = [output.name for output in request.outputs] if request.outputs else None
+    return InferRequest(request.id or None, inputs, outputs), bool(raw)
 
 
 def _shape(name: str, shape: list[int]) -> list[int]:
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise InvalidInput(f"input {name!r}: shape {shape} has a negative dimension")
     # numpy refuses any shape whose non-zero dimensions multiply past its index range, even one holding a
     # zero, so such shapes are the client's mistake, said before numpy sees them.
-    if math.prod(max(d, 1) for d in shape) > _MAX_SHAPE_PRODUCT:
+    size = math.prod(shape)
+    if size > _MAX_SHAPE_PRODUCT or (size == 0 and math.prod(max(d, 1) for d in shape) > _MAX_SHAPE_PRODUCT):
         raise InvalidInput(f"input {name!r}: shape {shape} is larger than any array can be")
     return shape
 
@@ -138,12 +143,18 @@ def encode_response(response: InferResponse, raw: bool) -> pb.ModelInferResponse
     datatypes = [v2_datatype(array.dtype) for _, array in response.outputs]
     raw = raw or any(datatype not in CONTENTS_FIELD for datatype in datatypes)
     for (name, array), datatype in zip(response.outputs, datatypes, strict=True):
-        output = message.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+        output = message.outputs.add(name=name, datatype=datatype, shape=array.shape)
         if raw:
-            message.raw_output_contents.append(
-                np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-            )
+            message.raw_output_contents.append(_little_endian_bytes(array))
         else:
             field, wire = CONTENTS_FIELD[datatype]
             getattr(output.contents, field).extend(array.reshape(-1).astype(wire, copy=False).tolist())
     return message
+
+
+def _little_endian_bytes(array: NDArray[Any]) -> bytes:
+    """`array`'s elements in row-major order, little-endian (`tobytes` writes row-major whatever the
+    array's strides)."""
+    if not (_LITTLE_ENDIAN and array.dtype.isnative):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.tobytes()

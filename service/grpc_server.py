@@ -33,7 +33,7 @@ from service.batching import Batcher
 from service.errors import ConfigurationError, InvalidInput, ServiceError
 from service.grpc_errors import INTERNAL_ERROR, error_status
 from service.http_errors import status_for
-from service.inference import InferenceCore
+from service.inference import InferenceCore, PreparedRequest
 from service.lifecycle import ModelLifecycle
 from service.observability import Observability
 from service.proto import grpc_service_pb2 as pb
@@ -94,7 +94,7 @@ class GrpcInference:
             "ModelMetadata": self._unary(
                 "ModelMetadata", pb.ModelMetadataRequest.FromString, self.model_metadata
             ),
-            "ModelInfer": self._unary("ModelInfer", pb.ModelInferRequest.FromString, self.model_infer),
+            "ModelInfer": self._model_infer_handler(),
             "RepositoryIndex": self._unary(
                 "RepositoryIndex", pb.RepositoryIndexRequest.FromString, self.repository_index
             ),
@@ -146,16 +146,41 @@ class GrpcInference:
             outputs=tensors(metadata.outputs),
         )
 
-    async def model_infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def model_infer(
+        self, request: pb.ModelInferRequest, size: int | None = None
+    ) -> pb.ModelInferResponse:
         """One inference, inside a place of the admission gate and its deadline, counted as REST's are (by
-        model, version and the HTTP status REST would answer) with `protocol="grpc"`."""
+        model, version and the HTTP status REST would answer) with `protocol="grpc"`. `size` is the
+        request's serialized size when the caller knows it (else it is computed).
+
+        Counted in the series of the version that served it (`LoadedModel.metrics`, looked up at its load),
+        else (not found, not ready, refused before it was prepared) by labels from the repository: the
+        client's strings never become label values. One coroutine from the parsed message to the answer: each
+        nested one would cost a frame per call.
+        """
         started = time.perf_counter()
         status = 500
+        prepared: PreparedRequest | None = None
         in_flight = self._metrics.in_flight
         in_flight.inc()
         try:
             with self._admission.admit():
-                response = await self._infer(request, started)
+                inline = (request.ByteSize() if size is None else size) <= INLINE_MESSAGE_BYTES
+                if inline:
+                    decoded, raw = grpc_codec.decode_request(request)
+                    ready = self._core.prepare(request.model_name, request.model_version or None, decoded)
+                else:
+                    ready, raw = await self._in_pool(self._executor, self._prepare, request)
+                prepared = ready  # its version's series count the call
+                if time.perf_counter() - started >= self._admission.timeout_s:
+                    # Past its deadline before its run: skipped (a run at once awaits nothing the timer
+                    # could cancel).
+                    raise Deadline(self._admission.timeout_s).error()
+                result = await self._batcher.infer(ready)
+                if inline or raw:
+                    response = grpc_codec.encode_response(result, raw)
+                else:
+                    response = await self._in_pool(self._executor, grpc_codec.encode_response, result, raw)
             status = 200
             return response
         except ServiceError as exc:
@@ -166,29 +191,19 @@ class GrpcInference:
             raise
         finally:
             in_flight.dec()
-            model, version = self._observability.labels(
-                self._core.repository, request.model_name, request.model_version or None
-            )
-            self._metrics.observe_request(
-                model, version, status, time.perf_counter() - started, protocol="grpc"
-            )
+            seconds = time.perf_counter() - started
+            served = None if prepared is None else prepared.model.metrics
+            if served is not None:
+                served.observe_request(status, seconds, "grpc")
+            else:
+                model, version = self._observability.labels(
+                    self._core.repository, request.model_name, request.model_version or None
+                )
+                self._metrics.observe_request(model, version, status, seconds, protocol="grpc")
 
-    async def _infer(self, request: pb.ModelInferRequest, started: float) -> pb.ModelInferResponse:
-        name, version = request.model_name, request.model_version or None
-        inline = request.ByteSize() <= INLINE_MESSAGE_BYTES
-
-        def prepare() -> tuple[Any, bool]:
-            decoded, raw = grpc_codec.decode_request(request)
-            return self._core.prepare(name, version, decoded), raw
-
-        prepared, raw = prepare() if inline else await self._in_pool(self._executor, prepare)
-        if time.perf_counter() - started >= self._admission.timeout_s:
-            # Past its deadline before its run: skipped (a run at once awaits nothing the timer could cancel).
-            raise Deadline(self._admission.timeout_s).error()
-        result = await self._batcher.infer(prepared)
-        if inline or raw:
-            return grpc_codec.encode_response(result, raw)
-        return await self._in_pool(self._executor, grpc_codec.encode_response, result, raw)
+    def _prepare(self, request: pb.ModelInferRequest) -> tuple[PreparedRequest, bool]:
+        decoded, raw = grpc_codec.decode_request(request)
+        return self._core.prepare(request.model_name, request.model_version or None, decoded), raw
 
     async def repository_index(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
         entries = self._lifecycle.index(ready_only=request.ready)
@@ -226,7 +241,7 @@ class GrpcInference:
             await _abort(context, exc, method)
         async for raw in requests:
             try:
-                response = await self.model_infer(_parse(pb.ModelInferRequest.FromString, raw))
+                response = await self.model_infer(_parse(pb.ModelInferRequest.FromString, raw), len(raw))
                 answer = pb.ModelStreamInferResponse(infer_response=response)
             except ServiceError as exc:
                 answer = pb.ModelStreamInferResponse(error_message=str(exc))
@@ -250,13 +265,31 @@ class GrpcInference:
                 if not open_:
                     self._authenticate(context)
                 response = await call(_parse(parse, raw))
-            except ServiceError as exc:
-                await _abort(context, exc, method)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
-            except Exception as exc:  # a bug, not a client's mistake: logged with its traceback, no details
-                log.error("%s: unexpected error", method, exc_info=exc)
-                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
+            except Exception as exc:
+                await _fail(context, exc, method)
+            serialized: bytes = response.SerializeToString()
+            return serialized
+
+        return handle
+
+    def _model_infer_handler(self) -> Callable[[bytes, Context], Awaitable[bytes]]:
+        """ModelInfer as `_unary` serves a call, handing `model_infer` the size the message came in (which
+        decides where it is decoded) rather than having it measured again."""
+        method = f"/{SERVICE}/ModelInfer"
+        parse = pb.ModelInferRequest.FromString
+        guarded = self._authenticator.enabled  # the keys are read once, when the app is built
+
+        async def handle(raw: bytes, context: Context) -> bytes:
+            try:
+                if guarded:
+                    self._authenticate(context)
+                response = await self.model_infer(_parse(parse, raw), len(raw))
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await _fail(context, exc, method)
             serialized: bytes = response.SerializeToString()
             return serialized
 
@@ -288,6 +321,15 @@ def _parse(parse: Callable[[bytes], M], raw: bytes) -> M:
         return parse(raw)
     except DecodeError as exc:
         raise InvalidInput(f"the request is not a valid protobuf message for this call: {exc}") from None
+
+
+async def _fail(context: Context, exc: Exception, method: str) -> NoReturn:
+    """End the call for `exc`: a `ServiceError` with its status; anything else is a bug, not a client's
+    mistake: logged with its traceback, answered INTERNAL without details."""
+    if isinstance(exc, ServiceError):
+        await _abort(context, exc, method)
+    log.error("%s: unexpected error", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR)
 
 
 async def _abort(context: Context, exc: ServiceError, method: str) -> NoReturn:

@@ -263,8 +263,12 @@ class InferenceCore:
 
     def _check_size(self, inputs: list[tuple[str, NDArray[Any]]]) -> None:
         """Refuse requests over `max_request_elements` before any conversion allocates for them."""
-        total = inputs[0][1].size if len(inputs) == 1 else sum(array.size for _, array in inputs)
-        if self.max_request_elements is not None and total > self.max_request_elements:
+        if self.max_request_elements is None:
+            return
+        total = 0
+        for _, array in inputs:
+            total += array.size
+        if total > self.max_request_elements:
             raise PayloadTooLarge(
                 f"the request holds {total} tensor elements, the limit is {self.max_request_elements} "
                 "(max_request_elements); split it into smaller requests"
@@ -287,6 +291,25 @@ class InferenceCore:
 
     def _validate(self, spec: TensorSpec, dtype: np.dtype[Any], array: NDArray[Any]) -> NDArray[Any]:
         shape = spec.shape
+        # The usual model's only dynamic dimension is the batch: its other dimensions compare in one go.
+        if array.ndim != len(shape) or spec.sample_shape is None or array.shape[1:] != spec.sample_shape:
+            self._check_shape(spec, array)
+        if array.dtype != dtype:
+            array = convert_lossless(array, dtype, name=spec.name)
+        if not self.allow_non_finite and array.dtype.kind == "f":
+            finite = np.isfinite(array)
+            if not finite.all():
+                index = [int(i) for i in np.argwhere(~finite)[0]]
+                raise InvalidInput(
+                    f"input {spec.name!r} holds {array[tuple(index)].item()} at index {index}; non-finite "
+                    "values are refused (the server's allow_non_finite setting accepts them)"
+                )
+        return array
+
+    @staticmethod
+    def _check_shape(spec: TensorSpec, array: NDArray[Any]) -> None:
+        """Raise `InvalidInput` unless `array` has `spec`'s rank and size on each of its fixed dimensions."""
+        shape = spec.shape
         if array.ndim != len(shape):
             raise InvalidInput(
                 f"input {spec.name!r} has shape {list(array.shape)}, "
@@ -299,16 +322,6 @@ class InferenceCore:
                     f"input {spec.name!r} has {got} {what} on axis {axis}, the model expects {want} "
                     f"(shape {spec.metadata_shape()}, -1 is any)"
                 )
-        array = convert_lossless(array, dtype, name=spec.name)
-        if not self.allow_non_finite and array.dtype.kind == "f":
-            finite = np.isfinite(array)
-            if not finite.all():
-                index = [int(i) for i in np.argwhere(~finite)[0]]
-                raise InvalidInput(
-                    f"input {spec.name!r} holds {array[tuple(index)].item()} at index {index}; non-finite "
-                    "values are refused (the server's allow_non_finite setting accepts them)"
-                )
-        return array
 
     @staticmethod
     def _output_names(session: Session, requested: list[str] | None) -> list[str]:

@@ -11,13 +11,18 @@ A network's feeds are only queued on the request's path (O(1)); the worker runs 
 (`service.layer_drift`) on them, small requests of one shape stacked into one run, one run at a time with
 the GIL given up between runs, under the same CPU budget and byte bound as the input sums below.
 
-Drift stays off the request's critical path. A small input (at most `inline_values` values, e.g. one 1x64
-row) is summed where it is served: its per-channel float64 `Σ(x-k)`, `Σ(x-k)²` about the frozen mean `k`
-(`bn_export.moments.shifted_sums`) are added to its watch's running sums (`ShiftedSums`) under a lock,
-O(C), and the next flush hands them to the monitor as one `Moments`. Queuing such inputs for the worker
-instead made the requests that arrived while it summed them wait for the GIL. A larger input only appends
-a reference to its array to a bounded queue; a background thread wakes every `interval_s`, sums what
-arrived one chunk at a time (up to `_CHUNK_BYTES` of small inputs stacked once, or one large input),
+Drift stays off the request's critical path. A small input (at most `inline_values` values, e.g. one
+1x64 row) is copied where it is served into its watch's block of its dtype (`_RowBlock`: `block_values`
+values as rows of C, 1,024 such inputs), under a lock, O(C). The block is summed when it
+fills or when the drift worker flushes (every `interval_s`, and before any figure is read): one pass over
+all its rows (`bn_export.moments.shifted_sums_by_part`: float64 `Σ(x-k)`, `Σ(x-k)²` about the frozen mean
+`k`, each input's apart, so that one holding NaN/±Inf is left out alone) and one CPU charge per block.
+Its sums go into the watch's running sums (`ShiftedSums`), which the flush hands to the monitor as one
+`Moments`: the figures are those of summing each request alone, to float64 rounding. Summing each request
+where it was served cost every request two CPU clock reads and a few numpy calls; queuing such inputs
+for the worker made the requests that arrived while it summed them wait for the GIL. A larger input only
+appends a reference to its array to a bounded queue; a background thread wakes every `interval_s`, sums
+what arrived one chunk at a time (up to `_CHUNK_BYTES` of small inputs stacked once, or one large input),
 sleeping briefly between chunks so that the GIL goes to the event loop whenever a request is waiting, and
 adds each watch's sums to its `DriftMonitor` in one merge. Holding the GIL for a whole flush made the
 requests arriving meanwhile wait for it. What each of these costs is measured in benchmarks/README.md,
@@ -39,6 +44,7 @@ Inputs holding NaN/±Inf (served with `allow_non_finite`) or of a shape the moni
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -50,7 +56,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bn_export.errors import InvalidInputError
-from bn_export.moments import Moments, ShiftedSums, merge_all, shifted_sums
+from bn_export.moments import Moments, ShiftedSums, merge_all, shifted_sums_by_part
 from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD, DriftMonitor, DriftSnapshot
 from service.errors import ModelNotFound
 from service.layer_drift import LayerMonitor, LayerProbe, LayerSummary, layer_moments, summarize
@@ -70,9 +76,12 @@ _CHUNK_BYTES = 16 * 1024
 # The pause between chunks: a real sleep, so that a thread waiting for the GIL gets it (`sleep(0)` lets
 # this thread take it straight back).
 _YIELD_S = 50e-6
-# Inputs of at most this many values are summed where they are served (O(C) numpy calls); larger ones are
-# queued for the worker, whose chunked sums cost less per value.
+# Inputs of at most this many values are copied into their watch's block of rows where they are served
+# (O(C)); larger ones are queued for the worker, whose chunked sums cost less per value.
 DEFAULT_INLINE_VALUES = 4096
+# A block of small inputs' rows holds this many values (at least one input of `inline_values`): 1,024 rows
+# of 64 channels, 256 KiB of float32, summed in one pass.
+DEFAULT_BLOCK_VALUES = 64 * 1024
 # A network's probe runs on requests of one model and one sample shape stacked up to this many bytes of
 # input at once (one run for many small requests), or on one larger request alone.
 _LAYER_CHUNK_BYTES = 64 * 1024
@@ -132,6 +141,82 @@ class Coverage:
         return {o: {"requests": self.requests[o], "samples": self.samples[o]} for o in DRIFT_OUTCOMES}
 
 
+class _RowBlock:
+    """Small inputs of one watch and dtype, copied one after another as rows of C values (each input's
+    values of every channel, channels last, whatever its layout), waiting to be summed in one pass (see the
+    module docstring). Needs the sampler's lock."""
+
+    __slots__ = ("data", "estimated", "filled", "requests", "samples", "spare", "starts")
+
+    def __init__(self, dtype: np.dtype[Any], channels: int, rows: int) -> None:
+        self.data: NDArray[Any] = np.empty((rows, channels), dtype)
+        # The buffer a detached block handed back once summed: the next detach swaps it in.
+        self.spare: NDArray[Any] | None = None
+        self.filled = 0
+        self.starts: list[int] = []  # each input's first row
+        self.samples: list[int] = []  # each input's samples (its rows are its values per channel)
+        self.requests: list[int] = []  # the requests in each input's run
+        self.estimated = 0.0  # CPU seconds charged for them when admitted
+
+    def add(self, x: NDArray[Any], axis: int, samples: int, requests: int) -> None:
+        """Copy `x: (N, ..., C at axis, ...)` in, as its `x.size // C` rows; the caller made room."""
+        filled = self.filled
+        rows = x.size // self.data.shape[1]
+        target = self.data[filled : filled + rows]
+        if x.ndim == 2:  # (N, C): its rows as they are
+            target[...] = x
+        else:
+            outer = math.prod(x.shape[:axis])
+            target.reshape(outer, -1, x.shape[axis])[...] = np.moveaxis(
+                x.reshape(outer, x.shape[axis], -1), 1, 2
+            )
+        self.starts.append(filled)
+        self.samples.append(samples)
+        self.requests.append(requests)
+        self.filled = filled + rows
+
+    def detach(self) -> _Rows:
+        """The rows copied so far, with what the block knows of them; the block starts afresh on another
+        buffer. Hand the detached buffer back to `spare` once summed."""
+        rows = _Rows(self.data, self.filled, self.starts, self.samples, self.requests, self.estimated)
+        self.data = self.spare if self.spare is not None else np.empty_like(self.data)
+        self.spare = None
+        self.filled, self.starts, self.samples, self.requests, self.estimated = 0, [], [], [], 0.0
+        return rows
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """A detached block: `filled` rows of `buffer`; each input's first row, samples and requests; their
+    CPU charge."""
+
+    buffer: NDArray[Any]
+    filled: int
+    starts: list[int]
+    samples: list[int]
+    requests: list[int]
+    estimated: float
+
+    def sums(self, shift: NDArray[np.float64]) -> tuple[int, NDArray[Any], NDArray[Any], list[int]]:
+        """Values per channel, `Σ(x-k)`, `Σ(x-k)²` per channel of the inputs whose sums are finite, and the
+        counts of `DriftWatch.pending` (covered requests and samples, unusable ones, inputs with NaN/Inf)."""
+        s1, s2 = shifted_sums_by_part(self.buffer[: self.filled], shift, self.starts)
+        finite = np.isfinite(s2).all(axis=1)  # NaN/Inf anywhere in an input show in its own sums
+        if finite.all():
+            counts = [sum(self.requests), sum(self.samples), 0, 0, 0]
+            return self.filled, s1.sum(axis=0), s2.sum(axis=0), counts
+        values = np.diff(np.append(self.starts, self.filled))
+        samples, requests = np.asarray(self.samples), np.asarray(self.requests)
+        counts = [
+            int(requests[finite].sum()),
+            int(samples[finite].sum()),
+            int(requests[~finite].sum()),
+            int(samples[~finite].sum()),
+            int((~finite).sum()),
+        ]
+        return int(values[finite].sum()), s1[finite].sum(axis=0), s2[finite].sum(axis=0), counts
+
+
 class DriftWatch:
     """A loaded model version's drift monitor, the graph input it watches, and what was fed to it.
 
@@ -139,7 +224,17 @@ class DriftWatch:
     new one, and the swap retires the old one, whose queued inputs and sums then go nowhere.
     """
 
-    __slots__ = ("coverage", "input_name", "model", "monitor", "pending", "retired", "sums", "version")
+    __slots__ = (
+        "blocks",
+        "coverage",
+        "input_name",
+        "model",
+        "monitor",
+        "pending",
+        "retired",
+        "sums",
+        "version",
+    )
 
     def __init__(self, monitor: DriftMonitor, input_name: str, model: str, version: str) -> None:
         self.monitor = monitor
@@ -149,6 +244,8 @@ class DriftWatch:
         # The rest is the sampler's and needs its lock.
         self.coverage = Coverage()
         self.sums: dict[str, ShiftedSums] = {}  # running sums of small inputs, per dtype
+        # Small inputs' rows not summed yet, per dtype.
+        self.blocks: dict[np.dtype[Any], _RowBlock] = {}
         # Behind `sums`: covered requests and samples, unusable requests and samples, inputs with NaN/Inf.
         self.pending = [0, 0, 0, 0, 0]
         self.retired = False
@@ -198,6 +295,7 @@ class Observability:
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         max_cpu_fraction: float = DEFAULT_MAX_CPU_FRACTION,
         inline_values: int = DEFAULT_INLINE_VALUES,
+        block_values: int = DEFAULT_BLOCK_VALUES,
     ) -> None:
         self.metrics = ServiceMetrics()
         self.drift = drift
@@ -206,6 +304,7 @@ class Observability:
         self.interval_s = interval_s
         self.max_pending_bytes = max_pending_bytes
         self.inline_values = inline_values
+        self.block_values = max(block_values, inline_values)  # room for any small input
         # The queue of inputs to sum; the queue, its byte count, the budget, the watches whose running sums
         # hold something (`_summed`) and every watch's sums and coverage need the lock.
         self._pending: deque[_Queued] = deque()
@@ -380,9 +479,9 @@ class Observability:
         self.metrics.observe_inference(model, version, seconds, batch_size)
 
     def sample(self, watch: DriftWatch, array: NDArray[Any], requests: int = 1) -> None:
-        """Add the watched input `array` of a run of `requests` served requests to `watch`: summed here when
-        small (O(C)), else queued for the drift worker (O(1)); never blocks on the worker. Left out (and
-        counted) while the CPU budget is spent or the queue is full.
+        """Add the watched input `array` of a run of `requests` served requests to `watch`: copied into its
+        block of rows when small (O(C)), else queued for the drift worker (O(1)); never waits for the
+        worker's sums. Left out (and counted) while the CPU budget is spent or the queue is full.
 
         A queued array is kept by reference: callers must not write into it afterwards (decoded request
         arrays are never reused).
@@ -395,7 +494,7 @@ class Observability:
             and array.shape[monitor.axis] == monitor.num_channels
             and array.dtype.kind in "fiu"
         ):
-            self._sum_inline(watch, array, requests, samples)
+            self._add_rows(watch, array, requests, samples)
             return
         with self._queue_lock:
             if watch.retired:
@@ -453,9 +552,10 @@ class Observability:
         if not watch.retired:
             self.metrics.observe_drift_coverage(watch.model, watch.version, outcome, requests, samples)
 
-    def _sum_inline(self, watch: DriftWatch, x: NDArray[Any], requests: int, samples: int) -> None:
-        """Add the per-channel sums of a small `x: (N, ..., C at axis, ...)` to `watch`'s running sums,
-        charging the CPU they took (this thread's own) to the budget like the worker's."""
+    def _add_rows(self, watch: DriftWatch, x: NDArray[Any], requests: int, samples: int) -> None:
+        """Copy a small `x: (N, ..., C at axis, ...)` into `watch`'s block of its dtype, summing the block
+        first when `x` does not fit; its sums' CPU is charged to the budget when the block is summed, as
+        the worker's is."""
         with self._queue_lock:
             if watch.retired:
                 return
@@ -463,28 +563,52 @@ class Observability:
             if estimate is None:
                 self._count_locked(watch, "skipped", requests, samples)
                 return
-            sums = watch.sums.get(x.dtype.str)
-            if sums is None:
-                sums = watch.sums[x.dtype.str] = ShiftedSums(watch.monitor.moving_mean, x.dtype)
-            shift = sums.shift
-        started = time.thread_time()
-        n, s1, s2 = shifted_sums(x, watch.monitor.axis, shift)
-        finite = bool(np.isfinite(s2).all())  # NaN/Inf anywhere in x show here
-        spent = time.thread_time() - started
-        with self._queue_lock:
-            # Settled as work on no bytes: the cost per byte the budget learns is the worker's, which
-            # small inputs' per-call overhead would swing.
-            self._budget.settle(0, estimate, spent)
-            pending = watch.pending
-            if finite:
-                sums.add(n, shift, s1, s2)
+            self._summed.add(watch)
+            if x.size == 0:  # no value to sum: covered as it is
+                pending = watch.pending
                 pending[0] += requests
                 pending[1] += samples
-            else:
-                pending[2] += requests
-                pending[3] += samples
-                pending[4] += 1
-            self._summed.add(watch)
+                return
+            block = watch.blocks.get(x.dtype)
+            if block is None:
+                channels = watch.monitor.num_channels
+                block = watch.blocks[x.dtype] = _RowBlock(x.dtype, channels, self.block_values // channels)
+            if block.filled + x.size // block.data.shape[1] > block.data.shape[0]:
+                self._sum_block_locked(watch, block)
+            block.add(x, watch.monitor.axis, samples, requests)
+            block.estimated += estimate
+
+    def _shifted_sums_locked(self, watch: DriftWatch, dtype: np.dtype[Any]) -> ShiftedSums:
+        sums = watch.sums.get(dtype.str)
+        if sums is None:
+            sums = watch.sums[dtype.str] = ShiftedSums(watch.monitor.moving_mean, dtype)
+        return sums
+
+    def _sum_block_locked(self, watch: DriftWatch, block: _RowBlock) -> None:
+        """Sum a full block where it filled (the request's thread, holding the lock: once per block)."""
+        sums = self._shifted_sums_locked(watch, block.data.dtype)
+        rows = block.detach()
+        started = time.thread_time()
+        summed = rows.sums(sums.shift)
+        spent = time.thread_time() - started
+        self._add_block_locked(watch, sums, sums.shift, summed)
+        # Settled as work on no bytes: the cost per byte the budget learns is the worker's.
+        self._budget.settle(0, rows.estimated, spent)
+        block.spare = rows.buffer
+
+    @staticmethod
+    def _add_block_locked(
+        watch: DriftWatch,
+        sums: ShiftedSums,
+        shift: NDArray[np.float64],
+        summed: tuple[int, NDArray[Any], NDArray[Any], list[int]],
+    ) -> None:
+        n, s1, s2, counts = summed
+        if n:
+            sums.add(n, shift, s1, s2)
+        pending = watch.pending
+        for i, count in enumerate(counts):
+            pending[i] += count
 
     def _count_locked(self, watch: DriftWatch, outcome: DriftOutcome, requests: int, samples: int) -> None:
         """Count requests left out of (or added to) `watch`'s figures, in its stats and its counters."""
@@ -506,6 +630,28 @@ class Observability:
         with self._queue_lock:
             remaining = len(self._pending)
             summed, self._summed = self._summed, set()
+            detached = []
+            for watch in summed:
+                if watch.retired:  # unloaded or reloaded since: its rows go nowhere
+                    continue
+                for block in watch.blocks.values():
+                    if block.filled:
+                        sums = self._shifted_sums_locked(watch, block.data.dtype)
+                        detached.append((watch, block, sums, sums.shift, block.detach()))
+        if detached:
+            # Summed off the lock: requests go on filling fresh blocks meanwhile.
+            started = time.thread_time()
+            summed_blocks = [rows.sums(shift) for _, _, _, shift, rows in detached]
+            spent = time.thread_time() - started
+        with self._queue_lock:
+            if detached:
+                for (watch, block, sums, shift, rows), block_sums in zip(
+                    detached, summed_blocks, strict=True
+                ):
+                    self._add_block_locked(watch, sums, shift, block_sums)
+                    if block.spare is None:
+                        block.spare = rows.buffer
+                self._budget.settle(0, sum(rows.estimated for *_, rows in detached), spent)
             inline = []
             for watch in summed:
                 parts = [moments for sums in watch.sums.values() if (moments := sums.take()) is not None]

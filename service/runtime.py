@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +80,20 @@ def resolve_providers(device: Device) -> list[str]:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A model input or output: V2 datatype, and shape with None for each dynamic dimension."""
+    """A model input or output: V2 datatype, and shape with None for each dynamic dimension.
+
+    `sample_shape` is `shape[1:]` when the batch dimension alone is dynamic (a request's shape then
+    matches when its own `shape[1:]` equals it), else None."""
 
     name: str
     datatype: str
     shape: tuple[int | None, ...]
+    sample_shape: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        tail = self.shape[1:]
+        batched = bool(self.shape) and self.shape[0] is None and None not in tail
+        object.__setattr__(self, "sample_shape", tail if batched else None)
 
     def metadata_shape(self) -> list[int]:
         return [-1 if d is None else d for d in self.shape]
@@ -128,7 +137,7 @@ class Session:
     def run(self, output_names: Sequence[str], feeds: Mapping[str, NDArray[Any]]) -> list[NDArray[Any]]:
         """The named outputs for `feeds` (already validated against `inputs`)."""
         results = self._session.run(list(output_names), dict(feeds))
-        return [np.asarray(r) for r in results]
+        return list(map(np.asarray, results))
 
 
 def _spec(node: Any) -> TensorSpec:

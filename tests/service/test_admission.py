@@ -89,3 +89,47 @@ def test_a_full_gate_refuses_before_any_timer_is_armed() -> None:
 def test_a_deadline_needs_a_positive_timeout() -> None:
     with pytest.raises(ValueError, match="positive"):
         Admission(AdmissionGate(1), timeout_s=0)
+
+
+def test_one_timer_expires_each_request_at_its_own_deadline_and_never_a_finished_one() -> None:
+    # Requests overlapping in time, finishing before or after their deadlines (0.3 s each) in any order,
+    # and one whose arrival predates the others' (its deadline falls before theirs): each slow one times out
+    # once its own deadline has passed, not before and not long after; a fast one is never cancelled.
+    timeout_s = 0.3
+
+    async def scenario() -> dict[str, tuple[str, float]]:
+        admission = Admission(AdmissionGate(10), timeout_s=timeout_s)
+        loop = asyncio.get_running_loop()
+        outcomes: dict[str, tuple[str, float]] = {}
+
+        async def request(name: str, work_s: float, arrived_at: float | None = None) -> None:
+            started = loop.time() if arrived_at is None else arrived_at
+            try:
+                with admission.admit(arrived_at):
+                    await asyncio.sleep(work_s)
+                outcomes[name] = ("answered", loop.time() - started)
+            except RequestTimeout:
+                outcomes[name] = ("timed out", loop.time() - started)
+
+        tasks = [asyncio.ensure_future(request("slow first", 10))]
+        await asyncio.sleep(0.05)
+        tasks.append(asyncio.ensure_future(request("fast", 0.01)))
+        tasks.append(asyncio.ensure_future(request("slow second", 10)))
+        tasks.append(asyncio.ensure_future(request("arrived earlier", 10, loop.time() - 0.25)))
+        await asyncio.sleep(0.05)
+        tasks.append(asyncio.ensure_future(request("fast after", 0.1)))
+        await asyncio.gather(*tasks)
+        await asyncio.sleep(timeout_s)  # past every deadline: nothing left armed cancels this task
+        assert admission.gate.admitted == 0
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert {name: outcome for name, (outcome, _) in outcomes.items()} == {
+        "slow first": "timed out",
+        "fast": "answered",
+        "slow second": "timed out",
+        "arrived earlier": "timed out",
+        "fast after": "answered",
+    }
+    for name in ("slow first", "slow second", "arrived earlier"):
+        assert timeout_s <= outcomes[name][1] < timeout_s + 0.15, (name, outcomes[name])

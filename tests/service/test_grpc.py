@@ -3,6 +3,7 @@ KServe's gRPC client, compared with the same server's REST answers."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import signal
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from numpy.typing import NDArray
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.cli import build_parser
 from service.proto import grpc_service_pb2 as pb
@@ -226,6 +228,48 @@ def test_requests_are_counted_with_their_protocol(served: Server) -> None:
         line.startswith("bn_serve_requests_total{") and 'protocol="grpc"' in line and 'status="200"' in line
         for line in text.splitlines()
     )
+
+
+def request_counts(server: Server) -> dict[tuple[str, ...], float]:
+    """`bn_serve_requests_total` and the request histograms' counts, by their labels."""
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    counts = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("bn_serve_requests_total", "bn_serve_request_seconds_count"):
+                labels = sample.labels
+                key = (sample.name, labels["model"], labels["version"], labels.get("status", ""))
+                counts[(*key, labels["protocol"])] = sample.value
+    return counts
+
+
+def counted(before: dict[tuple[str, ...], float], after: dict[tuple[str, ...], float]) -> dict[Any, float]:
+    return {key: n - before.get(key, 0) for key, n in after.items() if n != before.get(key, 0)}
+
+
+def test_calls_are_counted_by_version_status_and_protocol_as_rest_counts_requests(served: Server) -> None:
+    # An answer, a refused input to a named version, an unknown model and an unready one: over gRPC they
+    # move the series that REST's requests move, with protocol="grpc".
+    right, wrong = samples(1), np.zeros((1, CHANNELS - 1), dtype=np.float32)
+    calls = [("frozen", "", right), ("frozen", "1", wrong), ("nope", "", right), ("batchstat", "", right)]
+    before = request_counts(served)
+    for model, version, x in calls:
+        request = typed_request(x)
+        request.model_name, request.model_version = model, version
+        with contextlib.suppress(grpc.RpcError):
+            call(served, "ModelInfer", request, pb.ModelInferResponse)
+    grpc_counts = counted(before, after := request_counts(served))
+    for model, version, x in calls:
+        path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+        tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.tolist()}
+        httpx.post(served.url + path, json={"inputs": [tensor]}, timeout=30)
+    rest_counts = counted(after, request_counts(served))
+
+    assert grpc_counts == {(*key[:-1], "grpc"): n for key, n in rest_counts.items()}
+    assert grpc_counts[("bn_serve_requests_total", "frozen", "2", "200", "grpc")] == 1
+    assert grpc_counts[("bn_serve_requests_total", "frozen", "1", "400", "grpc")] == 1
+    assert grpc_counts[("bn_serve_requests_total", "_unknown", "_unknown", "404", "grpc")] == 1
+    assert grpc_counts[("bn_serve_request_seconds_count", "frozen", "2", "", "grpc")] == 1
 
 
 def test_stream_infer_answers_each_request_and_reports_errors_in_place(served: Server) -> None:

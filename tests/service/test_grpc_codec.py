@@ -54,6 +54,25 @@ def test_raw_contents_decode_to_the_array_sent_and_encode_back(case: tuple[str, 
     assert list(answer.outputs[0].shape) == list(array.shape)
 
 
+@given(
+    st.sampled_from(sorted(V2_TO_NUMPY)).flatmap(lambda d: arrays(d)),
+    st.sampled_from(["<", ">", "="]),
+    st.booleans(),
+)
+def test_raw_outputs_are_little_endian_row_major_whatever_the_arrays_byte_order_and_strides(
+    array: Any, byteorder: str, transposed: bool
+) -> None:
+    # Outputs may come in either byte order and any strides (a transposed view): the bytes sent are the
+    # elements in row-major order, little-endian, as numpy writes them for an explicit "<" dtype.
+    output = array.astype(array.dtype.newbyteorder(byteorder))
+    if transposed:
+        output = output.T
+    answer = encode_response(InferResponse("m", "1", None, [("y", output)]), raw=True)
+    want = np.ascontiguousarray(output).astype(output.dtype.newbyteorder("<")).tobytes()
+    assert answer.raw_output_contents[0] == want
+    assert list(answer.outputs[0].shape) == list(output.shape)
+
+
 def test_fp16_outputs_of_a_typed_request_come_back_raw() -> None:
     half = np.array([[0.5, -1.25]], np.float16)
     answer = encode_response(InferResponse("m", "1", None, [("y", half)]), raw=False)

@@ -15,17 +15,19 @@ import numpy as np
 import onnx
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from numpy.typing import NDArray
 
 from service.batching import Batcher, BatchPolicy
-from service.errors import LoadRefused, ModelNotReady
+from service.errors import InvalidInput, LoadRefused, ModelNotReady
 from service.inference import InferenceCore, InferRequest
 from service.lifecycle import ModelLifecycle
 from service.log import JsonLinesHandler, request_id
 from service.model import exact_policy
 from service.observability import Observability
 from service.repository import ModelRepository, ModelState
-from service.runtime import CPU
+from service.runtime import CPU, TensorSpec
 from tests.service.conftest import frozen_model, frozen_params
 
 A, B = frozen_params(21), frozen_params(22)
@@ -287,3 +289,23 @@ def test_metadata_shows_the_batching_policy_served(tmp_path: Path) -> None:
     served = Served(tmp_path)
     batching = served.core.metadata("m").parameters["batching"]
     assert batching == {"max_batch_size": 8, "max_batch_delay_us": 0, "note": None}
+
+
+dims = st.lists(st.integers(0, 3), max_size=3)
+
+
+@given(spec=st.lists(st.one_of(st.none(), st.integers(0, 3)), max_size=3), shape=dims)
+def test_an_input_is_accepted_exactly_when_its_rank_and_fixed_dimensions_match(
+    spec: list[int | None], shape: list[int]
+) -> None:
+    # Any rank, any dimensions fixed or dynamic (the batch's alone takes a shortcut): the reference is the
+    # rule itself, every fixed dimension equal and nothing else checked.
+    core = InferenceCore(ModelRepository({}), providers=[CPU], intra_op_threads=1)
+    tensor = TensorSpec("input", "FP32", tuple(spec))
+    x = np.zeros(shape, dtype=np.float32)
+    fits = len(shape) == len(spec) and all(w is None or g == w for g, w in zip(shape, spec, strict=False))
+    if fits:
+        assert core._validate(tensor, np.dtype(np.float32), x) is x
+    else:
+        with pytest.raises(InvalidInput, match=r"rank|on axis"):
+            core._validate(tensor, np.dtype(np.float32), x)

@@ -12,9 +12,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.typing import NDArray
 from prometheus_client.parser import text_string_to_metric_families
 
+from bn_export.moments import ShiftedSums, shifted_sums
+from service.drift import DriftMonitor
 from service.metrics import UNKNOWN_MODEL
 from service.model import LoadOptions, load_model
 from service.observability import CpuBudget, DriftWatch, Observability
@@ -553,3 +557,135 @@ def test_small_inputs_holding_nan_are_counted_unusable_and_left_out(repository: 
     drift, want = stats["drift"], expected_drift(good, params)
     assert (drift["samples"], drift["skipped_batches"]) == (150, 1)
     np.testing.assert_allclose(drift["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
+
+
+# Where a watch's input has its channels: (monitor axis, one sample's shape), as `shifted_sums` reads them.
+LAYOUTS = [(1, (CHANNELS,)), (1, (CHANNELS, 3)), (2, (2, CHANNELS))]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layout=st.sampled_from(LAYOUTS),
+    runs=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 3)), min_size=1, max_size=40),
+    nan_at=st.sets(st.integers(0, 39), max_size=3),
+    flush_at=st.sets(st.integers(0, 39), max_size=4),
+    block_rows=st.integers(1, 50),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_blocks_of_small_inputs_give_the_sums_of_each_input_alone(
+    layout: tuple[int, tuple[int, ...]],
+    runs: list[tuple[int, int]],
+    nan_at: set[int],
+    flush_at: set[int],
+    block_rows: int,
+    seed: int,
+) -> None:
+    # Runs of 0-30 samples (each of `requests` merged requests) fill blocks of 1-50 rows, so that runs
+    # cross the blocks' ends, some hold a NaN, and the figures are read at random points between them: at
+    # each read, the counts are exact and the sums are those of adding each usable input's own
+    # `shifted_sums` about the frozen mean (the path before blocks), to float64 rounding.
+    axis, sample_shape = layout
+    rng = np.random.default_rng(seed)
+    mean, var = rng.normal(0.0, 2.0, CHANNELS), rng.uniform(0.5, 3.0, CHANNELS)
+    per_sample = int(np.prod(sample_shape))
+    observability = Observability(
+        max_cpu_fraction=1.0, inline_values=30 * per_sample, block_values=block_rows * per_sample
+    )
+    watch = DriftWatch(DriftMonitor(mean, var, EPS, axis=axis), "input", "m", "1")
+    reference = ShiftedSums(mean, np.dtype(np.float32))
+    per_channel = [1] * (len(sample_shape) + 1)
+    per_channel[axis] = CHANNELS
+    covered, unusable = [0, 0], [0, 0]
+    for i, (samples, requests) in enumerate(runs):
+        x = (rng.normal(size=(samples, *sample_shape)) + mean.reshape(per_channel)).astype(np.float32)
+        if i in nan_at and x.size:
+            x.reshape(-1)[rng.integers(x.size)] = np.nan
+        observability.sample(watch, x, requests)
+        n, s1, s2 = shifted_sums(x, axis, reference.shift)
+        if np.isfinite(s2).all():
+            reference.add(n, reference.shift, s1, s2)
+            covered = [covered[0] + requests, covered[1] + samples]
+        else:
+            unusable = [unusable[0] + requests, unusable[1] + samples]
+        if i in flush_at or i == len(runs) - 1:
+            observability.flush()
+            assert not observability._pending  # every input went through a block
+            assert watch.coverage.requests["covered"] == covered[0]
+            assert watch.coverage.samples["covered"] == covered[1]
+            assert watch.coverage.requests["unusable"] == unusable[0]
+            assert watch.coverage.samples["unusable"] == unusable[1]
+            snapshot = watch.monitor.snapshot()
+            assert snapshot.samples == covered[1]
+            assert snapshot.skipped_batches == len([j for j in nan_at if j <= i and runs[j][0]])
+            moments = ShiftedSums(mean, np.dtype(np.float32))
+            moments.add(reference.n, reference.shift, reference.s1, reference.s2)
+            want = moments.take()
+            if want is None:
+                assert snapshot.values == 0
+                continue
+            assert snapshot.values == want.count
+            np.testing.assert_allclose(snapshot.live_mean, want.mean, rtol=1e-12, atol=1e-12)
+            np.testing.assert_allclose(snapshot.live_var, want.variance(), rtol=1e-10, atol=1e-12)
+
+
+def test_sums_of_a_full_block_are_charged_to_the_budget_once(repository: Repository) -> None:
+    # 64 one-row requests fill a 64-row block: the 65th sums it where it is served; until then nothing was
+    # summed or charged, and no CPU clock was read on the requests' path.
+    observability = Observability(max_cpu_fraction=1.0, inline_values=CHANNELS, block_values=64 * CHANNELS)
+    entry = _loaded(repository, observability)
+    watch = _watch(entry)
+    rows = served_inputs(repository.params[1], np.random.default_rng(14), 65, shift_std=0.1)
+    for row in rows[:64]:
+        observability.sample(watch, row[None])
+    (block,) = watch.blocks.values()
+    assert (block.filled, block.data.shape) == (64, (64, CHANNELS))
+    assert observability._budget.credit == observability._budget.capacity  # charged nothing yet
+    observability.sample(watch, rows[64:])
+    assert block.filled == 1
+    assert watch.pending[:2] == [64, 64]
+    assert observability._budget.credit < observability._budget.capacity
+    observability.flush()
+    stats = observability.drift_stats(entry)
+    assert stats["coverage"]["covered"] == {"requests": 65, "samples": 65}
+    want = expected_drift(rows, repository.params[1])
+    np.testing.assert_allclose(stats["drift"]["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
+
+
+def test_inputs_of_many_layouts_share_one_block_per_dtype() -> None:
+    # Small inputs of a model with dynamic spatial sizes (1x4xH, 40 sizes) and two dtypes: rows of C values
+    # whatever the layout, so the memory held stays one block per dtype, not one per shape.
+    observability = Observability(max_cpu_fraction=1.0)
+    mean = np.zeros(CHANNELS)
+    watch = DriftWatch(DriftMonitor(mean, np.ones(CHANNELS), EPS), "input", "m", "1")
+    rng = np.random.default_rng(16)
+    served = [rng.normal(size=(2, CHANNELS, h)).astype(dtype) for h in range(1, 41) for dtype in ("f4", "f8")]
+    for x in served:
+        observability.sample(watch, x)
+    assert sorted(str(dtype) for dtype in watch.blocks) == ["float32", "float64"]
+    observability.flush()
+    snapshot = watch.monitor.snapshot()
+    values = np.concatenate([np.moveaxis(x.astype(np.float64), 1, -1).reshape(-1, CHANNELS) for x in served])
+    assert (snapshot.samples, snapshot.values) == (2 * len(served), len(values))
+    np.testing.assert_allclose(snapshot.live_mean, values.mean(axis=0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(snapshot.live_var, values.var(axis=0), rtol=1e-10, atol=1e-12)
+
+
+def test_stats_and_metrics_read_right_after_a_request_count_it(
+    fresh: InProcess, repository: Repository
+) -> None:
+    x = served_inputs(repository.params[2], np.random.default_rng(15), 6, shift_std=0.2)
+    labels = {"model": "frozen", "version": "2", "outcome": "covered"}
+    served = 0
+    for i, n in enumerate((1, 2, 3), start=1):
+        response = fresh.post("/v2/models/frozen/infer", json=infer_body(x[served : served + n]))
+        assert response.status_code == 200
+        served += n
+        stats = fresh.get("/v2/models/frozen/stats").json()
+        assert stats["coverage"]["covered"] == {"requests": i, "samples": served}
+        assert stats["drift"]["samples"] == served
+        samples = scrape(fresh.get)
+        assert value(samples, "bn_serve_drift_requests_total", **labels) == i
+        assert value(samples, "bn_serve_drift_request_samples_total", **labels) == served
+        assert value(samples, "bn_serve_drift_samples", model="frozen", version="2") == served
+    want = expected_drift(x, repository.params[2])
+    np.testing.assert_allclose(stats["drift"]["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
