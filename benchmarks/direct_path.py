@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.app import create_app  # noqa: E402
 from service.http_direct import serving_protocol  # noqa: E402
+from service.log import configure_logging  # noqa: E402
 from tests.service.conftest import frozen_model, frozen_params, test_settings  # noqa: E402
 
 
@@ -73,12 +74,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--asgi", action="store_true", help="direct path off: every request through ASGI")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--access-log",
+        type=Path,
+        help="write the access records (bn-serve's logging) to this file; default off",
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp())
     (root / "m" / "1").mkdir(parents=True)
     onnx.save(frozen_model(frozen_params(1)), root / "m" / "1" / "model.onnx")
-    logging.disable(logging.CRITICAL)  # access records would measure the terminal
+    if args.access_log is None:
+        logging.disable(logging.CRITICAL)  # access records would measure the terminal
+    else:
+        sys.stderr = args.access_log.open("w")
+        configure_logging("info", 0.05)
     app = create_app(test_settings(root, direct_infer=not args.asgi))
     x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
     tensor = {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": x.ravel().tolist()}
