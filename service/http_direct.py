@@ -27,7 +27,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from service.direct_infer import DirectHead, DirectInfer
-from service.http_limits import BoundedHttpToolsProtocol
+from service.http_limits import BoundedHttpToolsProtocol, bounded_protocol
 
 
 def direct_infer_of(app: Any) -> DirectInfer | None:
@@ -149,11 +149,6 @@ def _head_start(status: int, default_headers: list[tuple[bytes, bytes]]) -> byte
 def serving_protocol(
     max_header_bytes: int, max_header_count: int, head_timeout_s: float, send_timeout_s: float
 ) -> functools.partial[DirectHttpToolsProtocol]:
-    """The protocol factory for uvicorn's `http` setting (a partial: picklable for worker processes)."""
-    return functools.partial(
-        DirectHttpToolsProtocol,
-        max_header_bytes=max_header_bytes,
-        max_header_count=max_header_count,
-        head_timeout_s=head_timeout_s,
-        send_timeout_s=send_timeout_s,
-    )
+    """The protocol factory for uvicorn's `http` setting: `bounded_protocol`'s limits on this protocol."""
+    limits = bounded_protocol(max_header_bytes, max_header_count, head_timeout_s, send_timeout_s)
+    return functools.partial(DirectHttpToolsProtocol, **limits.keywords)
