@@ -13,12 +13,21 @@ writes one (its status line, its default `date`/`server` headers, `connection: c
 is not kept alive) and completes the cycle through uvicorn's own `on_response`, which starts a pipelined
 request or arms the keep-alive timer. While the client is not reading its answers (writing paused),
 requests go the ASGI way, whose send waits for the client.
+
+The common case is read without httptools' callbacks: a read that holds exactly one whole request, on a
+connection with nothing in progress, whose head has the narrow form of `_WHOLE_HEAD` (a `POST` to an
+origin-form path without `%`, `?` or `#`, HTTP/1.1, headers of printable ASCII within the head limits) is
+read with two regular expressions, and its cycle is built as uvicorn's callbacks would build it. Anything
+else, however valid, and anything the direct path then declines, is fed to httptools as it came: the
+parser never saw the bytes, so it is still between messages. Refusals are httptools': a head the narrow
+form does not match goes to it whole.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +50,60 @@ def direct_infer_of(app: Any) -> DirectInfer | None:
             return direct
         app = getattr(app, "app", None)
     return None
+
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+# The request line and headers the protocol reads itself; the body follows the final CRLF.
+_WHOLE_HEAD = re.compile(
+    rb"POST (/[^\x00-\x20\x7f-\xff%?#]*) HTTP/1\.1\r\n((?:" + _TOKEN + rb":[\t -~]*\r\n)*)\r\n"
+)
+_HEADER = re.compile(rb"(" + _TOKEN + rb"):[\t ]*([\t -~]*)\r\n")
+
+
+class WholeRequest:
+    """A request read by `read_whole_request`: the parts of the ASGI scope uvicorn's callbacks would give."""
+
+    __slots__ = ("body", "headers", "keep_alive", "path")
+
+    def __init__(self, path: str, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool) -> None:
+        self.path = path
+        self.headers = headers  # as uvicorn gives them: names in lower case, values without trailing OWS
+        self.body = body
+        self.keep_alive = keep_alive
+
+
+def read_whole_request(data: bytes, max_header_bytes: int, max_header_count: int) -> WholeRequest | None:
+    """`data` read as one whole request in the narrow form of the module docstring, or None: not that form,
+    more or fewer bytes than its Content-Length says, past a head limit, or a header that asks for more
+    than a plain request (`transfer-encoding`, `upgrade`, a `connection` other than keep-alive or close, a
+    repeated or non-numeric `content-length`)."""
+    match = _WHOLE_HEAD.match(data)
+    if match is None:
+        return None
+    end = match.end()
+    if end > max_header_bytes:
+        return None
+    headers = [(name.lower(), value.rstrip(b" \t")) for name, value in _HEADER.findall(match[2])]
+    if len(headers) > max_header_count:
+        return None
+    length = None
+    keep_alive = True
+    for name, value in headers:
+        if name == b"content-length":
+            if length is not None or not value.isdigit():
+                return None
+            length = int(value)
+        elif name == b"connection":
+            option = value.lower()
+            if option == b"close":
+                keep_alive = False
+            elif option != b"keep-alive":
+                return None
+        elif name == b"transfer-encoding" or name == b"upgrade":
+            return None
+    if length is None or len(data) - end != length:
+        return None
+    return WholeRequest(match[1].decode("ascii"), headers, data[end:], keep_alive)
 
 
 class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
@@ -74,6 +137,17 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def data_received(self, data: bytes) -> None:
+        if (
+            self._direct is not None
+            and data.startswith(b"POST /")
+            and self._in_head
+            and not self._head_bytes
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.flow.write_paused
+            and self.limit_concurrency is None
+            and self._read_whole(data)
+        ):
+            return
         self._reading = True
         try:
             super().data_received(data)
@@ -85,6 +159,54 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
             # upload place and deadline (and answered 503 if shutdown cuts it short).
             self._direct_waiting = None
             HttpToolsProtocol._start_asgi_task(self, waiting[0], self.app)
+
+    def _read_whole(self, data: bytes) -> bool:
+        """Submit `data`, one whole request, to the direct path without httptools; False when it is not
+        one the direct path takes that way (nothing done: the bytes are httptools' to parse)."""
+        direct = self._direct
+        request = read_whole_request(data, self.max_header_bytes, self.max_header_count)
+        if direct is None or request is None:
+            return False
+        head = direct.takes("POST", request.path, self.root_path, request.headers)
+        if head is None:
+            return False
+        path = request.path
+        scope: Any = {
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "root_path": "",
+            "headers": request.headers,
+            "state": self.app_state.copy(),
+            "method": "POST",
+            "path": path,
+            "raw_path": path.encode("ascii"),
+            "query_string": b"",
+        }
+        cycle = RequestResponseCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=request.keep_alive,
+            on_response=self.on_response_complete,
+        )
+        cycle.body += request.body  # for an ASGI fall-back (the direct path reads `request.body`)
+        cycle.more_body = False
+        cycle.message_event.set()  # the body is whole: an ASGI fall-back's `receive` must not wait
+        self._unset_keepalive_if_required()
+        if not direct.submit(head, path, request.body, self, cycle):
+            return False
+        self.cycle = cycle
+        return True
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
