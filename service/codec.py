@@ -197,6 +197,94 @@ def _decode_plain(document: dict[str, Any], header: memoryview) -> InferRequest 
     return InferRequest(id=request_id, inputs=decoded, outputs=None)
 
 
+@dataclass(frozen=True, slots=True)
+class PlainForm:
+    """What a model's request must say to be read by `plain_rows`: its one input's name and datatype, and
+    the input's shape past the batch axis (all fixed)."""
+
+    input_name: str
+    datatype: str
+    sample_shape: tuple[int, ...]
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return _PLAIN_DATATYPES[self.datatype]
+
+
+def plain_form(input_name: str, datatype: str, sample_shape: tuple[int, ...] | None) -> PlainForm | None:
+    """The plain form of a model with this one input, or None when its requests cannot take it (a datatype
+    JSON numbers are not read as directly, or a dynamic dimension past the batch axis)."""
+    if sample_shape is None or datatype not in _PLAIN_DATATYPES:
+        return None
+    return PlainForm(input_name, datatype, sample_shape)
+
+
+@dataclass(slots=True)
+class PlainRows:
+    """A request read by `plain_rows`: its `id`, and its input's `samples` rows as flat JSON numbers."""
+
+    id: str | None
+    data: list[Any]
+    samples: int
+
+
+def plain_rows(body: bytes, form: PlainForm, max_elements: int) -> PlainRows | None:
+    """`body` read when it is the common request for a model of `form` (`_decode_plain`'s document, with
+    one input of the model's own name, datatype and sample shape, its data flat, at most `max_elements`
+    numbers), else None. Its numbers are not converted here: `merged_rows` converts many requests' at once,
+    as `_decode_plain` converts each, and refuses what `_decode_plain` would not take."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if type(document) is not dict or document.keys() not in _PLAIN_REQUEST_KEYS:
+        return None
+    request_id = document.get("id")
+    inputs = document["inputs"]
+    if (
+        (request_id is not None and type(request_id) is not str)
+        or type(inputs) is not list
+        or len(inputs) != 1
+    ):
+        return None
+    tensor = inputs[0]
+    if type(tensor) is not dict or tensor.keys() != _PLAIN_TENSOR_KEYS:
+        return None
+    shape, data = tensor["shape"], tensor["data"]
+    if tensor["name"] != form.input_name or tensor["datatype"] != form.datatype or type(shape) is not list:
+        return None
+    if len(shape) != len(form.sample_shape) + 1 or tuple(shape[1:]) != form.sample_shape:
+        return None
+    samples = shape[0]
+    if set(map(type, shape)) != {int} or samples < 1 or type(data) is not list:
+        return None
+    if len(data) != samples * math.prod(form.sample_shape) or len(data) > max_elements:
+        return None
+    if _has_boolean_literal(memoryview(body)):
+        return None
+    return PlainRows(request_id, data, samples)
+
+
+def merged_rows(rows: list[PlainRows], form: PlainForm) -> NDArray[Any] | None:
+    """The inputs of `rows` (requests read by `plain_rows` for `form`) as one array, in order, batch axis
+    first: each request's rows exactly as `decode_request` would give them. None when any of them holds
+    something other than plain numbers, or when one array could convert them differently from one array
+    each (a magnitude past 2**53: integers there, alone, would convert through int64, not float64); those
+    are for `decode_request`, one by one."""
+    flat = rows[0].data if len(rows) == 1 else list(itertools.chain.from_iterable(row.data for row in rows))
+    try:
+        array = np.asarray(flat)
+    except ValueError:
+        return None
+    if array.ndim != 1 or array.dtype.kind not in "if":
+        return None
+    if len(rows) > 1 and array.dtype.kind == "f" and array.size and float(np.max(np.abs(array))) >= 2.0**53:
+        return None  # maybe a request of integers past float64's exact ones, which alone would be int64
+    with np.errstate(over="ignore"):
+        array = array.astype(form.dtype)
+    return array.reshape(-1, *form.sample_shape)
+
+
 def describe(exc: ValidationError) -> str:
     """A one-line account of pydantic's errors: `inputs.0.shape: Input should be a valid list; ...`."""
     parts = []
@@ -317,6 +405,10 @@ def _has_boolean_literal(text: memoryview, chunk: int = 1 << 20) -> bool:
     `bytes.find` (memchr-fast, unlike `re` on a memoryview) needs `bytes` and a whole copy costs the body."""
     if len(text) <= chunk:  # the usual small body: one copy, no loop
         piece = text.tobytes()
+        # `true` has an `r` and `false` an `l`, letters no number and no key of the common request holds:
+        # a body without either (memchr-fast to find) holds no boolean, without the slower substring search.
+        if b"r" not in piece and b"l" not in piece:
+            return False
         return b"true" in piece or b"false" in piece
     for start in range(0, len(text), chunk):
         piece = bytes(text[start : start + chunk + 4])

@@ -12,9 +12,15 @@ framing, no content coding, no `Expect`), and hands it to `submit` once its body
 the ASGI route does before a run (request id, authentication, decoding, `InferenceCore.prepare`, a place
 in the admission gate) and queues the request for the end of this turn of the event loop: requests that
 arrive in the same turn (at high concurrency, one read of many connections) share one onnxruntime run,
-as the `Batcher` merges them, and every one is answered in the next turn, alone or merged. Each request
-still gets its access record, its request metrics, its run metrics and drift sums (one per run), its
-deadline (checked before its run) and a place in the response budget.
+as the `Batcher` merges them, and every one is answered in the next turn, alone or merged. The commonest
+request, a plain one (`codec.plain_rows`: one float input of the model's own name, datatype and sample
+shape, flat data), is only parsed and checked at `submit`: its numbers are converted with those of every
+plain request of its turn for the same model, as one array (`codec.merged_rows`, exactly what decoding
+each alone gives), of which each request's feed is a slice; what that conversion does not take is
+decoded and prepared alone, as any other request, and a request holding a non-finite value the server
+refuses goes the ASGI way for its error answer. Each request still gets its access record, its request
+metrics, its run metrics and drift sums (one per run), its deadline (checked before its run) and a place
+in the response budget.
 
 What it does not take goes the ASGI way unchanged, its body already read: any other route or framing, a
 request that any check before the run refuses (so every error answer, log record and metric of a refused
@@ -46,6 +52,7 @@ from service.infer_route import INLINE_BODY_BYTES, response_headers
 from service.inference import InferenceCore, PreparedRequest
 from service.log import RequestIds, batch_request_ids, request_id, write_access_record
 from service.metrics import ServiceMetrics
+from service.model import LoadedModel
 from service.responses import ResponseBudget
 
 log = logging.getLogger("bn_serve")
@@ -55,6 +62,7 @@ _ASGI_HEADERS = frozenset(
     (b"expect", b"transfer-encoding", b"content-encoding", b"inference-header-content-length")
 )
 _JSON_TYPES = frozenset((b"", b"application/json"))
+_JSON = codec.ResponseFormat()  # every output in JSON: what a plain request asks for
 
 
 @dataclass(slots=True)
@@ -87,17 +95,42 @@ class DirectConnection(Protocol):
 
 @dataclass(slots=True)
 class _Waiting:
-    """A request queued for this turn's runs."""
+    """A request queued for this turn's runs: `prepared`, or for a plain one (`codec.plain_rows`) its model
+    and rows, prepared with the others of its turn (`_prepare_plain`)."""
 
     connection: DirectConnection
     exchange: Any
-    prepared: PreparedRequest
+    prepared: PreparedRequest | None
     fmt: codec.ResponseFormat
     rid: str
     path: str
     started: float
     samples: int
     elements: int
+    model: LoadedModel
+    plain: codec.PlainRows | None = None
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class _PlainKey:
+    """The group of a turn's plain requests for one loaded model (held, so its id is not reused)."""
+
+    model: LoadedModel
+    form: codec.PlainForm
+
+    def __hash__(self) -> int:
+        return id(self.model)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _PlainKey) and other.model is self.model
+
+
+def _prepared(item: _Waiting) -> PreparedRequest:
+    """`item`'s prepared request: every request has one by the time it runs."""
+    if item.prepared is None:
+        raise RuntimeError("a direct request ran before it was prepared")
+    return item.prepared
 
 
 class DirectInfer:
@@ -127,6 +160,7 @@ class DirectInfer:
         self._max_batch_elements = max_batch_elements
         self._inline_max_elements = inline_max_elements
         self._waiting: dict[Hashable, list[_Waiting]] = {}
+        self._plain_keys: dict[int, tuple[LoadedModel, _PlainKey | None]] = {}
         self._scheduled = False
         self.requests = 0  # answered here: the rest went the ASGI way
 
@@ -170,6 +204,22 @@ class DirectInfer:
         started = time.perf_counter()
         try:
             self._authenticator.check(path, head.authorization)
+        except ServiceError:
+            return False
+        plain = self._plain(head, body)
+        if plain is not None:
+            plain_key, rows = plain
+            if not self._enter():
+                return False
+            rid = self._ids.incoming(head.request_id)
+            elements = len(rows.data)
+            waiting = _Waiting(
+                connection, exchange, None, _JSON, rid, path, started, rows.samples, elements,
+                plain_key.model, rows, body,
+            )  # fmt: skip
+            self._queue(plain_key, waiting)
+            return True
+        try:
             decoded, fmt = codec.decode_request(body)
             prepared = self._core.prepare(head.model_name, head.model_version, decoded)
         except ServiceError:
@@ -180,32 +230,125 @@ class DirectInfer:
         if policy.max_batch_delay_us or elements > self._inline_max_elements:
             return False
         key = merge_key(prepared) if policy.enabled else None
+        if not self._enter():
+            return False
+        samples = int(next(iter(prepared.feeds.values())).shape[0]) if key is not None else 0
+        rid = self._ids.incoming(head.request_id)
+        waiting = _Waiting(connection, exchange, prepared, fmt, rid, path, started, samples, elements, model)
+        self._queue(key if key is not None else waiting, waiting)
+        return True
+
+    def _enter(self) -> bool:
+        """A place in the admission gate, counted in flight; False when there is none."""
         try:
             self._admission.gate.enter()
         except Overloaded:
             return False
         self._metrics.in_flight.inc()
-        samples = int(next(iter(prepared.feeds.values())).shape[0]) if key is not None else 0
-        rid = self._ids.incoming(head.request_id)
-        waiting = _Waiting(connection, exchange, prepared, fmt, rid, path, started, samples, elements)
-        group = self._waiting.get(key if key is not None else waiting)
+        return True
+
+    def _queue(self, key: Hashable, waiting: _Waiting) -> None:
+        group = self._waiting.get(key)
         if group is None:
-            self._waiting[key if key is not None else waiting] = [waiting]
+            self._waiting[key] = [waiting]
         else:
             group.append(waiting)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
-        return True
+
+    def _plain(self, head: DirectHead, body: bytes) -> tuple[_PlainKey, codec.PlainRows] | None:
+        """The request's model and rows when it is a plain request (`codec.plain_rows`) for a served model
+        whose runs merge without waiting, within the inline limits; else None (nothing counted)."""
+        try:
+            model = self._core.repository.get(head.model_name, head.model_version).model
+        except ServiceError:
+            return None
+        if model is None:
+            return None
+        known = self._plain_keys.get(id(model))
+        key = known[1] if known is not None and known[0] is model else self._plain_key(model)
+        if key is None:
+            return None
+        policy = self._batcher.policy_of(model)
+        if not policy.enabled or policy.max_batch_delay_us:
+            return None
+        limit = self._inline_max_elements
+        if self._core.max_request_elements is not None:
+            limit = min(limit, self._core.max_request_elements)
+        rows = codec.plain_rows(body, key.form, limit)
+        return None if rows is None else (key, rows)
+
+    def _plain_key(self, model: LoadedModel) -> _PlainKey | None:
+        """`model`'s group key for plain requests, None when its requests cannot be plain; kept per model."""
+        session = model.session
+        form = None
+        if len(session.inputs) == 1 and session.batchable:
+            spec = session.inputs[0]
+            form = codec.plain_form(spec.name, spec.datatype, spec.sample_shape)
+        key = None if form is None else _PlainKey(model, form)
+        if len(self._plain_keys) > 64:  # models come and go: keep the lookup small
+            self._plain_keys.clear()
+        self._plain_keys[id(model)] = (model, key)
+        return key
 
     def _flush(self) -> None:
         """Run and answer everything queued in the last turn: merged per key, within the policy's limits."""
         self._scheduled = False
         waiting, self._waiting = self._waiting, {}
-        for group in waiting.values():
-            policy = self._batcher.policy_of(group[0].prepared.model)
+        for key, group in waiting.items():
+            if type(key) is _PlainKey:
+                group = self._prepare_plain(key, group)
+                if not group:
+                    continue
+            model = _prepared(group[0]).model
+            policy = self._batcher.policy_of(model)
             for chunk in self._chunks(group, policy):
                 self._run(chunk)
+
+    def _prepare_plain(self, key: _PlainKey, group: list[_Waiting]) -> list[_Waiting]:
+        """`group`'s plain requests prepared at once: their rows converted as one array, each request a
+        slice of it. Requests the one conversion does not take are decoded and prepared each alone, as
+        `submit` does for any other; one refused there, or holding a non-finite value the server refuses,
+        goes the ASGI way for its error answer."""
+        model, form = key.model, key.form
+        rows = [item.plain for item in group if item.plain is not None]
+        merged = codec.merged_rows(rows, form)
+        if merged is None:
+            return [item for item in group if self._prepare_alone(item)]
+        # Non-finite values are rare: one check of the whole array, each request's rows only when it fails.
+        check = not self._core.allow_non_finite and merged.dtype.kind == "f" and not np.isfinite(merged).all()
+        output_names = model.session.output_names
+        prepared_group = []
+        start = 0
+        for item in group:
+            end = start + item.samples
+            feed = merged[start:end]
+            start = end
+            if check and not np.isfinite(feed).all():
+                self._fall_back(item)
+                continue
+            request_id = item.plain.id if item.plain is not None else None
+            item.prepared = PreparedRequest(model, request_id, {form.input_name: feed}, output_names)
+            item.plain = None
+            prepared_group.append(item)
+        return prepared_group
+
+    def _prepare_alone(self, item: _Waiting) -> bool:
+        """Decode and prepare `item` alone (see `_prepare_plain`); False once it went the ASGI way."""
+        model = item.model
+        try:
+            decoded, _ = codec.decode_request(item.body)
+            prepared = self._core.prepare(model.name, str(model.version), decoded)
+        except ServiceError:
+            self._fall_back(item)
+            return False
+        if prepared.model is not model:  # reloaded since: not to be merged with this turn's others
+            self._fall_back(item)
+            return False
+        item.prepared = prepared
+        item.plain = None
+        return True
 
     def _chunks(self, group: list[_Waiting], policy: BatchPolicy) -> list[list[_Waiting]]:
         """`group` cut, in arrival order, into runs of at most `max_batch_size` samples and at most
@@ -240,7 +383,7 @@ class DirectInfer:
                 live.append(item)
         if not live:
             return
-        first = live[0].prepared
+        first = _prepared(live[0])
         core = self._core
         if len(live) == 1:
             token = request_id.set(live[0].rid)
@@ -254,7 +397,7 @@ class DirectInfer:
             self._batcher.runs += 1
             self._finish(live[0], outputs)
             return
-        feeds = {name: np.concatenate([w.prepared.feeds[name] for w in live]) for name in first.feeds}
+        feeds = {name: np.concatenate([_prepared(w).feeds[name] for w in live]) for name in first.feeds}
         token = request_id.set(live[0].rid)
         ids_token = batch_request_ids.set(tuple(w.rid for w in live))
         try:
@@ -274,7 +417,7 @@ class DirectInfer:
 
     def _finish(self, item: _Waiting, outputs: list[NDArray[Any]]) -> None:
         try:
-            encoded = codec.encode_response(item.prepared.response(outputs), item.fmt)
+            encoded = codec.encode_response(_prepared(item).response(outputs), item.fmt)
         except ServiceError as exc:
             self._finish_error(item, exc)
             return
@@ -309,7 +452,7 @@ class DirectInfer:
         self._admission.gate.leave()
         self._metrics.in_flight.dec()
         seconds = time.perf_counter() - item.started
-        served = item.prepared.model.metrics
+        served = item.model.metrics
         if served is not None:
             served.observe_request(status, seconds)
         write_access_record("POST", item.path, status, seconds, item.rid)

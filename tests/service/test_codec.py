@@ -201,3 +201,98 @@ def test_a_lossless_conversion_between_integers_of_one_width_keeps_the_sign() ->
     with pytest.raises(InvalidInput):
         convert_lossless(np.array([-1], dtype=np.int64), np.dtype(np.uint64), name="x")
     assert convert_lossless(np.array([5], dtype=np.uint64), np.dtype(np.int64), name="x").tolist() == [5]
+
+
+_FORM_SAMPLES = [(3,), (2, 2), ()]
+# 2**60 + 2**36 + 1 rounds to float32 differently directly (from int64) and through float64.
+_DOUBLE_ROUNDED = 2**60 + 2**36 + 1
+_large_integers = st.one_of(st.integers(-(2**60), 2**60), st.just(_DOUBLE_ROUNDED))
+
+
+@st.composite
+def _plain_bodies(draw: st.DrawFn, datatype: str, sample: tuple[int, ...]) -> bytes:
+    """A request body for a model of one input `x` of `datatype` and sample shape `sample`, mostly in the
+    plain form, sometimes not (another name, datatype or shape; nested data; booleans among numbers)."""
+    samples = draw(st.integers(1, 3))
+    shape = [samples, *sample]
+    if draw(st.integers(0, 9)) == 0:
+        shape = draw(st.sampled_from([[samples], [samples, 1, 3], [samples, 3.0], [True, *sample]]))
+    count = samples * int(np.prod(sample))
+    values = draw(
+        st.one_of(
+            st.lists(
+                st.floats(allow_nan=False, allow_infinity=False, width=64), min_size=count, max_size=count
+            ),
+            st.lists(_large_integers, min_size=count, max_size=count),
+            st.lists(_plain_values, min_size=count, max_size=count),
+        )
+    )
+    data: Any = values
+    if draw(st.integers(0, 9)) == 0:
+        data = [values] if values else [[]]
+    name = draw(st.sampled_from(["x", "x", "x", "y"]))
+    stated = draw(st.sampled_from([datatype, datatype, datatype, "INT32"]))
+    document: dict[str, Any] = {"inputs": [{"name": name, "shape": shape, "datatype": stated, "data": data}]}
+    if draw(st.booleans()):
+        document["id"] = draw(st.text(max_size=4))
+    return json.dumps(document).encode()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    form_index=st.integers(0, len(_FORM_SAMPLES) - 1),
+    datatype=st.sampled_from(["FP16", "FP32", "FP64"]),
+    data=st.data(),
+)
+def test_plain_requests_converted_together_are_each_what_decoding_it_alone_gives(
+    form_index: int, datatype: str, data: Any
+) -> None:
+    from service import codec
+
+    sample = _FORM_SAMPLES[form_index]
+    form = codec.plain_form("x", datatype, sample)
+    assert form is not None
+    bodies = data.draw(st.lists(_plain_bodies(datatype, sample), min_size=1, max_size=4))
+    rows = [codec.plain_rows(body, form, 1000) for body in bodies]
+    taken = [(body, row) for body, row in zip(bodies, rows, strict=True) if row is not None]
+    if not taken:
+        return
+    merged = codec.merged_rows([row for _, row in taken], form)
+    if merged is None:
+        return  # each is then decoded alone
+    assert merged.dtype == form.dtype
+    start = 0
+    for body, row in taken:
+        request, fmt = decode_request(body)  # must not raise: what is merged, decoding takes
+        ((name, want),) = request.inputs
+        got = merged[start : start + row.samples]
+        start += row.samples
+        assert (name, request.id, fmt) == ("x", row.id, ResponseFormat())
+        assert got.shape == want.shape
+        assert got.tobytes() == want.tobytes()
+    assert start == len(merged)
+
+
+def test_plain_requests_of_floats_and_of_small_integers_convert_together() -> None:
+    from service import codec
+
+    form = codec.plain_form("x", "FP32", (2,))
+    assert form is not None
+    bodies = [
+        orjson.dumps({"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": data}]})
+        for data in ([0.1, 2.5], [3, -4], [2**40, 1])
+    ]
+    rows = [codec.plain_rows(body, form, 100) for body in bodies]
+    assert all(row is not None for row in rows)
+    merged = codec.merged_rows(rows, form)  # type: ignore[arg-type]
+    assert merged is not None
+    np.testing.assert_array_equal(merged, np.array([[0.1, 2.5], [3, -4], [2**40, 1]], dtype=np.float32))
+    past = codec.plain_rows(
+        orjson.dumps(
+            {"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [2**53 + 1, 1]}]}
+        ),
+        form,
+        100,
+    )
+    assert past is not None
+    assert codec.merged_rows([rows[0], past], form) is None  # type: ignore[list-item]

@@ -282,3 +282,45 @@ def test_settings_turn_the_direct_path_off(repository: Repository) -> None:
 
     assert create_app(test_settings(repository.root)).direct_infer is not None
     assert create_app(test_settings(repository.root, direct_infer=False)).direct_infer is None
+
+
+def test_plain_requests_sent_together_are_each_answered_as_the_asgi_path_answers_them(
+    servers: dict[str, Server],
+) -> None:
+    def body(data: object, shape: list[int], **extra: object) -> bytes:
+        tensor = {"name": "input", "shape": shape, "datatype": "FP32", "data": data}
+        return orjson.dumps({"inputs": [tensor], **extra})
+
+    bodies = [
+        body([0.5, -1.25, 3.0, 4.5], [1, 4], id="floats"),
+        body([1, 2, -3, 4], [1, 4]),  # integers, converted as alone
+        body([1e39, 0.0, 0.0, 0.0], [1, 4]),  # past FP32: inf, refused as non-finite
+        body([[1.0, 2.0, 3.0, 4.0]], [1, 4]),  # nested: decoded alone
+        body([2**60 + 2**36 + 1, 0, 0, 0], [1, 4]),  # an integer float64 would round twice
+        body(["1.0", 2.0, 3.0, 4.0], [1, 4]),  # a string: refused
+        body(np.linspace(-2, 2, 8).tolist(), [2, 4]),
+    ]
+    expected = [
+        httpx.post(servers["asgi"].url + INFER, content=b, headers={**HEADERS, "X-Request-ID": "r"})
+        for b in bodies
+    ]
+    assert [e.status_code for e in expected] == [200, 200, 400, 200, 200, 400, 200]
+    server = servers["direct"]
+    host, port = server.host_port.split(":")
+    for _ in range(3):
+        sockets = [socket.create_connection((host, int(port)), timeout=10) for _ in bodies]
+        try:
+            for sock, b in zip(sockets, bodies, strict=True):  # sent back to back: mostly one turn
+                sock.sendall(request_bytes(server, b, extra="X-Request-ID: r\r\n"))
+            for sock, want in zip(sockets, expected, strict=True):
+                data = b""
+                while not split_responses(data):
+                    chunk = sock.recv(65536)
+                    assert chunk, "closed before an answer"
+                    data += chunk
+                ((head, got),) = split_responses(data)
+                assert head.startswith(b"HTTP/1.1 %d" % want.status_code), head
+                assert got == want.content
+        finally:
+            for sock in sockets:
+                sock.close()
