@@ -156,6 +156,7 @@ class DirectInfer:
         self._ids = ids
         self._metrics = metrics
         self._responses = responses
+        self.max_request_bytes = max_request_bytes
         self._max_body = min(INLINE_BODY_BYTES, max_request_bytes)
         self._max_batch_elements = max_batch_elements
         self._inline_max_elements = inline_max_elements

@@ -111,7 +111,7 @@ async def read_body(
         return first
     if length is None:
         return await _read_chunks(receive, [first], limit, more=True)
-    buffer = _aligned_buffer(length, align_at)
+    buffer = aligned_buffer(length, align_at)
     filled = 0
     chunk = first
     while True:
@@ -148,7 +148,7 @@ async def _read_chunks(receive: Receive, chunks: list[bytes], limit: int, *, mor
         more = message.get("more_body", False)
 
 
-def _aligned_buffer(length: int, align_at: int | None) -> memoryview:
+def aligned_buffer(length: int, align_at: int | None) -> memoryview:
     """A writable, uninitialised `length`-byte buffer whose byte `align_at` sits on a `TENSOR_ALIGNMENT`
     boundary (numpy's `empty`: unlike `bytearray(length)` it does not write zeros the body overwrites)."""
     storage = np.empty(length + TENSOR_ALIGNMENT, dtype=np.uint8)

@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 import pytest
 
-from tests.service.conftest import Repository, Server, start_server, stop_server
+from tests.service.conftest import Repository, Server, binary_infer_body, start_server, stop_server
 
 INFER = "/v2/models/frozen/versions/1/infer"
 HEADERS = {"Content-Type": "application/json"}
@@ -79,7 +79,7 @@ def split_responses(data: bytes) -> list[tuple[bytes, bytes]]:
         head, sep, rest = data.partition(b"\r\n\r\n")
         if not sep:
             return found
-        length = re.search(rb"content-length: (\d+)", head, re.IGNORECASE)
+        length = re.search(rb"\r\ncontent-length: (\d+)", head, re.IGNORECASE)
         size = int(length[1]) if length else 0
         if len(rest) < size:
             return found
@@ -324,3 +324,59 @@ def test_plain_requests_sent_together_are_each_answered_as_the_asgi_path_answers
         finally:
             for sock in sockets:
                 sock.close()
+
+
+def binary_request(server: Server, x: np.ndarray) -> bytes:
+    body, header_length = binary_infer_body(x)
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: {server.host_port}\r\nContent-Type: application/octet-stream\r\n"
+        f"Inference-Header-Content-Length: {header_length}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def test_large_bodies_gathered_into_one_buffer_are_answered_as_uvicorn_reads_them(
+    servers: dict[str, Server], repository: Repository
+) -> None:
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((rows, 4)).astype(np.float32) for rows in (20_000, 33_333)]  # 320 and 533 KB
+    answers = {}
+    for name, server in servers.items():
+        whole = [raw_exchange(server, binary_request(server, x)) for x in xs]
+        pipelined = split_responses(raw_exchange(server, b"".join(binary_request(server, x) for x in xs), 2))
+        host, port = server.host_port.split(":")
+        payload = binary_request(server, xs[1])
+        with socket.create_connection((host, int(port)), timeout=10) as sock:  # slowly, in pieces
+            for start in range(0, len(payload), 150_000):
+                sock.sendall(payload[start : start + 150_000])
+                threading.Event().wait(0.05)
+            data = b""
+            while not split_responses(data):
+                data += sock.recv(1 << 20)
+        answers[name] = (
+            [split_responses(w)[0][1] for w in whole],
+            [body for _, body in pipelined],
+            split_responses(data)[0][1],
+        )
+    assert answers["direct"] == answers["asgi"]
+    head, body = split_responses(raw_exchange(servers["direct"], binary_request(servers["direct"], xs[0])))[0]
+    header_length = int(re.search(rb"inference-header-content-length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
+    outputs = orjson.loads(body[:header_length])["outputs"]
+    assert outputs[0]["name"] == "output"
+    size = outputs[0]["parameters"]["binary_data_size"]
+    output = np.frombuffer(body[header_length : header_length + size], "<f4").reshape(xs[0].shape)
+    np.testing.assert_allclose(output, repository.params[1].output(xs[0]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_client_gone_halfway_through_a_large_body_leaves_the_server_serving(
+    servers: dict[str, Server],
+) -> None:
+    server = servers["direct"]
+    payload = binary_request(server, np.ones((20_000, 4), dtype=np.float32))
+    host, port = server.host_port.split(":")
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(payload[: len(payload) // 2])
+    x = np.ones((1, 4), dtype=np.float32)
+    assert httpx.post(server.url + INFER, content=body_of(x), headers=HEADERS).status_code == 200
+    assert split_responses(raw_exchange(server, payload))[0][0].startswith(b"HTTP/1.1 200")
