@@ -9,6 +9,7 @@ always convert into FP32.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -106,3 +107,22 @@ def convert_lossless(array: NDArray[Any], dtype: np.dtype[Any], *, name: str) ->
             f"the model's datatype; send {v2_datatype(dtype)} or values it represents exactly"
         )
     return converted
+
+
+def all_finite(array: NDArray[Any]) -> bool:
+    """Whether float `array` holds no NaN or infinity. For a large array the usual answer, yes, comes from
+    one BLAS dot product of the array with itself (NaN and infinities carry into it; one pass, no mask of
+    the array's size); a non-finite product (a NaN, or squares too large to sum) is settled element by
+    element, as a small array is."""
+    if array.size >= _DOT_CHECK_ELEMENTS and array.dtype in _BLAS_FLOATS and array.flags.c_contiguous:
+        flat = array.reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            product = float(np.dot(flat, flat))
+        if math.isfinite(product):
+            return True
+    return bool(np.isfinite(array).all())
+
+
+_BLAS_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# Below this, the mask costs less than the floating-point state `errstate` sets around the product.
+_DOT_CHECK_ELEMENTS = 4096

@@ -45,6 +45,7 @@ from service import codec
 from service.admission import Admission, Deadline
 from service.auth import Authenticator
 from service.batching import Batcher, BatchPolicy, input_elements, merge_key, split_outputs
+from service.datatypes import all_finite
 from service.errors import Overloaded, ServiceError
 from service.front import INFER_PATH
 from service.http_errors import error_answer
@@ -318,7 +319,7 @@ class DirectInfer:
         if merged is None:
             return [item for item in group if self._prepare_alone(item)]
         # Non-finite values are rare: one check of the whole array, each request's rows only when it fails.
-        check = not self._core.allow_non_finite and merged.dtype.kind == "f" and not np.isfinite(merged).all()
+        check = not self._core.allow_non_finite and merged.dtype.kind == "f" and not all_finite(merged)
         output_names = model.session.output_names
         prepared_group = []
         start = 0

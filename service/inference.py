@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from service.batching import BatchPolicy
-from service.datatypes import convert_lossless
+from service.datatypes import all_finite, convert_lossless
 from service.errors import InferenceFailed, InvalidInput, ModelNotReady, PayloadTooLarge
 from service.model import LoadedModel, LoadOptions, timed_load
 from service.observability import Observability
@@ -296,7 +296,7 @@ class InferenceCore:
             self._check_shape(spec, array)
         if array.dtype != dtype:
             array = convert_lossless(array, dtype, name=spec.name)
-        if not self.allow_non_finite and array.dtype.kind == "f":
+        if not self.allow_non_finite and array.dtype.kind == "f" and not all_finite(array):
             finite = np.isfinite(array)
             if not finite.all():
                 index = [int(i) for i in np.argwhere(~finite)[0]]

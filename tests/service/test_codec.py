@@ -296,3 +296,32 @@ def test_plain_requests_of_floats_and_of_small_integers_convert_together() -> No
     )
     assert past is not None
     assert codec.merged_rows([rows[0], past], form) is None  # type: ignore[list-item]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.floats(width=32), min_size=0, max_size=40),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+    transposed=st.booleans(),
+)
+def test_all_finite_agrees_with_numpy_on_every_float_array(
+    values: list[float], dtype: Any, transposed: bool
+) -> None:
+    from service.datatypes import all_finite
+
+    with np.errstate(over="ignore"):
+        array = np.asarray(values, dtype=np.float64).astype(dtype)
+    if transposed and array.size % 2 == 0 and array.size:
+        array = array.reshape(2, -1).T  # not C-contiguous
+    assert all_finite(array) == bool(np.isfinite(array).all())
+
+
+def test_all_finite_is_not_fooled_by_squares_past_the_float_range() -> None:
+    from service.datatypes import all_finite
+
+    assert all_finite(np.full(5000, 3e38, dtype=np.float32))  # the dot product overflows; the values do not
+    for bad in (np.inf, -np.inf, np.nan):
+        array = np.ones(5000, dtype=np.float32)
+        array[1234] = bad
+        assert not all_finite(array)
+        assert not all_finite(array[1230:1240])
