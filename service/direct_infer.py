@@ -32,6 +32,7 @@ answers its error). `direct_infer=false` (`BN_SERVE_DIRECT_INFER`) sends everyth
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Hashable, Iterable, Sequence
@@ -111,6 +112,10 @@ class _Waiting:
     model: LoadedModel
     plain: codec.PlainRows | None = None
     body: bytes = b""
+    # A plain request once converted: its rows are `rows[start:end]` of the turn's one array, `merged`.
+    merged: NDArray[Any] | None = None
+    start: int = 0
+    end: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +137,19 @@ def _prepared(item: _Waiting) -> PreparedRequest:
     if item.prepared is None:
         raise RuntimeError("a direct request ran before it was prepared")
     return item.prepared
+
+
+def _merged_feeds(live: list[_Waiting]) -> dict[str, NDArray[Any]]:
+    """The inputs of `live`'s requests, merged in order: one slice of their turn's array when they are
+    consecutive rows of it (plain requests, the usual case), else joined."""
+    merged = live[0].merged
+    if merged is not None and all(
+        item.merged is merged and item.start == before.end for before, item in itertools.pairwise(live)
+    ):
+        (name,) = _prepared(live[0]).feeds
+        return {name: merged[live[0].start : live[-1].end]}
+    first = _prepared(live[0])
+    return {name: np.concatenate([_prepared(w).feeds[name] for w in live]) for name in first.feeds}
 
 
 class DirectInfer:
@@ -333,6 +351,7 @@ class DirectInfer:
             request_id = item.plain.id if item.plain is not None else None
             item.prepared = PreparedRequest(model, request_id, {form.input_name: feed}, output_names)
             item.plain = None
+            item.merged, item.start, item.end = merged, end - item.samples, end
             prepared_group.append(item)
         return prepared_group
 
@@ -399,7 +418,7 @@ class DirectInfer:
             self._batcher.runs += 1
             self._finish(live[0], outputs)
             return
-        feeds = {name: np.concatenate([_prepared(w).feeds[name] for w in live]) for name in first.feeds}
+        feeds = _merged_feeds(live)
         token = request_id.set(live[0].rid)
         ids_token = batch_request_ids.set(tuple(w.rid for w in live))
         try:
