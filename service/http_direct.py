@@ -181,6 +181,32 @@ def _gathered_body(cycle: RequestResponseCycle, limit: int) -> _GatheredBody | N
     return _GatheredBody(cycle, length, align_at)
 
 
+class _NoEvent:
+    """A `_WholeExchange`'s `message_event`: nothing waits on it (uvicorn sets it when the client goes)."""
+
+    __slots__ = ()
+
+    def set(self) -> None:
+        pass
+
+
+class _WholeExchange:
+    """A request read whole by `read_whole_request`, while the direct path has it: the protocol's current
+    cycle, as far as uvicorn's protocol looks at one (answered yet, client gone, keep-alive), without the
+    ASGI scope, cycle and event a request the direct path answers never uses. A fall-back makes the real
+    cycle then (`DirectHttpToolsProtocol._whole_cycle`)."""
+
+    __slots__ = ("disconnected", "keep_alive", "request", "response_complete", "response_started")
+    message_event = _NoEvent()
+
+    def __init__(self, request: WholeRequest) -> None:
+        self.request = request
+        self.keep_alive = request.keep_alive
+        self.disconnected = False
+        self.response_started = False
+        self.response_complete = False
+
+
 class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
     """`BoundedHttpToolsProtocol` with the direct path of the module docstring."""
 
@@ -265,7 +291,16 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
         head = direct.takes("POST", request.path, self.root_path, request.headers)
         if head is None:
             return False
-        path = request.path
+        self._unset_keepalive_if_required()
+        exchange = _WholeExchange(request)
+        if not direct.submit(head, request.path, request.body, self, exchange):
+            return False
+        self.cycle = exchange  # type: ignore[assignment]
+        return True
+
+    def _whole_cycle(self, exchange: _WholeExchange) -> RequestResponseCycle:
+        """The uvicorn cycle `exchange`'s request would have had from httptools' callbacks, its body whole."""
+        request = exchange.request
         scope: Any = {
             "type": "http",
             "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
@@ -273,12 +308,12 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
             "server": self.server,
             "client": self.client,
             "scheme": self.scheme,
-            "root_path": "",
+            "root_path": self.root_path,
             "headers": request.headers,
             "state": self.app_state.copy(),
             "method": "POST",
-            "path": path,
-            "raw_path": path.encode("ascii"),
+            "path": request.path,
+            "raw_path": request.path.encode("ascii"),
             "query_string": b"",
         }
         cycle = RequestResponseCycle(
@@ -291,17 +326,14 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
             default_headers=self.server_state.default_headers,
             message_event=asyncio.Event(),
             expect_100_continue=False,
-            keep_alive=request.keep_alive,
+            keep_alive=exchange.keep_alive,
             on_response=self.on_response_complete,
         )
-        cycle.body += request.body  # for an ASGI fall-back (the direct path reads `request.body`)
+        cycle.body += request.body
         cycle.more_body = False
-        cycle.message_event.set()  # the body is whole: an ASGI fall-back's `receive` must not wait
-        self._unset_keepalive_if_required()
-        if not direct.submit(head, path, request.body, self, cycle):
-            return False
-        self.cycle = cycle
-        return True
+        cycle.disconnected = exchange.disconnected
+        cycle.message_event.set()  # the body is whole: `receive` must not wait for it
+        return cycle
 
     def on_message_complete(self) -> None:
         gathering = self._gathering
@@ -327,8 +359,9 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
         headers: Sequence[tuple[bytes, bytes]],
         parts: Sequence[bytes | memoryview],
     ) -> bool:
-        """Write `exchange`'s (its cycle's) whole response as uvicorn's `send` would, and complete it."""
-        cycle: RequestResponseCycle = exchange
+        """Write `exchange`'s (its cycle's, or its `_WholeExchange`'s) whole response as uvicorn's `send`
+        would, and complete it."""
+        cycle: RequestResponseCycle | _WholeExchange = exchange
         if cycle.disconnected or self.transport.is_closing():
             return False
         content: list[bytes | memoryview] = [_head_start(status, self.server_state.default_headers)]
@@ -344,12 +377,17 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
         self.transport.write(b"".join(content))
         if not cycle.keep_alive:
             self.transport.close()
-        cycle.on_response()
+        self.on_response_complete()  # what uvicorn gives every cycle as its `on_response`
         return True
 
     def direct_fall_back(self, exchange: Any) -> None:
-        """Start `exchange`'s ASGI task now: its body is complete in its cycle (a client already gone is
-        answered 499 there, as any other)."""
+        """Start `exchange`'s ASGI task now: its body is complete in its cycle, made now for a request read
+        whole (a client already gone is answered 499 there, as any other)."""
+        if isinstance(exchange, _WholeExchange):
+            cycle = self._whole_cycle(exchange)
+            if self.cycle is exchange:
+                self.cycle = cycle
+            exchange = cycle
         HttpToolsProtocol._start_asgi_task(self, exchange, self.app)
 
 
