@@ -21,7 +21,7 @@ import orjson
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
-from service.datatypes import convert_lossless, numpy_dtype, v2_datatype
+from service.datatypes import NUMPY_TO_V2, convert_lossless, numpy_dtype, v2_datatype
 from service.errors import InvalidInput
 from service.inference import InferRequest, InferResponse
 from service.protocol import MAX_RANK, InferenceRequest, RequestInput
@@ -466,20 +466,22 @@ def encode_response(response: InferResponse, fmt: ResponseFormat) -> EncodedResp
     """The V2 response body: JSON, with binary outputs' bytes after the header when any were asked for."""
     outputs = []
     chunks: list[memoryview] = []
+    any_binary = fmt.binary_default or bool(fmt.binary)
     for name, array in response.outputs:
+        dtype = array.dtype
         entry: dict[str, Any] = {
             "name": name,
-            "datatype": v2_datatype(array.dtype),
+            "datatype": NUMPY_TO_V2.get(dtype) or v2_datatype(dtype),  # the table holds the native dtypes
             "shape": list(array.shape),
         }
-        if fmt.is_binary(name):
+        if any_binary and fmt.is_binary(name):
             raw = _raw_bytes(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            flat = np.ascontiguousarray(array).reshape(-1)
+            flat = (array if array.flags.c_contiguous else np.ascontiguousarray(array)).reshape(-1)
             # orjson serializes no float16; float32 holds every float16 exactly.
-            entry["data"] = flat.astype(np.float32) if flat.dtype == np.float16 else flat
+            entry["data"] = flat.astype(np.float32) if dtype == _FLOAT16 else flat
         outputs.append(entry)
     document: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id is not None:
@@ -489,6 +491,9 @@ def encode_response(response: InferResponse, fmt: ResponseFormat) -> EncodedResp
     if not chunks:
         return EncodedResponse(parts=(header,), header_length=None)
     return EncodedResponse(parts=(header, *chunks), header_length=len(header))
+
+
+_FLOAT16 = np.dtype(np.float16)
 
 
 def _raw_bytes(array: NDArray[Any]) -> memoryview:

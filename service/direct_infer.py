@@ -52,7 +52,7 @@ from service.front import INFER_PATH
 from service.http_errors import error_answer
 from service.infer_route import INLINE_BODY_BYTES, response_headers
 from service.inference import InferenceCore, PreparedRequest
-from service.log import RequestIds, batch_request_ids, request_id, write_access_record
+from service.log import RequestIds, batch_request_ids, request_id, write_access_records
 from service.metrics import ServiceMetrics
 from service.model import LoadedModel
 from service.responses import ResponseBudget
@@ -181,6 +181,7 @@ class DirectInfer:
         self._inline_max_elements = inline_max_elements
         self._waiting: dict[Hashable, list[_Waiting]] = {}
         self._plain_keys: dict[int, tuple[LoadedModel, _PlainKey | None]] = {}
+        self._access_records: list[tuple[str, int, float, str]] = []
         self._scheduled = False
         self.requests = 0  # answered here: the rest went the ASGI way
 
@@ -316,15 +317,20 @@ class DirectInfer:
         """Run and answer everything queued in the last turn: merged per key, within the policy's limits."""
         self._scheduled = False
         waiting, self._waiting = self._waiting, {}
-        for key, group in waiting.items():
-            if type(key) is _PlainKey:
-                group = self._prepare_plain(key, group)
-                if not group:
-                    continue
-            model = _prepared(group[0]).model
-            policy = self._batcher.policy_of(model)
-            for chunk in self._chunks(group, policy):
-                self._run(chunk)
+        try:
+            for key, group in waiting.items():
+                if type(key) is _PlainKey:
+                    group = self._prepare_plain(key, group)
+                    if not group:
+                        continue
+                model = _prepared(group[0]).model
+                policy = self._batcher.policy_of(model)
+                for chunk in self._chunks(group, policy):
+                    self._run(chunk)
+        finally:
+            # The turn's access records go out together: one timestamp, one hold of the log's lock.
+            records, self._access_records = self._access_records, []
+            write_access_records("POST", records)
 
     def _prepare_plain(self, key: _PlainKey, group: list[_Waiting]) -> list[_Waiting]:
         """`group`'s plain requests prepared at once: their rows converted as one array, each request a
@@ -476,4 +482,4 @@ class DirectInfer:
         served = item.model.metrics
         if served is not None:
             served.observe_request(status, seconds)
-        write_access_record("POST", item.path, status, seconds, item.rid)
+        self._access_records.append((item.path, status, seconds, item.rid))

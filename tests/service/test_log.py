@@ -25,6 +25,7 @@ from service.log import (
     request_id,
     utc_timestamp,
     write_access_record,
+    write_access_records,
 )
 from tests.service.conftest import start_server, stop_server
 
@@ -95,6 +96,28 @@ def test_the_direct_access_line_is_the_line_logging_writes() -> None:
     assert reference["duration_ms"] == 1.234
     assert reference["message"] == f"POST {path} 400"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", direct["ts"])
+
+
+def test_records_written_together_are_the_lines_written_one_by_one() -> None:
+    records = [('/v2/models/"m"/infer', 200, 0.0012345, "a"), ("/v2/models/n/infer", 499, 2.5, "b")]
+    with server_logging() as together:
+        write_access_records("POST", records)
+    with server_logging() as one_by_one:
+        for path, status, seconds, rid in records:
+            write_access_record("POST", path, status, seconds, rid)
+    assert len(_lines(together)) == 2
+    for got, want in zip(_lines(together), _lines(one_by_one), strict=True):
+        assert list(got) == list(want)
+        assert {k: v for k, v in got.items() if k != "ts"} == {k: v for k, v in want.items() if k != "ts"}
+    pass_all = logging.Filter()  # another configuration: through logging, one record each
+    access_log.addFilter(pass_all)
+    try:
+        with server_logging() as logged, counting_records() as created:
+            write_access_records("POST", records)
+    finally:
+        access_log.removeFilter(pass_all)
+    assert len(created) == 2
+    assert [line["request_id"] for line in _lines(logged)] == ["a", "b"]
 
 
 def test_access_records_follow_the_level() -> None:
