@@ -77,7 +77,8 @@ def collapsed_summary(lines: Iterable[str], top: int = 40) -> list[tuple[str, fl
 
 
 def bn_serve_variants(specs: list[servers.ServerSpec], variants: list[str]) -> list[servers.ServerSpec]:
-    """A copy of the bn-serve row per `NAME:KEY=VALUE,...`, with `BN_SERVE_KEY=VALUE` in its environment."""
+    """A copy of the bn-serve row per `NAME:KEY=VALUE,...`, with `BN_SERVE_KEY=VALUE` in its environment
+    (`GRPC_PORT=N` also drops the row's `--no-grpc`, so that gRPC serves beside REST)."""
     base = next((s for s in specs if s.name == "bn-serve"), None)
     if base is None:
         return []
@@ -91,6 +92,8 @@ def bn_serve_variants(specs: list[servers.ServerSpec], variants: list[str]) -> l
         port = servers.free_port()
         argv = list(base.argv)
         argv[argv.index("--port") + 1] = str(port)
+        if "BN_SERVE_GRPC_PORT" in env and "--no-grpc" in argv:
+            argv.remove("--no-grpc")
         out.append(servers.ServerSpec(f"bn-serve {name}", "subject", tuple(argv), port, base.binary, env=env))
     return out
 
