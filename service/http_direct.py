@@ -17,10 +17,13 @@ requests go the ASGI way, whose send waits for the client.
 The common case is read without httptools' callbacks: a read that holds exactly one whole request, on a
 connection with nothing in progress, whose head has the narrow form of `_WHOLE_HEAD` (a `POST` to an
 origin-form path without `%`, `?` or `#`, HTTP/1.1, headers of printable ASCII within the head limits) is
-read with two regular expressions, and its cycle is built as uvicorn's callbacks would build it. Anything
+read with two regular expressions; while the direct path has it, a small `_WholeExchange` stands for its
+uvicorn cycle, which is built, as uvicorn's callbacks would build it, only if it falls back. Anything
 else, however valid, and anything the direct path then declines, is fed to httptools as it came: the
 parser never saw the bytes, so it is still between messages. Refusals are httptools': a head the narrow
 form does not match goes to it whole.
+
+Large bodies with a Content-Length going the ASGI way are gathered into one buffer (`_GatheredBody`).
 """
 
 from __future__ import annotations
