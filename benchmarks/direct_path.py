@@ -39,33 +39,12 @@ sys.path.insert(0, str(ROOT))
 from service.app import create_app  # noqa: E402
 from service.http_direct import serving_protocol  # noqa: E402
 from service.log import configure_logging  # noqa: E402
-from tests.service.conftest import frozen_model, frozen_params, test_settings  # noqa: E402
-
-
-class CollectingTransport:
-    """The transport calls the protocol makes, recording what is written."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+from tests.service.conftest import (  # noqa: E402
+    CollectingTransport,
+    frozen_model,
+    frozen_params,
+    test_settings,
+)
 
 
 def main() -> None:

@@ -260,7 +260,7 @@ def plain_rows(body: bytes, form: PlainForm, max_elements: int) -> PlainRows | N
         return None
     if len(data) != samples * math.prod(form.sample_shape) or len(data) > max_elements:
         return None
-    if _has_boolean_literal(memoryview(body)):
+    if _has_boolean_literal(body):
         return None
     return PlainRows(request_id, data, samples)
 
@@ -400,11 +400,12 @@ def _array_from_json(
     return array
 
 
-def _has_boolean_literal(text: memoryview, chunk: int = 1 << 20) -> bool:
-    """Whether JSON `text` has `true` or `false` in it; scanned in overlapping copies of `chunk` bytes, as
-    `bytes.find` (memchr-fast, unlike `re` on a memoryview) needs `bytes` and a whole copy costs the body."""
-    if len(text) <= chunk:  # the usual small body: one copy, no loop
-        piece = text.tobytes()
+def _has_boolean_literal(text: bytes | memoryview, chunk: int = 1 << 20) -> bool:
+    """Whether JSON `text` has `true` or `false` in it; a view is scanned in overlapping copies of `chunk`
+    bytes, as `bytes.find` (memchr-fast, unlike `re` on a memoryview) needs `bytes` and a whole copy costs
+    the body."""
+    if isinstance(text, bytes) or len(text) <= chunk:  # the usual small body: at most one copy, no loop
+        piece = text if isinstance(text, bytes) else text.tobytes()
         # `true` has an `r` and `false` an `l`, letters no number and no key of the common request holds:
         # a body without either (memchr-fast to find) holds no boolean, without the slower substring search.
         if b"r" not in piece and b"l" not in piece:

@@ -338,26 +338,24 @@ class DirectInfer:
         `submit` does for any other; one refused there, or holding a non-finite value the server refuses,
         goes the ASGI way for its error answer."""
         model, form = key.model, key.form
-        rows = [item.plain for item in group if item.plain is not None]
-        merged = codec.merged_rows(rows, form)
+        merged = codec.merged_rows([item.plain for item in group if item.plain is not None], form)
         if merged is None:
             return [item for item in group if self._prepare_alone(item)]
         # Non-finite values are rare: one check of the whole array, each request's rows only when it fails.
         check = not self._core.allow_non_finite and merged.dtype.kind == "f" and not all_finite(merged)
         output_names = model.session.output_names
         prepared_group = []
-        start = 0
+        end = 0
         for item in group:
-            end = start + item.samples
+            start, end = end, end + item.samples
             feed = merged[start:end]
-            start = end
             if check and not np.isfinite(feed).all():
                 self._fall_back(item)
                 continue
             request_id = item.plain.id if item.plain is not None else None
             item.prepared = PreparedRequest(model, request_id, {form.input_name: feed}, output_names)
             item.plain = None
-            item.merged, item.start, item.end = merged, end - item.samples, end
+            item.merged, item.start, item.end = merged, start, end
             prepared_group.append(item)
         return prepared_group
 

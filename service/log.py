@@ -211,15 +211,27 @@ def _only_json_handler(logger: logging.Logger) -> JsonLinesHandler | None:
     return found
 
 
+def write_access_record(method: str, path: str, status: int, seconds: float, rid: str) -> None:
+    """The access record of one request, on `bn_serve.access` at INFO (see the module docstring)."""
+    write_access_records(method, ((path, status, seconds, rid),))
+
+
 def write_access_records(method: str, records: Sequence[tuple[str, int, float, str]]) -> None:
-    """The access records of requests answered together (`path, status, seconds, rid` each): as
-    `write_access_record` for each, under one timestamp and one hold of the handler's lock."""
+    """The access records of requests answered together (`path, status, seconds, rid` each), in order: one
+    timestamp and one hold of the JSON handler's lock for all of them."""
     if not records or not access_log.isEnabledFor(logging.INFO):
         return
     handler = _only_json_handler(access_log)
     if handler is None:
         for path, status, seconds, rid in records:
-            write_access_record(method, path, status, seconds, rid)
+            extra = {
+                "request_id": rid,
+                "method": method,
+                "path": path,
+                "status": status,
+                "duration_ms": round(seconds * 1000, 3),
+            }
+            access_log.info("%s", f"{method} {path} {status}", extra=extra)
         return
     ts = utc_timestamp(time.time())
     handler.write_documents(
@@ -237,38 +249,6 @@ def write_access_records(method: str, records: Sequence[tuple[str, int, float, s
             }
             for path, status, seconds, rid in records
         ]
-    )
-
-
-def write_access_record(method: str, path: str, status: int, seconds: float, rid: str) -> None:
-    """The access record of one request, on `bn_serve.access` at INFO (see the module docstring)."""
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    message = f"{method} {path} {status}"
-    duration_ms = round(seconds * 1000, 3)
-    handler = _only_json_handler(access_log)
-    if handler is None:
-        extra = {
-            "request_id": rid,
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": duration_ms,
-        }
-        access_log.info("%s", message, extra=extra)
-        return
-    handler.write_document(
-        {
-            "ts": utc_timestamp(time.time()),
-            "level": "info",
-            "logger": ACCESS_LOGGER,
-            "message": message,
-            "request_id": rid,
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": duration_ms,
-        }
     )
 
 

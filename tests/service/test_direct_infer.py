@@ -87,9 +87,11 @@ def split_responses(data: bytes) -> list[tuple[bytes, bytes]]:
         data = rest[size:]
 
 
-def request_bytes(server: Server, body: bytes, extra: str = "", version: str = "1.1") -> bytes:
+def request_bytes(
+    server: Server, body: bytes, extra: str = "", version: str = "1.1", content_type: str = "application/json"
+) -> bytes:
     head = (
-        f"POST {INFER} HTTP/{version}\r\nHost: {server.host_port}\r\nContent-Type: application/json\r\n"
+        f"POST {INFER} HTTP/{version}\r\nHost: {server.host_port}\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\n{extra}\r\n"
     )
     return head.encode() + body
@@ -328,11 +330,8 @@ def test_plain_requests_sent_together_are_each_answered_as_the_asgi_path_answers
 
 def binary_request(server: Server, x: np.ndarray) -> bytes:
     body, header_length = binary_infer_body(x)
-    head = (
-        f"POST {INFER} HTTP/1.1\r\nHost: {server.host_port}\r\nContent-Type: application/octet-stream\r\n"
-        f"Inference-Header-Content-Length: {header_length}\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+    extra = f"Inference-Header-Content-Length: {header_length}\r\n"
+    return request_bytes(server, body, extra=extra, content_type="application/octet-stream")
 
 
 def test_large_bodies_gathered_into_one_buffer_are_answered_as_uvicorn_reads_them(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import httptools
 import numpy as np
@@ -20,7 +19,7 @@ from uvicorn.server import ServerState
 
 from service.app import create_app
 from service.http_direct import read_whole_request, serving_protocol
-from tests.service.conftest import frozen_model, frozen_params
+from tests.service.conftest import CollectingTransport, frozen_model, frozen_params
 from tests.service.conftest import test_settings as settings_for
 
 MAX_HEADER_BYTES = 1024
@@ -225,32 +224,6 @@ def test_the_reading_accepts_the_requests_clients_send() -> None:
         (b"host: h", b"user-agent: python-httpx/0.28", b"authorization: Bearer k", b"x-request-id: a.b:c"),
     ]:
         assert read_whole_request(request(headers=headers), MAX_HEADER_BYTES, MAX_HEADER_COUNT) is not None
-
-
-class CollectingTransport:
-    """The transport calls the protocol makes, keeping what is written."""
-
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
