@@ -47,18 +47,24 @@ async def components(
     app: Any, files: workloads.RequestFiles, model_name: str, args: argparse.Namespace
 ) -> None:
     from service import codec
-    from service.http_request import request_headers
+    from service.http_request import aligned_buffer, request_headers
     from service.log import write_access_record
 
     body = files.body.read_bytes()
     headers = [(k.lower().encode(), v.encode()) for k, v in files.headers().items()]
     headers.append((b"content-length", str(len(body)).encode()))
+    # A binary-extension body (W3-binary) is read with its JSON header's length, as the route reads it.
+    header_length = next((int(v) for k, v in headers if k == b"inference-header-content-length"), None)
     path = f"/v2/models/{model_name}/infer"
     scope = http_scope("POST", path, headers)
     core, observability = app.state.core, app.state.observability
     route, front = app.front.route, app.front
     metrics = observability.metrics
-    decoded, fmt = codec.decode_request(body, None)
+    if header_length is not None:  # the server reads such a body into a buffer aligning its tensors
+        aligned = aligned_buffer(len(body), header_length)
+        aligned[:] = body
+        body = aligned  # type: ignore[assignment]
+    decoded, fmt = codec.decode_request(body, header_length)
     prepared = core.prepare(model_name, None, decoded)
     model, session, feeds, outputs = prepared.model, prepared.session, prepared.feeds, prepared.output_names
     result = prepared.response(core.run(model, outputs, feeds))
@@ -79,7 +85,7 @@ async def components(
             "headers: request_headers + request id",
             lambda: front.ids.incoming(None) and request_headers(scope),
         ),
-        ("decode: codec.decode_request (orjson + arrays)", lambda: codec.decode_request(body, None)),
+        ("decode: codec.decode_request (orjson + arrays)", lambda: codec.decode_request(body, header_length)),
         (
             "prepare: InferenceCore.prepare (resolve, validate)",
             lambda: core.prepare(model_name, None, decoded),

@@ -7,8 +7,11 @@
 Each server runs alone pinned to CPU 0 (as in `benchmarks/serve.py`), wrk on CPU 1. Per workload the table
 gives req/s, p50, and the server's CPU time per completed request: utime + stime of every process in its
 tree (all threads), read from `/proc/<pid>/stat` before and after the wrk run, over the requests wrk
-completed. At saturation (W1-c32) that is the cost that bounds req/s on one core; the differences between
-the rows are what each layer costs: uvicorn (`asgi-floor`), FastAPI (`floor`), bn-serve.
+completed; the part of it spent in the kernel (socket reads and writes, page faults) and the minor page
+faults per request (fresh memory touched: each costs a trap and a zeroed page). At saturation (W1-c32)
+that is the cost that bounds req/s on one core; the differences between the rows are what each layer
+costs: uvicorn (`asgi-floor`), FastAPI (`floor`), bn-serve. `--servers loopback` adds the bare socket
+server, W3-binary's floor: what moving its bytes costs the kernel.
 
 `--variant` adds a bn-serve row with settings changed through its `BN_SERVE_*` variables, e.g.
 `--variant no-drift:DRIFT=false` or `--variant quiet:LOG_LEVEL=warning`; the difference to `bn-serve` is what
@@ -30,6 +33,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -42,17 +46,31 @@ SERVER_CPU, LOAD_CPU = 0, 1
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` and its descendants, all threads, reaped children included (cutime, cstime)."""
-    total = 0
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds in user space and in the kernel, and minor page faults, of a process tree so far."""
+
+    user_s: float
+    system_s: float
+    faults: int
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(self.user_s - other.user_s, self.system_s - other.system_s, self.faults - other.faults)
+
+
+def tree_usage(pid: int) -> Usage:
+    """`Usage` of `pid` and its descendants, all threads, reaped children included (the c* fields)."""
+    user = system = faults = 0
     for member in servers.process_tree(pid):
         try:
             stat = Path(f"/proc/{member}/stat").read_text()
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        total += sum(int(f) for f in fields[11:15])
-    return total / TICKS
+        faults += int(fields[7]) + int(fields[8])
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
+    return Usage(user / TICKS, system / TICKS, faults)
 
 
 def collapsed_summary(lines: Iterable[str], top: int = 40) -> list[tuple[str, float, float]]:
@@ -116,8 +134,11 @@ def main() -> int:
     wanted = {s.strip() for s in args.servers.split(",")}
     bn_serve = shutil.which("bn-serve", path=str(Path(sys.executable).parent)) or shutil.which("bn-serve")
     print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
-    print("| server | workload | req/s | p50 ms | CPU us/req | CPU share of the core |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "| server | workload | req/s | p50 ms | CPU us/req | of which kernel "
+        "| page faults/req | CPU share of the core |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="bench-serve-cpu-") as tmp:
         work = Path(tmp)
         models = {m.name: m for m in benchmark_models()}
@@ -130,13 +151,16 @@ def main() -> int:
                 for workload in chosen:
                     url = spec.url(spec.infer_path.format(model=workload.model))
                     request = requests[workload.name]
-                    before = tree_cpu_seconds(process.pid)
+                    before = tree_usage(process.pid)
                     result = load.run_wrk(wrk, url, request, workload.connections, args.duration, LOAD_CPU)
-                    spent = tree_cpu_seconds(process.pid) - before
-                    per_request_us = spent / max(1, result.requests) * 1e6
+                    used = tree_usage(process.pid) - before
+                    done = max(1, result.requests)
+                    spent = used.user_s + used.system_s
+                    per_request_us = spent / done * 1e6
                     print(
                         f"| {spec.name} | {workload.name} | {result.requests_per_s:,.0f} "
-                        f"| {result.p50_ms:.2f} | {per_request_us:.0f} | {spent / result.duration_s:.2f} |",
+                        f"| {result.p50_ms:.2f} | {per_request_us:.0f} | {used.system_s / done * 1e6:.0f} "
+                        f"| {used.faults / done:.1f} | {spent / result.duration_s:.2f} |",
                         flush=True,
                     )
                     if py_spy is not None and spec.role == "subject":

@@ -23,17 +23,20 @@ else, however valid, and anything the direct path then declines, is fed to httpt
 parser never saw the bytes, so it is still between messages. Refusals are httptools': a head the narrow
 form does not match goes to it whole.
 
-Large bodies with a Content-Length going the ASGI way are gathered into one buffer (`_GatheredBody`).
+Large bodies with a Content-Length going the ASGI way are gathered into one buffer (`_GatheredBody`): what
+came with the head through the parser, the rest read by the socket straight into the buffer (`_BodyReader`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 from collections.abc import Sequence
 from typing import Any
 
+import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
@@ -184,6 +187,61 @@ def _gathered_body(cycle: RequestResponseCycle, limit: int) -> _GatheredBody | N
     return _GatheredBody(cycle, length, align_at)
 
 
+class _BodyReader(asyncio.BufferedProtocol):
+    """The transport's protocol while the rest of a gathered body arrives, on a kept-alive connection.
+
+    Through the parser, each read of a 4.8 MB body was a `bytes` from the event loop, a `bytes` of its body
+    part from httptools and a copy into the buffer. Here the socket reads into the buffer itself, never
+    past the body's end, so the bytes of a request that follows are left for the HTTP protocol, which
+    takes the transport back with the body's last byte (`DirectHttpToolsProtocol.body_read`). A body
+    answered before it was read (the app refused it from its head) is read into a scratch buffer and
+    dropped, as the parser drops it. The transport's other events go to the HTTP protocol.
+    """
+
+    __slots__ = ("_gathered", "_into_body", "_protocol", "_remaining", "_scratch")
+
+    def __init__(self, protocol: DirectHttpToolsProtocol, gathered: _GatheredBody) -> None:
+        self._protocol = protocol
+        self._gathered = gathered
+        self._remaining = len(gathered.buffer) - gathered.filled
+        self._into_body = True
+        self._scratch: memoryview | None = None
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        gathered = self._gathered
+        self._into_body = gathered.filled >= 0 and not gathered.cycle.response_complete
+        if self._into_body:
+            return gathered.buffer[gathered.filled :]
+        if self._scratch is None:
+            self._scratch = memoryview(bytearray(min(self._remaining, _SCRATCH_BYTES)))
+        return self._scratch[: self._remaining]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._into_body:
+            self._gathered.filled += nbytes
+        self._remaining -= nbytes
+        if not self._remaining:
+            self._protocol.body_read()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        pass  # only ever set on a transport the HTTP protocol holds
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._protocol.connection_lost(exc)
+
+    def eof_received(self) -> None:
+        self._protocol.eof_received()  # uvicorn's returns None: the transport closes
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+
+_SCRATCH_BYTES = 64 * 1024
+
+
 class _NoEvent:
     """A `_WholeExchange`'s `message_event`: nothing waits on it (uvicorn sets it when the client goes)."""
 
@@ -277,12 +335,37 @@ class DirectHttpToolsProtocol(BoundedHttpToolsProtocol):
             super().data_received(data)
         finally:
             self._reading = False
+        gathering = self._gathering
+        if gathering is not None:
+            self._read_rest(gathering)
         waiting = self._direct_waiting
         if waiting is not None:
             # The body did not come with its head: a slow body is the ASGI path's to read, under its
             # upload place and deadline (and answered 503 if shutdown cuts it short).
             self._direct_waiting = None
             HttpToolsProtocol._start_asgi_task(self, waiting[0], self.app)
+
+    def _read_rest(self, gathering: _GatheredBody) -> None:
+        """Read the rest of `gathering`'s body with a `_BodyReader` when it is the current request's and
+        the connection goes on after it (the parser stays in charge of a last request's trailing bytes)."""
+        cycle = self.cycle
+        if (
+            gathering.cycle is cycle
+            and not gathering.complete
+            and cycle.keep_alive
+            and not cycle.response_complete
+            and not self.transport.is_closing()
+        ):
+            self.transport.set_protocol(_BodyReader(self, gathering))
+
+    def body_read(self) -> None:
+        """The `_BodyReader`'s body is whole: the transport is this protocol's again, its parser a fresh
+        one (the one it had saw only the body's first bytes), and the request's message is complete."""
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # as uvicorn sets its parser up (httptools >= 0.6.3)
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.transport.set_protocol(self)
+        self.on_message_complete()
 
     def _read_whole(self, data: bytes) -> bool:
         """Submit `data`, one whole request, to the direct path without httptools; False when it is not

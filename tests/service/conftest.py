@@ -233,14 +233,16 @@ def serve_in_process(repository: Repository) -> Callable[..., InProcess]:
 
 class CollectingTransport:
     """An in-memory transport for driving the HTTP protocol without sockets: the calls the protocol
-    makes, keeping what is written."""
+    makes, keeping what is written. `deliver` hands bytes to the protocol holding it, as a socket would."""
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
         self.closing = False
+        self.protocol: Any = None
+        self.protocols: list[Any] = []  # every protocol `set_protocol` gave the transport, in order
 
     def write(self, data: bytes) -> None:
-        self.written.append(data)
+        self.written.append(bytes(data))
 
     def is_closing(self) -> bool:
         return self.closing
@@ -256,6 +258,68 @@ class CollectingTransport:
 
     def resume_reading(self) -> None:
         pass
+
+    def set_protocol(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.protocols.append(protocol)
+
+    def deliver(self, data: bytes) -> None:
+        """`data` read from the socket: a buffered protocol is given at most its buffer's size per read
+        (asyncio's and uvloop's `get_buffer`/`buffer_updated`), what is left goes to the protocol holding
+        the transport then; any other gets it in one `data_received`."""
+        while data and not self.closing:
+            protocol = self.protocol
+            if not isinstance(protocol, asyncio.BufferedProtocol):
+                protocol.data_received(data)
+                return
+            buffer = protocol.get_buffer(len(data))
+            size = min(len(buffer), len(data))
+            assert size > 0, "get_buffer gave an empty buffer"
+            buffer[:size] = data[:size]
+            protocol.buffer_updated(size)
+            data = data[size:]
+
+
+def protocol_answers(
+    model_root: Path, reads: list[list[bytes]], responses: int = 1
+) -> list[tuple[bytes, CollectingTransport, Any]]:
+    """Each list of reads delivered on a connection of its own to the app serving `model_root`, through
+    bn-serve's HTTP protocol in-process; per connection, once `responses` answers are complete (or it
+    closed): what was written, the transport and the protocol."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from service.http_direct import serving_protocol
+
+    async def run() -> list[tuple[bytes, CollectingTransport, Any]]:
+        app = create_app(test_settings(model_root))
+        config = uvicorn.Config(app, http=serving_protocol(32 * 1024, 100, 30.0, 30.0), log_config=None)
+        config.load()
+        state = ServerState()
+        found = []
+        async with app.router.lifespan_context(app):
+            while app.state.core.unready_reason() is not None:
+                await asyncio.sleep(0.01)
+            for chunks in reads:
+                protocol = config.http_protocol_class(
+                    config=config, server_state=state, app_state={}, _loop=asyncio.get_running_loop()
+                )
+                transport = CollectingTransport()
+                transport.protocol = protocol
+                protocol.connection_made(transport)  # type: ignore[arg-type]
+                before = state.total_requests
+                for chunk in chunks:
+                    transport.deliver(chunk)
+                    await asyncio.sleep(0)  # a turn of the loop between reads, as between socket reads
+                for _ in range(2000):
+                    if state.total_requests >= before + responses or transport.closing:
+                        break
+                    await asyncio.sleep(0.001)
+                found.append((b"".join(transport.written), transport, protocol))
+                protocol.connection_lost(None)
+        return found
+
+    return asyncio.run(run())
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ protocol answers what it reads that way exactly as it answers the same request p
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import httptools
@@ -12,15 +11,11 @@ import numpy as np
 import onnx
 import orjson
 import pytest
-import uvicorn
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
-from uvicorn.server import ServerState
 
-from service.app import create_app
-from service.http_direct import read_whole_request, serving_protocol
-from tests.service.conftest import CollectingTransport, frozen_model, frozen_params
-from tests.service.conftest import test_settings as settings_for
+from service.http_direct import read_whole_request
+from tests.service.conftest import frozen_model, frozen_params, protocol_answers
 
 MAX_HEADER_BYTES = 1024
 MAX_HEADER_COUNT = 8
@@ -238,38 +233,13 @@ def answers(model_root: Path, reads: list[list[bytes]]) -> list[tuple[bytes, boo
     """Each list of reads delivered on a connection of its own to the served app, in-process; per
     connection, what it was answered (its status line, its headers but `date` in sorted order, its body)
     and whether httptools parsed a head."""
-
-    async def run() -> list[tuple[bytes, bool]]:
-        app = create_app(settings_for(model_root))
-        config = uvicorn.Config(app, http=serving_protocol(32 * 1024, 100, 30.0, 30.0), log_config=None)
-        config.load()
-        state = ServerState()
-        found = []
-        async with app.router.lifespan_context(app):
-            while app.state.core.unready_reason() is not None:
-                await asyncio.sleep(0.01)
-            for chunks in reads:
-                protocol = config.http_protocol_class(
-                    config=config, server_state=state, app_state={}, _loop=asyncio.get_running_loop()
-                )
-                transport = CollectingTransport()
-                protocol.connection_made(transport)  # type: ignore[arg-type]
-                before = state.total_requests
-                for chunk in chunks:
-                    protocol.data_received(chunk)
-                for _ in range(1000):
-                    if state.total_requests > before or transport.closing:
-                        break
-                    await asyncio.sleep(0.001)
-                written = b"".join(transport.written)
-                head, _, body = written.partition(b"\r\n\r\n")
-                status, *lines = head.split(b"\r\n")
-                kept = sorted(line for line in lines if not line.startswith(b"date:"))
-                found.append((b"\r\n".join([status, *kept, b"", body]), protocol.scope is not None))
-                protocol.connection_lost(None)
-        return found
-
-    return asyncio.run(run())
+    found = []
+    for written, _, protocol in protocol_answers(model_root, reads):
+        head, _, body = written.partition(b"\r\n\r\n")
+        status, *lines = head.split(b"\r\n")
+        kept = sorted(line for line in lines if not line.startswith(b"date:"))
+        found.append((b"\r\n".join([status, *kept, b"", body]), protocol.scope is not None))
+    return found
 
 
 def infer_request(body: bytes, *extra: bytes) -> bytes:
