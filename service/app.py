@@ -166,6 +166,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.openapi = lambda: _openapi_with_infer(app)  # type: ignore[method-assign]
     app.state.lifecycle = lifecycle
     app.state.core = core
+    app.state.batcher = batcher
     app.state.observability = observability
     app.state.grpc_server = grpc_server
 

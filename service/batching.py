@@ -38,12 +38,13 @@ that a record logged during a run, on the event loop or in the pool, carries the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import itertools
 import json
 import logging
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,6 +292,42 @@ class Batcher:
             return await pending.future
         finally:
             self._release(id(model))
+
+    def runs_alone(self, prepared: PreparedRequest) -> bool:
+        """Whether nothing could ever join `prepared` in a merged run (its policy merges nothing, its
+        inputs do not merge, or it fills a run by itself): `infer` runs it alone whatever is queued. Reads
+        no state of the queues: callable from any thread."""
+        policy = self._policy or prepared.model.policy
+        if not policy.enabled or merge_key(prepared) is None:
+            return True
+        return batch_size(prepared) >= policy.max_batch_size or self._full(input_elements(prepared))
+
+    @contextlib.contextmanager
+    def running_alone(self, model: LoadedModel) -> Iterator[bool]:
+        """Whether a request of `model` arriving now runs alone at once, as `infer` would run it: its
+        policy merges nothing, or nothing of the model is queued or running, the policy holds no request
+        back and the last queued one found no companion. While the block runs, such a request counts as
+        running (a request arriving meanwhile queues, as behind any lone run) and, unless the block raises,
+        as one run. For a caller that runs the request itself: a large one, decoded and run in one trip to
+        the pool (`service.infer_route`)."""
+        policy = self._policy or model.policy
+        if not policy.enabled:
+            yield True
+            self.runs += 1
+            return
+        key = id(model)
+        direct = self._direct.get(key, 0)
+        if key in self._held or not direct or policy.max_batch_delay_us:
+            yield False
+            return
+        self._direct[key] = direct - 1
+        self._held[key] = 1
+        try:
+            yield True
+        finally:
+            self._release(key)
+        self.direct_runs += 1
+        self.runs += 1
 
     def _release(self, model_id: int) -> None:
         """One request of the model `model_id` (an `id`, valid while it is held) is answered."""

@@ -8,6 +8,7 @@ the admission gate and the request's deadline, counted in the request metrics by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import Executor
 
@@ -83,26 +84,31 @@ class InferRoute:
                 # Small bodies are decoded and encoded on the event loop: a trip to the pool costs them more.
                 if len(body) <= INLINE_BODY_BYTES:
                     decoded, fmt = codec.decode_request(body, header_length)
-                    ready = self._core.prepare(model_name, model_version, decoded)
+                    ready, answered = self._core.prepare(model_name, model_version, decoded), None
                 else:
-                    ready, fmt = await offload(
-                        self._executor, self._prepare, body, header_length, model_name, model_version
+                    ready, fmt, answered = await self._prepare_large(
+                        body, header_length, model_name, model_version, started
                     )
                 prepared = ready  # its version's series count the request
-                if time.perf_counter() - started >= self._admission.timeout_s:
-                    # Past its deadline before its run: skipped. A run at once awaits nothing, so the
-                    # deadline's timer would not get a chance to cancel the request first.
-                    raise Deadline(self._admission.timeout_s).error()
-                result = await self._batcher.infer(ready)
-                # Binary outputs cost their encoding a view and a length: only JSON ones are worth a trip
-                # to the pool.
-                if (
-                    sum(array.size for name, array in result.outputs if not fmt.is_binary(name))
-                    <= INLINE_MAX_ELEMENTS
-                ):
-                    encoded = codec.encode_response(result, fmt)
+                if answered is not None:  # run and encoded in the pool already
+                    if isinstance(answered, ServiceError):
+                        raise answered
+                    encoded = answered
                 else:
-                    encoded = await offload(self._executor, codec.encode_response, result, fmt)
+                    if time.perf_counter() - started >= self._admission.timeout_s:
+                        # Past its deadline before its run: skipped. A run at once awaits nothing, so the
+                        # deadline's timer would not get a chance to cancel the request first.
+                        raise Deadline(self._admission.timeout_s).error()
+                    result = await self._batcher.infer(ready)
+                    # Binary outputs cost their encoding a view and a length: only JSON ones are worth a
+                    # trip to the pool.
+                    if (
+                        sum(array.size for name, array in result.outputs if not fmt.is_binary(name))
+                        <= INLINE_MAX_ELEMENTS
+                    ):
+                        encoded = codec.encode_response(result, fmt)
+                    else:
+                        encoded = await offload(self._executor, codec.encode_response, result, fmt)
             status = 200
             return encoded
         except ServiceError as exc:
@@ -121,8 +127,64 @@ class InferRoute:
                 model, version = self._observability.labels(self._core.repository, model_name, model_version)
                 self._metrics.observe_request(model, version, status, seconds)
 
+    async def _prepare_large(
+        self,
+        body: bytes | memoryview,
+        header_length: int | None,
+        model_name: str,
+        model_version: str | None,
+        started: float,
+    ) -> tuple[PreparedRequest, codec.ResponseFormat, codec.EncodedResponse | ServiceError | None]:
+        """A large body decoded and prepared in the pool and, when the batcher would run it alone (it
+        claimed a lone run for the model, or nothing could join the request), also run and encoded there,
+        in the same trip: two thread hand-overs fewer. The third item is then its answer, or the error of
+        its run; else None, and the batcher runs it."""
+        try:
+            model = self._core.model(model_name, model_version).model
+        except ServiceError:
+            model = None  # refused by `prepare`, in the pool, as any other
+        deadline_at = started + self._admission.timeout_s
+        claim = self._batcher.running_alone(model) if model is not None else contextlib.nullcontext(False)
+        with claim as claimed:
+            ready, fmt, answered = await offload(
+                self._executor,
+                self._serve,
+                body,
+                header_length,
+                model_name,
+                model_version,
+                claimed,
+                deadline_at,
+            )
+        if answered is not None and not claimed:
+            self._batcher.runs += 1
+        return ready, fmt, answered
+
     def _prepare(
         self, body: bytes | memoryview, header_length: int | None, model_name: str, model_version: str | None
     ) -> tuple[PreparedRequest, codec.ResponseFormat]:
         decoded, fmt = codec.decode_request(body, header_length)
         return self._core.prepare(model_name, model_version, decoded), fmt
+
+    def _serve(
+        self,
+        body: bytes | memoryview,
+        header_length: int | None,
+        model_name: str,
+        model_version: str | None,
+        claimed: bool,
+        deadline_at: float,
+    ) -> tuple[PreparedRequest, codec.ResponseFormat, codec.EncodedResponse | ServiceError | None]:
+        """`_prepare`, then, when `claimed` or nothing could join the request, its run alone and its
+        encoding; a fault of the run comes back as a value, so that the request is counted in its version's
+        series."""
+        ready, fmt = self._prepare(body, header_length, model_name, model_version)
+        if not (claimed or self._batcher.runs_alone(ready)):
+            return ready, fmt, None
+        if time.perf_counter() >= deadline_at:
+            return ready, fmt, Deadline(self._admission.timeout_s).error()
+        try:
+            outputs = self._core.run(ready.model, ready.output_names, ready.feeds)
+        except ServiceError as exc:
+            return ready, fmt, exc
+        return ready, fmt, codec.encode_response(ready.response(outputs), fmt)

@@ -166,6 +166,7 @@ class InProcess:
     private event loop in a thread, as a server would; synchronous `get`/`post` for the tests."""
 
     def __init__(self, app: FastAPI) -> None:
+        self.app = app
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()

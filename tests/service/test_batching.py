@@ -115,6 +115,52 @@ def test_without_a_delay_lone_requests_run_at_once_and_requests_together_still_m
     assert not batcher._held, "a request is still counted after its answer"
 
 
+def test_a_request_claimed_to_run_alone_is_held_as_a_lone_run_and_merges_are_unchanged(
+    core: InferenceCore, executor: ThreadPoolExecutor
+) -> None:
+    batcher = Batcher(core, executor, BatchPolicy(max_batch_size=64, max_batch_delay_us=0))
+    model = core.model("frozen", "1").model
+    assert model is not None
+    xs = samples(seed=9, count=6)
+
+    async def main() -> list[bool]:
+        claims = []
+        with batcher.running_alone(model) as alone:  # nothing has probed yet: it queues through `infer`
+            claims.append(alone)
+        await batcher.infer(core.prepare("frozen", "1", request(xs[0])))  # the probe: no companion
+        with batcher.running_alone(model) as alone:
+            claims.append(alone)
+            # Meanwhile, it counts as running: a second claim is refused, and a request queues behind it.
+            with batcher.running_alone(model) as second:
+                claims.append(second)
+            queued = asyncio.ensure_future(batcher.infer(core.prepare("frozen", "1", request(xs[1]))))
+            await asyncio.sleep(0)
+            assert not queued.done()
+        await queued
+
+        def refused() -> None:
+            with batcher.running_alone(model) as alone:
+                claims.append(alone)
+                raise RuntimeError("refused before its run")
+
+        with pytest.raises(RuntimeError):
+            refused()
+        return claims
+
+    runs_before = batcher.runs
+    assert asyncio.run(main()) == [False, True, False, True]
+    # The probe, the claimed run, the queued one; the claim that raised made no run.
+    assert batcher.runs - runs_before == 3
+    assert batcher.direct_runs == 1
+    assert not batcher._held
+    off = Batcher(core, executor, BatchPolicy(max_batch_size=1, max_batch_delay_us=0))
+    with off.running_alone(model) as alone:
+        assert alone
+    waiting = Batcher(core, executor, BatchPolicy(max_batch_size=64, max_batch_delay_us=500))
+    with waiting.running_alone(model) as alone:
+        assert not alone
+
+
 def test_merged_output_equals_the_float64_formula(
     core: InferenceCore, executor: ThreadPoolExecutor, repository: Any
 ) -> None:
@@ -341,3 +387,58 @@ def test_concurrent_clients_over_http_get_bitwise_the_outputs_of_runs_alone(repo
             assert logits.tobytes() == want_logits.tobytes()
     finally:
         assert stop_server(server) == 0
+
+
+@pytest.mark.parametrize("max_batch_size", [64, 1 << 16])
+def test_large_requests_run_alone_in_one_trip_answer_as_queued_ones(
+    repository: Any, serve_in_process: Any, max_batch_size: int
+) -> None:
+    """Past the inline body size, a request the batcher would run alone is decoded, run and encoded in one
+    trip to the pool (`InferRoute._prepare_large`): one that fills a run by itself (20,000 samples against
+    64), or one of a lone run the batcher claims (against 65,536, once the first request probed through the
+    queue). Its answers and refusals are those of the queued way, and its run is counted as any other."""
+    server = serve_in_process(max_request_bytes=1 << 21, max_batch_size=max_batch_size)
+    try:
+        batcher = server.app.state.batcher
+        rng = np.random.default_rng(11)
+        x = rng.standard_normal((20_000, 4)).astype(np.float32)  # 320 KB: past the inline body size
+        body, header_length = binary_infer_body(x)
+        headers = {"Inference-Header-Content-Length": str(header_length)}
+        pool = server.app.front.route._executor
+        submit, trips = pool.submit, []
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            trips.append(args[0])
+            return submit(*args, **kwargs)
+
+        answers = []
+        for _ in range(4):
+            pool.submit = counted
+            try:
+                response = server.post("/v2/models/frozen/versions/2/infer", content=body, headers=headers)
+            finally:
+                del pool.submit
+            assert response.status_code == 200, response.text
+            answers.append(binary_outputs(response))
+        # The probe (65,536) queues after its trip and runs in a second; every other request takes one.
+        assert len(trips) == (4 if max_batch_size == 64 else 5)
+        assert batcher.runs == 4
+        # Claimed lone runs: all but the probe.
+        assert batcher.direct_runs == (0 if max_batch_size == 64 else 3)
+        for answer in answers[1:]:
+            for name, array in answer.items():
+                assert array.tobytes() == answers[0][name].tobytes(), name
+        np.testing.assert_allclose(answers[0]["output"], repository.params[2].output(x), rtol=1e-5, atol=1e-5)
+        runs = batcher.runs
+        bad = x.copy()
+        bad[123, 2] = np.nan
+        refused = server.post(
+            "/v2/models/frozen/versions/2/infer", content=binary_infer_body(bad)[0], headers=headers
+        )
+        assert refused.status_code == 400
+        assert "non-finite" in refused.json()["error"]
+        assert "[123, 2]" in refused.json()["error"]
+        assert batcher.runs == runs, "a refused request made a run"
+        assert not batcher._held
+    finally:
+        server.close()
