@@ -38,6 +38,23 @@ def response_headers(encoded: codec.EncodedResponse) -> list[tuple[bytes, bytes]
     ]
 
 
+class _HandedBody:
+    """A large body on its way to its decoding in the pool, held by nothing else: a JSON body of tens of
+    megabytes is then freed once decoded, before the run and the encoding allocate as much again (binary
+    inputs are views of it and keep it as long as they need it)."""
+
+    __slots__ = ("_body",)
+
+    def __init__(self, body: bytes | memoryview) -> None:
+        self._body: bytes | memoryview | None = body
+
+    def take(self) -> bytes | memoryview:
+        body, self._body = self._body, None
+        if body is None:
+            raise RuntimeError("the body was taken already")
+        return body
+
+
 class InferRoute:
     """Answers infer requests for `core`'s models; one per app, used from the event loop's thread."""
 
@@ -86,8 +103,10 @@ class InferRoute:
                     decoded, fmt = codec.decode_request(body, header_length)
                     ready, answered = self._core.prepare(model_name, model_version, decoded), None
                 else:
+                    handed = _HandedBody(body)
+                    del body  # only the decoding holds it from here (see _HandedBody)
                     ready, fmt, answered = await self._prepare_large(
-                        body, header_length, model_name, model_version, started
+                        handed, header_length, model_name, model_version, started
                     )
                 prepared = ready  # its version's series count the request
                 if answered is not None:  # run and encoded in the pool already
@@ -129,7 +148,7 @@ class InferRoute:
 
     async def _prepare_large(
         self,
-        body: bytes | memoryview,
+        body: _HandedBody,
         header_length: int | None,
         model_name: str,
         model_version: str | None,
@@ -168,7 +187,7 @@ class InferRoute:
 
     def _serve(
         self,
-        body: bytes | memoryview,
+        body: _HandedBody,
         header_length: int | None,
         model_name: str,
         model_version: str | None,
@@ -178,7 +197,7 @@ class InferRoute:
         """`_prepare`, then, when `claimed` or nothing could join the request, its run alone and its
         encoding; a fault of the run comes back as a value, so that the request is counted in its version's
         series."""
-        ready, fmt = self._prepare(body, header_length, model_name, model_version)
+        ready, fmt = self._prepare(body.take(), header_length, model_name, model_version)
         if not (claimed or self._batcher.runs_alone(ready)):
             return ready, fmt, None
         if time.perf_counter() >= deadline_at:
