@@ -25,10 +25,8 @@ appends a reference to its array to a bounded queue; a background thread wakes e
 what arrived one chunk at a time (up to `_CHUNK_BYTES` of small inputs stacked once, or one large input),
 sleeping briefly between chunks so that the GIL goes to the event loop whenever a request is waiting, and
 adds each watch's sums to its `DriftMonitor` in one merge. Holding the GIL for a whole flush made the
-requests arriving meanwhile wait for it. The worker runs at the lowest CPU priority
-(`lower_thread_priority`): on a core it shares with the requests, its sums take the time they leave (a
-large input's, ~2 ms for 8x3x224x224, would otherwise land on the request being served). What each of
-these costs is measured in benchmarks/README.md, "Serving costs".
+requests arriving meanwhile wait for it. What each of these costs is measured in benchmarks/README.md,
+"Serving costs".
 
 Its cost is bounded twice, and whatever is left out is counted, per model version, in the stats body and
 the `bn_serve_drift_requests_total` / `bn_serve_drift_request_samples_total` counters:
@@ -47,8 +45,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import threading
 import time
 from collections import deque
@@ -349,7 +345,6 @@ class Observability:
         self.metrics.close()
 
     def _run(self) -> None:
-        lower_thread_priority()
         trimmed_at = time.monotonic()
         while True:
             self._wake.wait(self.interval_s)
@@ -852,23 +847,6 @@ class Observability:
 _Queued = tuple[DriftWatch, NDArray[Any], int, float]
 """A queued input: (its model's drift watch, the watched input array, requests in its run, CPU seconds
 charged for it)."""
-
-
-def lower_thread_priority() -> bool:
-    """Give the calling thread the lowest CPU priority (nice 19), on Linux, where a thread has its own;
-    True if it took. On a core the requests share with it (one process per core), the drift worker's sums
-    then take the time the requests leave instead of adding to theirs: a request's thread that wakes
-    preempts it. Lowering a priority needs no privilege."""
-    if sys.platform != "linux":
-        return False  # elsewhere the call would lower the whole process
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOWEST_PRIORITY)
-    except OSError:
-        return False
-    return True
-
-
-_LOWEST_PRIORITY = 19
 
 
 class _Tally:

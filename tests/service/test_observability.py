@@ -4,10 +4,6 @@ Prometheus text parsed with prometheus_client's parser, drift figures against fl
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -693,22 +689,3 @@ def test_stats_and_metrics_read_right_after_a_request_count_it(
         assert value(samples, "bn_serve_drift_samples", model="frozen", version="2") == served
     want = expected_drift(x, repository.params[2])
     np.testing.assert_allclose(stats["drift"]["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="threads have their own priority on Linux only")
-def test_the_drift_worker_runs_at_the_lowest_cpu_priority_and_the_requests_threads_do_not() -> None:
-    observability = Observability()
-    observability.start()
-    try:
-        worker = next(t for t in threading.enumerate() if t.name == "bn-serve-drift")
-        deadline = time.monotonic() + 5
-        while os.getpriority(os.PRIO_PROCESS, worker.native_id or 0) != 19 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert os.getpriority(os.PRIO_PROCESS, worker.native_id or 0) == 19
-        # Only its own thread: the caller's (the event loop's, the pool's) keep theirs.
-        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == os.getpriority(
-            os.PRIO_PROCESS, 0
-        )
-        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) < 19
-    finally:
-        observability.close()
