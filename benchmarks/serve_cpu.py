@@ -5,7 +5,7 @@
                                    [--variant NAME:KEY=VALUE[,KEY=VALUE...]]... [--py-spy DIR]
 
 Each server runs alone pinned to CPU 0 (as in `benchmarks/serve.py`), wrk on CPU 1. Per workload the table
-gives req/s, p50, and the server's CPU time per completed request: utime + stime of every process in its
+gives req/s, p50, p99, and the server's CPU time per completed request: utime + stime of every process in its
 tree (all threads), read from `/proc/<pid>/stat` before and after the wrk run, over the requests wrk
 completed; the part of it spent in the kernel (socket reads and writes, page faults) and the minor page
 faults per request (fresh memory touched: each costs a trap and a zeroed page). At saturation (W1-c32)
@@ -135,10 +135,10 @@ def main() -> int:
     bn_serve = shutil.which("bn-serve", path=str(Path(sys.executable).parent)) or shutil.which("bn-serve")
     print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     print(
-        "| server | workload | req/s | p50 ms | CPU us/req | of which kernel "
+        "| server | workload | req/s | p50 ms | p99 ms | CPU us/req | of which kernel "
         "| page faults/req | CPU share of the core |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="bench-serve-cpu-") as tmp:
         work = Path(tmp)
         models = {m.name: m for m in benchmark_models()}
@@ -159,7 +159,8 @@ def main() -> int:
                     per_request_us = spent / done * 1e6
                     print(
                         f"| {spec.name} | {workload.name} | {result.requests_per_s:,.0f} "
-                        f"| {result.p50_ms:.2f} | {per_request_us:.0f} | {used.system_s / done * 1e6:.0f} "
+                        f"| {result.p50_ms:.2f} | {result.p99_ms:.2f} | {per_request_us:.0f} "
+                        f"| {used.system_s / done * 1e6:.0f} "
                         f"| {used.faults / done:.1f} | {spent / result.duration_s:.2f} |",
                         flush=True,
                     )
