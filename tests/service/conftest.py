@@ -281,6 +281,18 @@ class CollectingTransport:
             data = data[size:]
 
 
+ONE_MODEL_SEED = 3
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository of one model, `m` version 1 (`frozen_params(ONE_MODEL_SEED)`), for `protocol_answers`."""
+    root = tmp_path_factory.mktemp("one-model")
+    (root / "m" / "1").mkdir(parents=True)
+    onnx.save(frozen_model(frozen_params(ONE_MODEL_SEED)), root / "m" / "1" / "model.onnx")
+    return root
+
+
 def protocol_answers(
     model_root: Path, reads: list[list[bytes]], responses: int = 1
 ) -> list[tuple[bytes, CollectingTransport, Any]]:

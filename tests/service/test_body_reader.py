@@ -9,21 +9,17 @@ import re
 from pathlib import Path
 
 import numpy as np
-import onnx
 import orjson
-import pytest
 
-from tests.service.conftest import binary_infer_body, frozen_model, frozen_params, protocol_answers
+from tests.service.conftest import (
+    ONE_MODEL_SEED,
+    CollectingTransport,
+    binary_infer_body,
+    frozen_params,
+    protocol_answers,
+)
 
 HEAD_READ = 100_000  # the first read: the head and the body's first bytes
-
-
-@pytest.fixture(scope="module")
-def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("reader")
-    (root / "m" / "1").mkdir(parents=True)
-    onnx.save(frozen_model(frozen_params(5)), root / "m" / "1" / "model.onnx")
-    return root
 
 
 def binary_request(
@@ -61,8 +57,8 @@ def responses(written: bytes) -> list[tuple[bytes, bytes]]:
     return found
 
 
-def readers(transport: object) -> list[asyncio.BufferedProtocol]:
-    return [p for p in transport.protocols if isinstance(p, asyncio.BufferedProtocol)]  # type: ignore[attr-defined]
+def readers(transport: CollectingTransport) -> list[asyncio.BufferedProtocol]:
+    return [p for p in transport.protocols if isinstance(p, asyncio.BufferedProtocol)]
 
 
 def test_the_rest_of_a_large_body_read_into_its_buffer_is_answered_as_the_parser_reads_it(
@@ -89,7 +85,7 @@ def test_the_rest_of_a_large_body_read_into_its_buffer_is_answered_as_the_parser
     assert responses(read) == responses(pieced) == [(head, body)]
     header_length = int(re.search(rb"inference-header-content-length: (\d+)", head)[1])  # type: ignore[index]
     output = np.frombuffer(body[header_length : header_length + x.nbytes], "<f4").reshape(x.shape)
-    np.testing.assert_allclose(output, frozen_params(5).output(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(output, frozen_params(ONE_MODEL_SEED).output(x), rtol=1e-5, atol=1e-5)
 
 
 def test_the_reader_stops_at_the_bodys_end_and_leaves_what_follows_to_the_http_protocol(

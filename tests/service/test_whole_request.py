@@ -8,14 +8,13 @@ from pathlib import Path
 
 import httptools
 import numpy as np
-import onnx
 import orjson
 import pytest
 from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 from service.http_direct import read_whole_request
-from tests.service.conftest import frozen_model, frozen_params, protocol_answers
+from tests.service.conftest import protocol_answers
 
 MAX_HEADER_BYTES = 1024
 MAX_HEADER_COUNT = 8
@@ -219,14 +218,6 @@ def test_the_reading_accepts_the_requests_clients_send() -> None:
         (b"host: h", b"user-agent: python-httpx/0.28", b"authorization: Bearer k", b"x-request-id: a.b:c"),
     ]:
         assert read_whole_request(request(headers=headers), MAX_HEADER_BYTES, MAX_HEADER_COUNT) is not None
-
-
-@pytest.fixture(scope="module")
-def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("whole")
-    (root / "m" / "1").mkdir(parents=True)
-    onnx.save(frozen_model(frozen_params(3)), root / "m" / "1" / "model.onnx")
-    return root
 
 
 def answers(model_root: Path, reads: list[list[bytes]]) -> list[tuple[bytes, bool]]:
