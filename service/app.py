@@ -88,6 +88,7 @@ def create_app(settings: Settings) -> FastAPI:
         drift=settings.drift,
         drift_threshold=settings.drift_threshold,
         drift_window=settings.drift_window,
+        rows_interval_s=settings.drift_update_interval_s,
         max_cpu_fraction=settings.drift_max_fraction,
     )
     core = build_core(settings, observability)

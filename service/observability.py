@@ -13,10 +13,11 @@ the GIL given up between runs, under the same CPU budget and byte bound as the i
 
 Drift stays off the request's critical path. A small input (at most `inline_values` values, e.g. one
 1x64 row) is copied where it is served into its watch's block of its dtype (`_RowBlock`: `block_values`
-values as rows of C, 1,024 such inputs), under a lock, O(C). The block is summed when it
-fills or when the drift worker flushes (every `interval_s`, and before any figure is read): one pass over
-all its rows (`bn_export.moments.shifted_sums_by_part`: float64 `Σ(x-k)`, `Σ(x-k)²` about the frozen mean
-`k`, each input's apart, so that one holding NaN/±Inf is left out alone) and one CPU charge per block.
+values as rows of C, 1,024 such inputs), under a lock, O(C). The block is summed when it fills or when
+the drift worker updates the figures (every `rows_interval_s`, and before any figure is read): one pass
+over all its rows (`bn_export.moments.shifted_sums`: float64 `Σ(x-k)`, `Σ(x-k)²` about the frozen mean
+`k`; only when NaN/±Inf show in the totals, each input's apart, so that one holding them is left out
+alone) and one CPU charge per block.
 Its sums go into the watch's running sums (`ShiftedSums`), which the flush hands to the monitor as one
 `Moments`: the figures are those of summing each request alone, to float64 rounding. Summing each request
 where it was served cost every request two CPU clock reads and a few numpy calls; queuing such inputs
@@ -56,7 +57,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from bn_export.errors import InvalidInputError
-from bn_export.moments import Moments, ShiftedSums, merge_all, shifted_sums_by_part
+from bn_export.moments import Moments, ShiftedSums, merge_all, shifted_sums, shifted_sums_by_part
 from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD, DriftMonitor, DriftSnapshot
 from service.errors import ModelNotFound
 from service.layer_drift import LayerMonitor, LayerProbe, LayerSummary, layer_moments, summarize
@@ -67,6 +68,11 @@ from service.repository import ModelRepository, ModelVersion
 log = logging.getLogger("bn_serve")
 
 DEFAULT_INTERVAL_S = 0.1
+# The small inputs' rows are summed and their monitors brought up to date this often when nothing reads the
+# figures (a scrape or a stats request applies everything first; a full block is summed where it fills).
+# Each such update holds the GIL for a few hundred microseconds in the middle of the requests; every
+# `interval_s` it showed in the one-connection p99 (benchmarks/README.md, "The small requests' tail").
+DEFAULT_ROWS_INTERVAL_S = 1.0
 TRIM_INTERVAL_S = 1.0
 # Three 8x3x224x224 FP32 requests: the queue only has to bridge one interval of a worker within budget.
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
@@ -200,11 +206,15 @@ class _Rows:
     def sums(self, shift: NDArray[np.float64]) -> tuple[int, NDArray[Any], NDArray[Any], list[int]]:
         """Values per channel, `Σ(x-k)`, `Σ(x-k)²` per channel of the inputs whose sums are finite, and the
         counts of `DriftWatch.pending` (covered requests and samples, unusable ones, inputs with NaN/Inf)."""
-        s1, s2 = shifted_sums_by_part(self.buffer[: self.filled], shift, self.starts)
+        rows = self.buffer[: self.filled]
+        # All rows in one pass first (summing each input apart builds two (R, C) float64 arrays: five
+        # times the cost); NaN/±Inf anywhere show in the totals, and only then is each input summed apart,
+        # to leave out the ones holding them.
+        _, t1, t2 = shifted_sums(rows, 1, shift)
+        if np.isfinite(t2).all():
+            return self.filled, t1, t2, [sum(self.requests), sum(self.samples), 0, 0, 0]
+        s1, s2 = shifted_sums_by_part(rows, shift, self.starts)
         finite = np.isfinite(s2).all(axis=1)  # NaN/Inf anywhere in an input show in its own sums
-        if finite.all():
-            counts = [sum(self.requests), sum(self.samples), 0, 0, 0]
-            return self.filled, s1.sum(axis=0), s2.sum(axis=0), counts
         values = np.diff(np.append(self.starts, self.filled))
         samples, requests = np.asarray(self.samples), np.asarray(self.requests)
         counts = [
@@ -292,6 +302,7 @@ class Observability:
         drift_threshold: float = DEFAULT_THRESHOLD,
         drift_window: int | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
+        rows_interval_s: float = DEFAULT_ROWS_INTERVAL_S,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         max_cpu_fraction: float = DEFAULT_MAX_CPU_FRACTION,
         inline_values: int = DEFAULT_INLINE_VALUES,
@@ -302,6 +313,7 @@ class Observability:
         self.drift_threshold = drift_threshold
         self.drift_window = drift_window
         self.interval_s = interval_s
+        self.rows_interval_s = rows_interval_s
         self.max_pending_bytes = max_pending_bytes
         self.inline_values = inline_values
         self.block_values = max(block_values, inline_values)  # room for any small input
@@ -345,7 +357,7 @@ class Observability:
         self.metrics.close()
 
     def _run(self) -> None:
-        trimmed_at = time.monotonic()
+        trimmed_at = rows_at = time.monotonic()
         while True:
             self._wake.wait(self.interval_s)
             self._wake.clear()
@@ -353,7 +365,11 @@ class Observability:
                 return
             try:
                 if self.drift:
-                    self.flush()
+                    blocks = time.monotonic() - rows_at >= self.rows_interval_s
+                    with self._apply_lock:
+                        self._flush_locked(blocks=blocks)
+                    if blocks:
+                        rows_at = time.monotonic()
             except Exception:  # a fault here must cost the drift figures only, never the server
                 log.exception("the drift worker failed to apply queued inputs")
             # The process's one periodic thread also hands freed heap back to the OS (see service.memory).
@@ -626,10 +642,13 @@ class Observability:
         with self._apply_lock:
             self._flush_locked()
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self, *, blocks: bool = True) -> None:
+        """Apply the queued inputs and feeds, and with `blocks` the small inputs' rows (see `flush`)."""
         with self._queue_lock:
             remaining = len(self._pending)
-            summed, self._summed = self._summed, set()
+            summed: set[DriftWatch] = set()
+            if blocks:
+                summed, self._summed = self._summed, set()
             detached = []
             for watch in summed:
                 if watch.retired:  # unloaded or reloaded since: its rows go nowhere

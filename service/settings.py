@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD
+from service.observability import DEFAULT_ROWS_INTERVAL_S
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -122,6 +123,12 @@ class Settings(BaseSettings):
     )
     drift_window: int | None = Field(
         default=100_000, ge=1, description="recent samples behind the drift figures (between W and 2W)"
+    )
+    drift_update_interval_s: float = Field(
+        default=DEFAULT_ROWS_INTERVAL_S,
+        gt=0,
+        description="how often small requests' drift figures are brought up to date (and alerts logged) "
+        "when nothing reads them; a scrape or a stats request always counts every answered request",
     )
     drift_max_fraction: float = Field(
         default=DEFAULT_MAX_CPU_FRACTION,

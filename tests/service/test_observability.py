@@ -4,6 +4,7 @@ Prometheus text parsed with prometheus_client's parser, drift figures against fl
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -536,6 +537,49 @@ def test_small_inputs_summed_where_served_give_the_float64_figures_of_every_row(
     np.testing.assert_allclose(drift["channels"]["live_mean"], want["mean"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(drift["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
     assert drift["score"] == pytest.approx(want["score"], rel=1e-10)
+
+
+def _samples_within(watch: DriftWatch, samples: int, seconds: float) -> bool:
+    """Whether `watch`'s monitor holds `samples` samples within `seconds` (polling)."""
+    deadline = time.monotonic() + seconds
+    while watch.monitor.snapshot().samples != samples:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_the_worker_applies_queued_inputs_every_interval_and_small_inputs_every_update_interval(
+    repository: Repository,
+) -> None:
+    # A large input (queued) reaches the monitor within the worker's interval; a small one (its rows copied
+    # where served) only at the update interval, or at once when the figures are read (flush).
+    params = repository.params[1]
+    rng = np.random.default_rng(21)
+    small, large = served_inputs(params, rng, 1, 0.0), served_inputs(params, rng, 100, 0.0)
+    inline = CHANNELS * 10  # inputs of up to 10 rows are copied where served
+    rare = Observability(max_cpu_fraction=1.0, interval_s=0.01, rows_interval_s=3600, inline_values=inline)
+    entry = _loaded(repository, rare)
+    rare.start()
+    try:
+        rare.sample(_watch(entry), small)
+        rare.sample(_watch(entry), large)
+        assert _samples_within(_watch(entry), 100, 10.0)
+        time.sleep(0.1)  # ten more intervals of the worker
+        assert _watch(entry).monitor.snapshot().samples == 100
+        rare.flush()
+        assert _watch(entry).monitor.snapshot().samples == 101
+    finally:
+        rare.close()
+
+    often = Observability(max_cpu_fraction=1.0, interval_s=0.01, rows_interval_s=0.02, inline_values=inline)
+    entry = _loaded(repository, often)
+    often.start()
+    try:
+        often.sample(_watch(entry), small)
+        assert _samples_within(_watch(entry), 1, 10.0)
+    finally:
+        often.close()
 
 
 def test_small_inputs_holding_nan_are_counted_unusable_and_left_out(repository: Repository) -> None:
