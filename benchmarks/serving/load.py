@@ -6,13 +6,17 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from benchmarks.serving.servers import SERVING
 from benchmarks.serving.workloads import RequestFiles
 
 SCRIPT = SERVING / "lua" / "post_body.lua"
 MARKER = "WRK_JSON "
+SEQUENTIAL_MARKER = "SEQUENTIAL_JSON "
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class LoadGeneratorError(Exception):
@@ -59,12 +63,34 @@ def ensure_wrk() -> str:
     return path
 
 
-def parse_summary(stdout: str) -> LoadResult:
-    """The `WRK_JSON {...}` line that the Lua script's `done` prints, as a `LoadResult`."""
-    lines = [line for line in stdout.splitlines() if line.startswith(MARKER)]
+def run_sequential(url: str, request: RequestFiles, duration_s: float, cpu: int) -> LoadResult:
+    """One connection on `cpu`, each request sent once the last is answered, every one timed
+    (`benchmarks.serving.sequential`): the latency figures of the one-connection workloads."""
+    if not url.startswith("http://127.0.0.1:"):
+        raise ValueError(f"load goes to loopback only, got {url}")
+    argv = [
+        "taskset", "-c", str(cpu), sys.executable, "-m", "benchmarks.serving.sequential",
+        url, str(request.body), request.content_type, "--duration", str(duration_s),
+    ]  # fmt: skip
+    if request.header_length is not None:
+        argv += ["--header-length", str(request.header_length)]
+    completed = subprocess.run(
+        argv, capture_output=True, text=True, timeout=duration_s + 90, check=False, cwd=ROOT
+    )
+    if completed.returncode != 0:
+        raise LoadGeneratorError(
+            f"the sequential client exited with {completed.returncode}: {completed.stderr[-2000:]}"
+        )
+    return parse_summary(completed.stdout, SEQUENTIAL_MARKER)
+
+
+def parse_summary(stdout: str, marker: str = MARKER) -> LoadResult:
+    """The summary line (`WRK_JSON {...}`, printed by the Lua script's `done`, or the sequential client's
+    `SEQUENTIAL_JSON {...}`) as a `LoadResult`."""
+    lines = [line for line in stdout.splitlines() if line.startswith(marker)]
     if not lines:
-        raise LoadGeneratorError(f"wrk printed no summary line:\n{stdout[-2000:]}")
-    raw = json.loads(lines[-1][len(MARKER) :])
+        raise LoadGeneratorError(f"no {marker.strip()} summary line:\n{stdout[-2000:]}")
+    raw = json.loads(lines[-1][len(marker) :])
     return LoadResult(
         requests=int(raw["requests"]),
         duration_s=raw["duration_us"] / 1e6,
@@ -73,9 +99,9 @@ def parse_summary(stdout: str) -> LoadResult:
         p99_ms=raw["latency_p99_us"] / 1e3,
         mean_ms=raw["latency_mean_us"] / 1e3,
         max_ms=raw["latency_max_us"] / 1e3,
-        errors_status=int(raw["errors_status"]),
+        errors_status=int(raw.get("errors_status", 0)),
         errors_socket=sum(
-            int(raw[k]) for k in ("errors_connect", "errors_read", "errors_write", "errors_timeout")
+            int(raw.get(k, 0)) for k in ("errors_connect", "errors_read", "errors_write", "errors_timeout")
         ),
     )
 

@@ -4,6 +4,7 @@ script, the baseline server's answers and the report's arithmetic. Load runs are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +28,16 @@ from google.protobuf import text_format
 from numpy.typing import NDArray
 from onnx.reference import ReferenceEvaluator
 
-from benchmarks.serving import asgi_floor, baseline_app, floor_app, load, report, triton_peer, workloads
+from benchmarks.serving import (
+    asgi_floor,
+    baseline_app,
+    floor_app,
+    load,
+    report,
+    sequential,
+    triton_peer,
+    workloads,
+)
 from benchmarks.serving.models import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -308,6 +319,99 @@ def test_lua_script_posts_the_request_file_verbatim_with_its_headers(
         assert headers.get("Inference-Header-Content-Length") == (
             None if request.header_length is None else str(request.header_length)
         )
+
+
+class _SlowRecorder(_Recorder):
+    """A `_Recorder` that answers each request 3 ms late, or with a 503 once `fail_after` were answered."""
+
+    delay_s = 0.003
+    fail_after: int | None = None
+    answered: list[int]
+
+    def do_POST(self) -> None:
+        self.answered.append(1)
+        if self.fail_after is not None and len(self.seen) >= self.fail_after:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(503)
+            self.send_header("Content-Length", "7")
+            self.end_headers()
+            self.wfile.write(b"too bad")
+            return
+        time.sleep(self.delay_s)
+        super().do_POST()
+
+
+@contextlib.contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.mark.parametrize("workload_name", ["W1-c1", "W3-binary"])
+def test_sequential_client_posts_the_request_file_verbatim_and_times_every_request(
+    tmp_path: Path, small_models: dict[str, BatchNormModel], workload_name: str
+) -> None:
+    (workload,) = workloads.select_workloads(workload_name)
+    requests, _ = workloads.write_bodies(tmp_path, (workload,), small_models)
+    request = requests[workload.name]
+    seen: list[tuple[dict[str, str], bytes]] = []
+    answered: list[int] = []
+    handler = type("Slow", (_SlowRecorder,), {"seen": seen, "answered": answered})
+    cpu = min(os.sched_getaffinity(0))
+    with _serving(handler) as port:
+        result = load.run_sequential(f"http://127.0.0.1:{port}/v2/models/m/infer", request, 0.5, cpu)
+    # One at a time: every request sent was answered and counted (the handler keeps the first 50).
+    assert result.requests == len(answered) >= len(seen) > 0
+    for headers, body in seen:
+        assert body == request.body.read_bytes()
+        assert headers["Content-Type"] == request.content_type
+        assert headers.get("Inference-Header-Content-Length") == (
+            None if request.header_length is None else str(request.header_length)
+        )
+    # Each answer came 3 ms after its request: so did every latency, and no more than ~0.5 s / 3 ms fit.
+    assert 3.0 <= result.p50_ms <= result.p90_ms <= result.p99_ms <= result.max_ms
+    assert result.requests <= 0.5 / 0.003
+    assert result.errors == 0
+
+
+def test_sequential_client_stops_at_an_answer_other_than_200(
+    tmp_path: Path, small_models: dict[str, BatchNormModel]
+) -> None:
+    (workload,) = workloads.select_workloads("W1-c1")
+    requests, _ = workloads.write_bodies(tmp_path, (workload,), small_models)
+    seen: list[tuple[dict[str, str], bytes]] = []
+    handler = type(
+        "Failing", (_SlowRecorder,), {"seen": seen, "answered": [], "fail_after": 3, "delay_s": 0.0}
+    )
+    cpu = min(os.sched_getaffinity(0))
+    with _serving(handler) as port:
+        url = f"http://127.0.0.1:{port}/v2/models/m/infer"
+        with pytest.raises(load.LoadGeneratorError, match="non-200"):
+            load.run_sequential(url, requests[workload.name], 5.0, cpu)
+    assert len(seen) == 3
+
+
+def test_sequential_client_reads_an_answers_length_from_its_head_and_refuses_what_it_cannot_frame() -> None:
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nContent-Length: 12\r\n\r\n"
+    assert sequential.parse_head(head[:-2]) is None
+    assert sequential.parse_head(head + b"{}") == sequential.Answer(200, len(head) + 12)
+    assert sequential.parse_head(b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n") == sequential.Answer(
+        503, 40
+    )
+    with pytest.raises(sequential.SequentialClientError, match="chunked"):
+        sequential.parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with pytest.raises(sequential.SequentialClientError, match="no Content-Length"):
+        sequential.parse_head(b"HTTP/1.1 200 OK\r\n\r\n")
+    with pytest.raises(sequential.SequentialClientError, match="status line"):
+        sequential.parse_head(b"SSH-2.0-OpenSSH\r\n\r\n")
+    assert [sequential.percentile([1, 2, 3, 4], p) for p in (25, 50, 99, 100)] == [1, 2, 4, 4]
 
 
 def test_wrk_summary_line_becomes_a_load_result() -> None:
