@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ class LoadResult:
     max_ms: float
     errors_status: int
     errors_socket: int
+    p999_ms: float = math.nan
 
     @property
     def requests_per_s(self) -> float:
@@ -78,9 +80,8 @@ def run_sequential(url: str, request: RequestFiles, duration_s: float, cpu: int)
         argv, capture_output=True, text=True, timeout=duration_s + 90, check=False, cwd=ROOT
     )
     if completed.returncode != 0:
-        raise LoadGeneratorError(
-            f"the sequential client exited with {completed.returncode}: {completed.stderr[-2000:]}"
-        )
+        lines = completed.stderr.strip().splitlines() or [""]
+        raise LoadGeneratorError(f"the sequential client exited with {completed.returncode}: {lines[-1]}")
     return parse_summary(completed.stdout, SEQUENTIAL_MARKER)
 
 
@@ -99,6 +100,7 @@ def parse_summary(stdout: str, marker: str = MARKER) -> LoadResult:
         p99_ms=raw["latency_p99_us"] / 1e3,
         mean_ms=raw["latency_mean_us"] / 1e3,
         max_ms=raw["latency_max_us"] / 1e3,
+        p999_ms=raw.get("latency_p999_us", math.nan) / 1e3,
         errors_status=int(raw.get("errors_status", 0)),
         errors_socket=sum(
             int(raw.get(k, 0)) for k in ("errors_connect", "errors_read", "errors_write", "errors_timeout")

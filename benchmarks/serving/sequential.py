@@ -5,8 +5,8 @@
 Sends a workload's request over one keep-alive connection, waits for the whole answer, sends the next, for
 `--duration` seconds, and prints one `SEQUENTIAL_JSON {...}` line: the requests answered, the run's length
 and latency percentiles over every request (nearest rank, from `time.perf_counter_ns` read just before the
-request is written and just after the answer's last byte is read). Every answer is read by the first
-one's length, so the run stops with an error at an answer other than 200.
+request is written and just after the answer's last byte is read). The run stops with an error at an
+answer other than 200.
 
 Why not wrk's percentiles at one connection: with wrk at one connection, p99 lands on a tail that wrk
 itself adds. Against the same server process, back to back (the bare ASGI floor, no framework and no
@@ -36,10 +36,12 @@ class SequentialClientError(Exception):
 
 @dataclass(frozen=True)
 class Answer:
-    """The framing of one response: its status code and its length in bytes, head included."""
+    """The framing of one response: its status code, the bytes of its head (blank line included) and its
+    Content-Length, or None for a chunked body."""
 
     status: int
-    length: int
+    head: int
+    body: int | None
 
 
 def request_bytes(path: str, body: bytes, content_type: str, header_length: int | None) -> bytes:
@@ -55,25 +57,72 @@ def request_bytes(path: str, body: bytes, content_type: str, header_length: int 
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
-def parse_head(received: bytes) -> Answer | None:
+def parse_head(received: bytes | bytearray) -> Answer | None:
     """The framing of the response `received` starts with, or None while its head is incomplete."""
     end = received.find(_HEADER_END)
     if end < 0:
         return None
-    lines = received[:end].decode("latin-1").split("\r\n")
+    lines = bytes(received[:end]).decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
         raise SequentialClientError(f"not an HTTP/1.x status line: {lines[0]!r}")
-    length = None
+    length, chunked = None, False
     for line in lines[1:]:
         name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
+        name = name.strip().lower()
+        if name == "content-length":
             length = int(value.strip())
-        elif name.strip().lower() == "transfer-encoding":
-            raise SequentialClientError("chunked answers are not read: the servers measured send a length")
-    if length is None:
-        raise SequentialClientError("the answer has no Content-Length")
-    return Answer(int(parts[1]), end + len(_HEADER_END) + length)
+        elif name == "transfer-encoding":
+            chunked = value.strip().lower().endswith("chunked")
+    if chunked:
+        length = None
+    elif length is None:
+        raise SequentialClientError("the answer has neither a Content-Length nor a chunked body")
+    return Answer(int(parts[1]), end + len(_HEADER_END), length)
+
+
+def chunked_end(received: bytes | bytearray, start: int) -> int | None:
+    """Where the chunked body starting at `received[start]` ends (after its last chunk and the blank line;
+    no trailers), or None while it is incomplete."""
+    position = start
+    while True:
+        line_end = received.find(b"\r\n", position)
+        if line_end < 0:
+            return None
+        size = int(bytes(received[position:line_end]).split(b";")[0], 16)
+        if size == 0:
+            end = line_end + 4  # "0\r\n" then the blank line
+            if len(received) < end:
+                return None
+            if received[line_end + 2 : end] != b"\r\n":
+                raise SequentialClientError("trailers after a chunked body are not read")
+            return end
+        position = line_end + 2 + size + 2
+        if len(received) < position:
+            return None
+
+
+def read_answer(sock: socket.socket) -> tuple[Answer, int]:
+    """Read one whole answer, whatever its framing; its framing and its length in bytes."""
+    received = bytearray()
+    answer, end = None, None
+    while end is None:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            raise SequentialClientError("the server closed the connection")
+        received += chunk
+        if answer is None:
+            answer = parse_head(received)
+        if answer is not None:
+            if answer.body is not None:
+                end = answer.head + answer.body if len(received) >= answer.head + answer.body else None
+            else:
+                end = chunked_end(received, answer.head)
+    if len(received) > end:
+        raise SequentialClientError("more bytes than one answer: pipelining is not expected")
+    if answer is None or answer.status != 200:
+        raise SequentialClientError(f"a non-200 answer: {bytes(received)[:200]!r}")
+    return answer, end
 
 
 def percentile(ordered: list[int], p: float) -> int:
@@ -90,7 +139,10 @@ def run(port: int, request: bytes, duration_s: float) -> dict[str, float | int]:
     clock = time.perf_counter_ns
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        answer = None
+        # The first answer's framing: one with a Content-Length is read straight into a buffer by its
+        # length from then on (a different status would have another length: checked on every answer);
+        # a chunked one is parsed each time.
+        length: int | None = None
         started = clock()
         end = started + int(duration_s * 1e9)
         while True:
@@ -98,27 +150,19 @@ def run(port: int, request: bytes, duration_s: float) -> dict[str, float | int]:
             if sent >= end:
                 break
             sock.sendall(request)
-            got = 0
-            if answer is None:  # the first answer's framing; every later one is read by its length
-                head = bytearray()
-                while (answer := parse_head(bytes(head))) is None:
-                    chunk = sock.recv(1 << 16)
-                    if not chunk:
+            if length is None:
+                answer, total = read_answer(sock)
+                if answer.body is not None:
+                    length = total
+            else:
+                got = 0
+                while got < length:
+                    n = sock.recv_into(view[: length - got])
+                    if n == 0:
                         raise SequentialClientError("the server closed the connection")
-                    head += chunk
-                got = len(head)
-                if got > answer.length:
-                    raise SequentialClientError("more bytes than one answer: pipelining is not expected")
-                if answer.status != 200:
-                    raise SequentialClientError(f"a non-200 answer: {bytes(head)[:200]!r}")
-            while got < answer.length:
-                n = sock.recv_into(view[: answer.length - got])
-                if n == 0:
-                    raise SequentialClientError("the server closed the connection")
-                if got == 0 and buffer[9:12] != b"200":
-                    # Every answer is read by the first one's length: another status has another length.
-                    raise SequentialClientError(f"a non-200 answer: {bytes(buffer[:n])[:200]!r}")
-                got += n
+                    if got == 0 and buffer[9:12] != b"200":
+                        raise SequentialClientError(f"a non-200 answer: {bytes(buffer[:n])[:200]!r}")
+                    got += n
             latencies.append(clock() - sent)
         finished = clock()
     ordered = sorted(latencies)
@@ -130,6 +174,7 @@ def run(port: int, request: bytes, duration_s: float) -> dict[str, float | int]:
         "latency_p50_us": percentile(ordered, 50) / 1000,
         "latency_p90_us": percentile(ordered, 90) / 1000,
         "latency_p99_us": percentile(ordered, 99) / 1000,
+        "latency_p999_us": percentile(ordered, 99.9) / 1000,
         "latency_mean_us": sum(ordered) / len(ordered) / 1000,
         "latency_max_us": ordered[-1] / 1000,
     }

@@ -398,20 +398,59 @@ def test_sequential_client_stops_at_an_answer_other_than_200(
     assert len(seen) == 3
 
 
-def test_sequential_client_reads_an_answers_length_from_its_head_and_refuses_what_it_cannot_frame() -> None:
+def test_sequential_client_reads_an_answers_framing_from_its_head_and_refuses_what_it_cannot_frame() -> None:
     head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nContent-Length: 12\r\n\r\n"
     assert sequential.parse_head(head[:-2]) is None
-    assert sequential.parse_head(head + b"{}") == sequential.Answer(200, len(head) + 12)
-    assert sequential.parse_head(b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n") == sequential.Answer(
-        503, 40
-    )
-    with pytest.raises(sequential.SequentialClientError, match="chunked"):
-        sequential.parse_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
-    with pytest.raises(sequential.SequentialClientError, match="no Content-Length"):
+    assert sequential.parse_head(head + b"{}") == sequential.Answer(200, len(head), 12)
+    busy = b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n"
+    assert sequential.parse_head(busy) == sequential.Answer(503, len(busy), 0)
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert sequential.parse_head(chunked) == sequential.Answer(200, len(chunked), None)
+    with pytest.raises(sequential.SequentialClientError, match="neither a Content-Length"):
         sequential.parse_head(b"HTTP/1.1 200 OK\r\n\r\n")
     with pytest.raises(sequential.SequentialClientError, match="status line"):
         sequential.parse_head(b"SSH-2.0-OpenSSH\r\n\r\n")
     assert [sequential.percentile([1, 2, 3, 4], p) for p in (25, 50, 99, 100)] == [1, 2, 4, 4]
+
+
+def test_a_chunked_body_ends_after_its_last_chunk_and_not_before() -> None:
+    body = b"5\r\nhello\r\n1a;ext=1\r\n" + b"x" * 26 + b"\r\n0\r\n\r\n"
+    data = b"HEAD" + body
+    assert sequential.chunked_end(data, 4) == len(data)
+    for cut in range(4, len(data)):  # every prefix is incomplete
+        assert sequential.chunked_end(data[:cut], 4) is None
+    with pytest.raises(sequential.SequentialClientError, match="trailers"):
+        sequential.chunked_end(b"0\r\nX-Checksum: 1\r\n\r\n", 0)
+
+
+class _ChunkedRecorder(_Recorder):
+    """Answers each request with a chunked body of three chunks, written one by one."""
+
+    answered: list[int]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.answered.append(1)
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for part in (b"{", b'"outputs":[]', b"}"):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+
+def test_sequential_client_reads_chunked_answers(
+    tmp_path: Path, small_models: dict[str, BatchNormModel]
+) -> None:
+    (workload,) = workloads.select_workloads("W1-c1")
+    requests, _ = workloads.write_bodies(tmp_path, (workload,), small_models)
+    answered: list[int] = []
+    handler = type("Chunked", (_ChunkedRecorder,), {"seen": [], "answered": answered})
+    with _serving(handler) as port:
+        url = f"http://127.0.0.1:{port}/v2/models/m/infer"
+        result = load.run_sequential(url, requests[workload.name], 0.3, min(os.sched_getaffinity(0)))
+    assert result.requests == len(answered) > 1
 
 
 def test_wrk_summary_line_becomes_a_load_result() -> None:

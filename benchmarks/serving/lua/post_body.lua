@@ -32,7 +32,8 @@ function done(summary, latency, requests)
    io.write(string.format(
       'WRK_JSON {"requests":%d,"duration_us":%d,"bytes":%d,"errors_connect":%d,"errors_read":%d,' ..
       '"errors_write":%d,"errors_status":%d,"errors_timeout":%d,"latency_p50_us":%d,"latency_p90_us":%d,' ..
-      '"latency_p99_us":%d,"latency_mean_us":%.1f,"latency_max_us":%d}\n',
+      '"latency_p99_us":%d,"latency_p999_us":%d,"latency_mean_us":%.1f,"latency_max_us":%d}\n',
       summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
-      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max))
+      latency:percentile(50), latency:percentile(90), latency:percentile(99), latency:percentile(99.9),
+      latency.mean, latency.max))
 end
