@@ -70,8 +70,8 @@ log = logging.getLogger("bn_serve")
 DEFAULT_INTERVAL_S = 0.1
 # The small inputs' rows are summed and their monitors brought up to date this often when nothing reads the
 # figures (a scrape or a stats request applies everything first; a full block is summed where it fills).
-# Each such update holds the GIL for a few hundred microseconds in the middle of the requests; every
-# `interval_s` it showed in the one-connection p99 (benchmarks/README.md, "The small requests' tail").
+# Each such update holds the GIL for ~0.3 ms in the middle of the requests: once a second rather than every
+# `interval_s` (benchmarks/README.md, "The one-connection tail"; `python benchmarks/drift_update.py`).
 DEFAULT_ROWS_INTERVAL_S = 1.0
 TRIM_INTERVAL_S = 1.0
 # Three 8x3x224x224 FP32 requests: the queue only has to bridge one interval of a worker within budget.

@@ -8,12 +8,12 @@ and latency percentiles over every request (nearest rank, from `time.perf_counte
 request is written and just after the answer's last byte is read). The run stops with an error at an
 answer other than 200.
 
-Why not wrk's percentiles at one connection: with wrk at one connection, p99 lands on a tail that wrk
-itself adds. Against the same server process, back to back (the bare ASGI floor, no framework and no
-thread of its own), wrk's p99.5 was 0.54-0.78 ms where this client's was 0.27-0.30 ms (and a blocking C
-client's 0.20-0.30 ms); that tail is a share of wrk's requests, so it weighs most on the server that answers
-most of them (benchmarks/README.md, "The one-connection tail"). wrk still gives these workloads' req/s:
-this loop, in Python, answers fewer of them per second than wrk sends to the fastest servers.
+Why not wrk's percentiles at one connection: against the same server process, back to back, wrk's p99.9
+was 1.7-2.5 ms on every server, the bare ASGI floor (no framework, no thread of its own) included, where
+this client's was 0.3-1.1 ms; that tail is a share of wrk's requests, and where requests take a quarter
+of a millisecond it reaches p99 (benchmarks/README.md, "The one-connection tail";
+`python benchmarks/one_connection_tail.py`). wrk still gives these workloads' req/s: this loop, in
+Python, answers fewer requests per second than wrk sends to the fastest servers.
 """
 
 from __future__ import annotations
