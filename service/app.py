@@ -102,7 +102,15 @@ def create_app(settings: Settings) -> FastAPI:
 
     uploads = AdmissionGate(settings.max_uploading_requests, what="requests still sending their body")
     admission = Admission(gate, settings.request_timeout_s, uploads)
-    route = InferRoute(core, batcher, executor, observability, admission, settings.max_request_bytes)
+    route = InferRoute(
+        core,
+        batcher,
+        executor,
+        observability,
+        admission,
+        settings.max_request_bytes,
+        settings.trim_after_json_bytes,
+    )
     grpc_server = None
     if settings.grpc_port:
         metadata = ServerMetadata(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)

@@ -18,6 +18,11 @@ from collections.abc import Callable
 
 log = logging.getLogger("bn_serve")
 
+# A JSON body this large leaves tens of MB of freed heap once decoded (its text, its Python floats): the
+# infer route hands them back at once rather than at the next periodic trim (benchmarks/README.md, "The
+# one-connection tail").
+TRIM_AFTER_JSON_BYTES = 8 * 1024 * 1024
+
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -10,6 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD
+from service.memory import TRIM_AFTER_JSON_BYTES
 from service.observability import DEFAULT_ROWS_INTERVAL_S
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -47,6 +48,13 @@ class Settings(BaseSettings):
         default=None, ge=1, description="runs in flight per process; default cores // workers, at least 1"
     )
     max_request_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    trim_after_json_bytes: int = Field(
+        default=TRIM_AFTER_JSON_BYTES,
+        ge=0,
+        description="a JSON body at least this large hands its freed memory back to the OS once decoded "
+        "(lower resident memory; the next such request faults its pages in again); 0: only the periodic "
+        "trim, once a second",
+    )
     allow_non_finite: bool = False
     warmup: bool = True
     verify_budget_s: float = Field(

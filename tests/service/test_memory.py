@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import orjson
 import pytest
 
+from service import infer_route
 from service.memory import _malloc_trim, release_free_memory
 from service.observability import TRIM_INTERVAL_S, Observability
+from tests.service.conftest import CHANNELS, InProcess, binary_infer_body
 
 
 def resident_mib() -> float:
@@ -67,3 +72,48 @@ def test_the_server_trims_freed_memory_with_drift_turned_off() -> None:
     finally:
         observability.close()
     assert "bn-serve-trim" not in {thread.name for thread in threading.enumerate()}
+
+
+@pytest.mark.parametrize(
+    ("threshold", "binary", "trims"),
+    [(100_000, False, 1), (100_000, True, 0), (10**9, False, 0), (0, False, 0)],
+    ids=["large-json", "binary", "below-threshold", "off"],
+)
+def test_a_large_json_body_hands_its_freed_memory_back_once_decoded(
+    serve_in_process: Callable[..., InProcess],
+    monkeypatch: pytest.MonkeyPatch,
+    threshold: int,
+    binary: bool,
+    trims: int,
+) -> None:
+    # The trim itself is glibc's (tested above); here, which requests ask for it: a JSON body of at least
+    # `trim_after_json_bytes` (0: none), never a binary one, whose tensors are views of the body.
+    calls: list[int] = []
+
+    def counted() -> bool:
+        calls.append(1)
+        return release_free_memory()
+
+    monkeypatch.setattr(infer_route, "release_free_memory", counted)
+    server = serve_in_process(trim_after_json_bytes=threshold, max_request_bytes=1 << 22)
+    try:
+        x = np.random.default_rng(3).standard_normal((8_000, CHANNELS)).astype(np.float32)
+        if binary:
+            body, header_length = binary_infer_body(x)
+            headers = {"Inference-Header-Content-Length": str(header_length)}
+        else:
+            body = orjson.dumps(
+                {
+                    "inputs": [
+                        {"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel()}
+                    ]
+                },
+                option=orjson.OPT_SERIALIZE_NUMPY,
+            )
+            headers = {"Content-Type": "application/json"}
+        assert len(body) > 100_000
+        response = server.post("/v2/models/frozen/infer", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+    finally:
+        server.close()
+    assert len(calls) == trims
