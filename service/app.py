@@ -90,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
         drift_window=settings.drift_window,
         rows_interval_s=settings.drift_update_interval_s,
         max_cpu_fraction=settings.drift_max_fraction,
+        worker_nice=settings.drift_worker_nice,
     )
     core = build_core(settings, observability)
     executor = ThreadPoolExecutor(settings.resolved_inference_threads(), thread_name_prefix="bn-serve")

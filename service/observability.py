@@ -46,6 +46,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -74,6 +76,10 @@ DEFAULT_INTERVAL_S = 0.1
 # `interval_s` (benchmarks/README.md, "The one-connection tail"; `python benchmarks/drift_update.py`).
 DEFAULT_ROWS_INTERVAL_S = 1.0
 TRIM_INTERVAL_S = 1.0
+# The worker's nice value above the process's (Linux, where nice is per thread): its sums, probes and trims
+# then run in the time requests leave free on a shared core instead of delaying them (benchmarks/README.md,
+# "The drift worker at low priority"). 0 leaves it at the process's.
+DEFAULT_WORKER_NICE = 19
 # Three 8x3x224x224 FP32 requests: the queue only has to bridge one interval of a worker within budget.
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
 # The drift sums hold the GIL one chunk at a time: inputs up to this many bytes together (each no larger
@@ -91,6 +97,22 @@ DEFAULT_BLOCK_VALUES = 64 * 1024
 # A network's probe runs on requests of one model and one sample shape stacked up to this many bytes of
 # input at once (one run for many small requests), or on one larger request alone.
 _LAYER_CHUNK_BYTES = 64 * 1024
+
+
+def lower_thread_priority(increment: int) -> int | None:
+    """Add `increment` to the calling thread's nice value (at most 19); return the value it now has, or None
+    where nice is not per thread (anything but Linux) or the change was refused. Never raises: a worker
+    left at the process's priority costs latency, not correctness."""
+    if increment <= 0 or sys.platform != "linux":
+        return None
+    thread = threading.get_native_id()
+    try:
+        nice = min(19, os.getpriority(os.PRIO_PROCESS, thread) + increment)
+        os.setpriority(os.PRIO_PROCESS, thread, nice)
+        return os.getpriority(os.PRIO_PROCESS, thread)
+    except OSError as exc:  # e.g. a sandbox that forbids it
+        log.debug("the drift worker keeps the process's priority: %s", exc)
+        return None
 
 
 class CpuBudget:
@@ -307,8 +329,10 @@ class Observability:
         max_cpu_fraction: float = DEFAULT_MAX_CPU_FRACTION,
         inline_values: int = DEFAULT_INLINE_VALUES,
         block_values: int = DEFAULT_BLOCK_VALUES,
+        worker_nice: int = DEFAULT_WORKER_NICE,
     ) -> None:
         self.metrics = ServiceMetrics()
+        self.worker_nice = worker_nice
         self.drift = drift
         self.drift_threshold = drift_threshold
         self.drift_window = drift_window
@@ -357,6 +381,7 @@ class Observability:
         self.metrics.close()
 
     def _run(self) -> None:
+        lower_thread_priority(self.worker_nice)
         trimmed_at = rows_at = time.monotonic()
         while True:
             self._wake.wait(self.interval_s)

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.drift import DEFAULT_MAX_CPU_FRACTION, DEFAULT_THRESHOLD
 from service.memory import TRIM_AFTER_JSON_BYTES
-from service.observability import DEFAULT_ROWS_INTERVAL_S
+from service.observability import DEFAULT_ROWS_INTERVAL_S, DEFAULT_WORKER_NICE
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -142,6 +142,13 @@ class Settings(BaseSettings):
         default=DEFAULT_MAX_CPU_FRACTION,
         gt=0,
         description="share of one core the drift figures may take; whole requests beyond it are skipped",
+    )
+    drift_worker_nice: int = Field(
+        default=DEFAULT_WORKER_NICE,
+        ge=0,
+        le=19,
+        description="added to the process's nice value for the drift worker's thread (Linux): its work runs "
+        "in the time requests leave free; 0 keeps the process's priority",
     )
 
     @model_validator(mode="after")

@@ -4,10 +4,13 @@ Prometheus text parsed with prometheus_client's parser, drift figures against fl
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -733,3 +736,50 @@ def test_stats_and_metrics_read_right_after_a_request_count_it(
         assert value(samples, "bn_serve_drift_samples", model="frozen", version="2") == served
     want = expected_drift(x, repository.params[2])
     np.testing.assert_allclose(stats["drift"]["channels"]["live_var"], want["var"], rtol=1e-10, atol=1e-12)
+
+
+def _thread_nice(thread_id: int) -> int:
+    """A thread's nice value as the kernel reports it (`/proc/self/task/<tid>/stat`, field 19)."""
+    stat = Path(f"/proc/self/task/{thread_id}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[16])
+
+
+def _worker_nice_within(observability: Observability, expected: int, timeout_s: float) -> bool:
+    worker = observability._worker
+    assert worker is not None
+    assert worker.native_id is not None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _thread_nice(worker.native_id) == expected:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+@pytest.mark.parametrize("increment", [0, 5, 19])
+def test_the_worker_thread_alone_runs_at_the_lower_priority(increment: int) -> None:
+    # The worker's sums and trims yield the core to requests: its own nice value rises by the increment
+    # (capped at 19, as the kernel caps it), while the threads that serve keep the process's.
+    process_nice = _thread_nice(threading.get_native_id())
+    observability = Observability(worker_nice=increment, interval_s=0.01)
+    observability.start()
+    try:
+        assert _worker_nice_within(observability, min(19, process_nice + increment), 5.0)
+        assert _thread_nice(threading.get_native_id()) == process_nice
+    finally:
+        observability.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+def test_the_servers_drift_worker_takes_the_configured_increment(
+    serve_in_process: Callable[..., InProcess],
+) -> None:
+    process_nice = _thread_nice(threading.get_native_id())
+    server = serve_in_process(drift_worker_nice=7)
+    try:
+        observability = server.app.state.observability
+        assert observability.worker_nice == 7
+        assert _worker_nice_within(observability, min(19, process_nice + 7), 5.0)
+    finally:
+        server.close()

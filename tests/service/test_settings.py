@@ -35,3 +35,16 @@ def test_threads_default_to_the_cores_shared_between_workers(tmp_path: Path) -> 
     assert settings.resolved_intra_op_threads() == 1
     assert Settings(model=tmp_path / "m.onnx").resolved_intra_op_threads() == cores
     assert Settings(model=tmp_path / "m.onnx", intra_op_threads=3).resolved_intra_op_threads() == 3
+
+
+def test_the_drift_workers_nice_increment_is_read_and_bounded(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    model = tmp_path / "m.onnx"
+    assert Settings(model=model).drift_worker_nice == 19
+    monkeypatch.setenv("BN_SERVE_DRIFT_WORKER_NICE", "0")
+    assert Settings(model=model).drift_worker_nice == 0
+    for refused in ("-1", "20", "low"):
+        monkeypatch.setenv("BN_SERVE_DRIFT_WORKER_NICE", refused)
+        with pytest.raises(ValidationError, match="drift_worker_nice"):
+            Settings(model=model)
