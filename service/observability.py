@@ -99,20 +99,16 @@ DEFAULT_BLOCK_VALUES = 64 * 1024
 _LAYER_CHUNK_BYTES = 64 * 1024
 
 
-def lower_thread_priority(increment: int) -> int | None:
-    """Add `increment` to the calling thread's nice value (at most 19); return the value it now has, or None
-    where nice is not per thread (anything but Linux) or the change was refused. Never raises: a worker
-    left at the process's priority costs latency, not correctness."""
+def lower_thread_priority(increment: int) -> None:
+    """Add `increment` to the calling thread's nice value (at most 19), where nice is per thread (Linux).
+    Never raises: a worker left at the process's priority costs latency, not correctness."""
     if increment <= 0 or sys.platform != "linux":
-        return None
+        return
     thread = threading.get_native_id()
     try:
-        nice = min(19, os.getpriority(os.PRIO_PROCESS, thread) + increment)
-        os.setpriority(os.PRIO_PROCESS, thread, nice)
-        return os.getpriority(os.PRIO_PROCESS, thread)
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + increment))
     except OSError as exc:  # e.g. a sandbox that forbids it
         log.debug("the drift worker keeps the process's priority: %s", exc)
-        return None
 
 
 class CpuBudget:
