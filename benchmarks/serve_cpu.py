@@ -2,7 +2,7 @@
 
     python benchmarks/serve_cpu.py [--workloads W1-c1,W1-c32] [--duration 8]
                                    [--servers asgi-floor,floor,baseline,bn-serve]
-                                   [--variant NAME:KEY=VALUE[,KEY=VALUE...]]... [--py-spy DIR]
+                                   [--variant NAME:KEY=VALUE[,KEY=VALUE...]]... [--py-spy DIR] [--threads]
 
 Each server runs alone pinned to CPU 0 (as in `benchmarks/serve.py`), wrk on CPU 1. Per workload the table
 gives req/s, p50, p99, and the server's CPU time per completed request: utime + stime of every process in its
@@ -16,6 +16,10 @@ server, W3-binary's floor: what moving its bytes costs the kernel.
 `--variant` adds a bn-serve row with settings changed through its `BN_SERVE_*` variables, e.g.
 `--variant no-drift:DRIFT=false` or `--variant quiet:LOG_LEVEL=warning`; the difference to `bn-serve` is what
 the feature costs per request.
+
+`--threads` adds, under each row, the CPU per request of each thread of the server, by name and nice value
+(the event loop is `(main)`; a drift worker run with `BN_SERVE_DRIFT_WORKER_NICE` shows apart): what a
+background thread costs, and whether it makes the serving threads slower too.
 
 `--py-spy DIR` (needs `py-spy` on PATH: `pip install py-spy`) samples every bn-serve row once more under the
 same load, py-spy on CPU 1 beside wrk, and writes `DIR/<server>-<workload>.txt` (collapsed stacks) with a
@@ -73,6 +77,35 @@ def tree_usage(pid: int) -> Usage:
     return Usage(user / TICKS, system / TICKS, faults)
 
 
+def thread_usage(pid: int) -> dict[str, float]:
+    """CPU seconds so far of each thread of `pid`'s tree, keyed by `comm` and nice value (the drift worker
+    is the thread at nice 19; onnxruntime's and the executor's threads carry their own names or the
+    process's)."""
+    usage: dict[str, float] = {}
+    for member in servers.process_tree(pid):
+        try:
+            tasks = list(Path(f"/proc/{member}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            key = f"{comm} nice {fields[16]}" + (" (main)" if task.name == str(member) else "")
+            usage[key] = usage.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
+    return usage
+
+
+def print_thread_rows(threads_used: dict[str, float], requests: int) -> None:
+    """One table row per thread that ran: its CPU per request, busiest first."""
+    for key, spent in sorted(threads_used.items(), key=lambda item: -item[1]):
+        if spent > 0:
+            print(f"|   thread {key} | | | | | {spent / requests * 1e6:.0f} | | | |", flush=True)
+
+
 def collapsed_summary(lines: Iterable[str], top: int = 40) -> list[tuple[str, float, float]]:
     """From py-spy's collapsed stacks (`frame;frame;... count`), each frame's (inclusive, self) share of all
     samples, the `top` frames by inclusive share. A frame recursing counts once per stack."""
@@ -125,6 +158,9 @@ def main() -> int:
     parser.add_argument("--servers", default="asgi-floor,floor,baseline,bn-serve")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]")
     parser.add_argument("--py-spy", type=Path, default=None, metavar="DIR")
+    parser.add_argument(
+        "--threads", action="store_true", help="also print each thread's CPU per request (by name and nice)"
+    )
     args = parser.parse_args()
     py_spy = shutil.which("py-spy") if args.py_spy else None
     if args.py_spy and py_spy is None:
@@ -151,9 +187,13 @@ def main() -> int:
                 for workload in chosen:
                     url = spec.url(spec.infer_path.format(model=workload.model))
                     request = requests[workload.name]
-                    before = tree_usage(process.pid)
+                    before, threads_before = tree_usage(process.pid), thread_usage(process.pid)
                     result = load.run_wrk(wrk, url, request, workload.connections, args.duration, LOAD_CPU)
                     used = tree_usage(process.pid) - before
+                    threads_used = {
+                        key: spent - threads_before.get(key, 0.0)
+                        for key, spent in thread_usage(process.pid).items()
+                    }
                     done = max(1, result.requests)
                     spent = used.user_s + used.system_s
                     per_request_us = spent / done * 1e6
@@ -164,6 +204,8 @@ def main() -> int:
                         f"| {used.faults / done:.1f} | {spent / result.duration_s:.2f} |",
                         flush=True,
                     )
+                    if args.threads:
+                        print_thread_rows(threads_used, done)
                     if py_spy is not None and spec.role == "subject":
                         _profile(py_spy, wrk, spec, workload, url, request, process.pid, per_request_us, args)
     print(f"load average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")

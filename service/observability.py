@@ -76,10 +76,11 @@ DEFAULT_INTERVAL_S = 0.1
 # `interval_s` (benchmarks/README.md, "The one-connection tail"; `python benchmarks/drift_update.py`).
 DEFAULT_ROWS_INTERVAL_S = 1.0
 TRIM_INTERVAL_S = 1.0
-# The worker's nice value above the process's (Linux, where nice is per thread): its sums, probes and trims
-# then run in the time requests leave free on a shared core instead of delaying them (benchmarks/README.md,
-# "The drift worker at low priority"). 0 leaves it at the process's.
-DEFAULT_WORKER_NICE = 19
+# The worker's nice value above the process's (Linux, where nice is per thread). Raised, its sums, probes
+# and trims run in the time requests leave free on a shared core; but on a saturated core it then falls
+# behind, and the large inputs it holds queued raised W3-json's peak resident memory by 15-30 MiB
+# (benchmarks/README.md, "The drift worker at low priority"): left at the process's by default.
+DEFAULT_WORKER_NICE = 0
 # Three 8x3x224x224 FP32 requests: the queue only has to bridge one interval of a worker within budget.
 DEFAULT_MAX_PENDING_BYTES = 16 * 1024 * 1024
 # The drift sums hold the GIL one chunk at a time: inputs up to this many bytes together (each no larger

@@ -637,6 +637,40 @@ def test_collapsed_summary_counts_each_frame_once_per_stack_inclusive_and_at_the
     assert collapsed_summary([]) == []
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_thread_usage_bills_a_busy_thread_at_its_own_nice_value_apart_from_the_idle_main_thread() -> None:
+    from benchmarks.serve_cpu import thread_usage
+
+    # A child whose main thread sleeps while a thread at nice 19 spins for 0.6 s of CPU, then sleeps (a
+    # thread's figures leave /proc with it).
+    spin = (
+        "import os, threading, time\n"
+        "def spin():\n"
+        "    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)\n"
+        "    t = time.thread_time()\n"
+        "    while time.thread_time() - t < 0.6: pass\n"
+        "    time.sleep(30)\n"
+        "threading.Thread(target=spin, daemon=True).start()\n"
+        "time.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            usage = thread_usage(child.pid)
+            busy = {key: spent for key, spent in usage.items() if key.endswith("nice 19")}
+            if sum(busy.values()) >= 0.55 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert sum(busy.values()) >= 0.55  # clock ticks round it
+        main = [spent for key, spent in usage.items() if key.endswith("(main)")]
+        assert len(main) == 1
+        assert main[0] < 0.5  # the interpreter's start-up only
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_bn_serve_variants_run_on_ports_of_their_own_with_the_settings_as_environment(tmp_path: Path) -> None:
     from benchmarks.serve_cpu import bn_serve_variants
     from benchmarks.serving import servers

@@ -41,9 +41,9 @@ def test_the_drift_workers_nice_increment_is_read_and_bounded(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     model = tmp_path / "m.onnx"
-    assert Settings(model=model).drift_worker_nice == 19
-    monkeypatch.setenv("BN_SERVE_DRIFT_WORKER_NICE", "0")
     assert Settings(model=model).drift_worker_nice == 0
+    monkeypatch.setenv("BN_SERVE_DRIFT_WORKER_NICE", "19")
+    assert Settings(model=model).drift_worker_nice == 19
     for refused in ("-1", "20", "low"):
         monkeypatch.setenv("BN_SERVE_DRIFT_WORKER_NICE", refused)
         with pytest.raises(ValidationError, match="drift_worker_nice"):
