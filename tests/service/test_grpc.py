@@ -200,17 +200,25 @@ def test_a_sample_is_bitwise_the_same_alone_and_merged_across_transports(reposit
         def over_rest(i: int) -> None:
             got["rest", i] = rest_binary(server, x[i : i + 1])["logits"].tobytes()
 
-        before = _batch_runs(server)
-        threads = [
-            threading.Thread(target=f, args=(i,)) for i in range(len(x)) for f in (over_grpc, over_rest)
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert all(got[transport, i] == alone[i] for transport, i in got)
-        assert len(got) == 2 * len(x)
-        assert _batch_runs(server) - before < 2 * len(x)  # some requests did merge
+        # Merging depends on the requests' timing (a loaded machine may serve them one by one): rounds are
+        # repeated, each checked bitwise, until one merged some requests.
+        merged = False
+        for _ in range(5):
+            got.clear()
+            before = _batch_runs(server)
+            threads = [
+                threading.Thread(target=f, args=(i,)) for i in range(len(x)) for f in (over_grpc, over_rest)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert len(got) == 2 * len(x)
+            assert all(got[transport, i] == alone[i] for transport, i in got)
+            merged = _batch_runs(server) - before < 2 * len(x)
+            if merged:
+                break
+        assert merged  # some requests did merge
     finally:
         stop_server(server)
 
