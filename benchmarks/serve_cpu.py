@@ -62,15 +62,24 @@ class Usage:
         return Usage(self.user_s - other.user_s, self.system_s - other.system_s, self.faults - other.faults)
 
 
+def read_stat(path: Path) -> tuple[str, list[str]] | None:
+    """A `/proc/.../stat` file's command name and the fields after it (field 3 first), or None once the
+    process or thread is gone. The name may hold spaces and parentheses: it ends at the last ')'."""
+    try:
+        stat = path.read_text()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+
+
 def tree_usage(pid: int) -> Usage:
     """`Usage` of `pid` and its descendants, all threads, reaped children included (the c* fields)."""
     user = system = faults = 0
     for member in servers.process_tree(pid):
-        try:
-            stat = Path(f"/proc/{member}/stat").read_text()
-        except OSError:
+        read = read_stat(Path(f"/proc/{member}/stat"))
+        if read is None:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
+        fields = read[1]
         faults += int(fields[7]) + int(fields[8])
         user += int(fields[11]) + int(fields[13])
         system += int(fields[12]) + int(fields[14])
@@ -78,9 +87,8 @@ def tree_usage(pid: int) -> Usage:
 
 
 def thread_usage(pid: int) -> dict[str, float]:
-    """CPU seconds so far of each thread of `pid`'s tree, keyed by `comm` and nice value (the drift worker
-    is the thread at nice 19; onnxruntime's and the executor's threads carry their own names or the
-    process's)."""
+    """CPU seconds so far of the threads of `pid`'s tree, summed by `comm` and nice value, each process's
+    main thread apart (a drift worker run at another nice value shows on its own row)."""
     usage: dict[str, float] = {}
     for member in servers.process_tree(pid):
         try:
@@ -88,12 +96,10 @@ def thread_usage(pid: int) -> dict[str, float]:
         except OSError:
             continue
         for task in tasks:
-            try:
-                stat = (task / "stat").read_text()
-            except OSError:
+            read = read_stat(task / "stat")
+            if read is None:
                 continue
-            comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()
+            comm, fields = read
             key = f"{comm} nice {fields[16]}" + (" (main)" if task.name == str(member) else "")
             usage[key] = usage.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / TICKS
     return usage
@@ -187,13 +193,10 @@ def main() -> int:
                 for workload in chosen:
                     url = spec.url(spec.infer_path.format(model=workload.model))
                     request = requests[workload.name]
-                    before, threads_before = tree_usage(process.pid), thread_usage(process.pid)
+                    before = tree_usage(process.pid)
+                    threads_before = thread_usage(process.pid) if args.threads else {}
                     result = load.run_wrk(wrk, url, request, workload.connections, args.duration, LOAD_CPU)
                     used = tree_usage(process.pid) - before
-                    threads_used = {
-                        key: spent - threads_before.get(key, 0.0)
-                        for key, spent in thread_usage(process.pid).items()
-                    }
                     done = max(1, result.requests)
                     spent = used.user_s + used.system_s
                     per_request_us = spent / done * 1e6
@@ -205,7 +208,10 @@ def main() -> int:
                         flush=True,
                     )
                     if args.threads:
-                        print_thread_rows(threads_used, done)
+                        threads_after = thread_usage(process.pid)
+                        print_thread_rows(
+                            {key: t - threads_before.get(key, 0.0) for key, t in threads_after.items()}, done
+                        )
                     if py_spy is not None and spec.role == "subject":
                         _profile(py_spy, wrk, spec, workload, url, request, process.pid, per_request_us, args)
     print(f"load average after: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
