@@ -33,7 +33,6 @@ from service.batching import INLINE_MAX_ELEMENTS, Batcher, BatchPolicy
 from service.direct_infer import DirectInfer
 from service.errors import ConfigurationError, InvalidInput, ServiceError
 from service.front import Front, ServingApp
-from service.grpc_server import GrpcHealth, GrpcInference, GrpcServer
 from service.http_errors import error_answer
 from service.http_request import read_body, request_headers
 from service.infer_route import INLINE_BODY_BYTES, InferRoute
@@ -114,6 +113,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     grpc_server = None
     if settings.grpc_port:
+        # Imported only when served: grpcio costs ~7.5 MiB of resident memory that REST alone never uses.
+        from service.grpc_server import GrpcHealth, GrpcInference, GrpcServer
+
         metadata = ServerMetadata(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
         grpc_inference = GrpcInference(
             core, lifecycle, batcher, executor, observability, admission, authenticator, metadata

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -493,3 +495,19 @@ def test_the_heap_alive_after_loading_is_frozen_out_of_collections(serve_in_proc
         assert server.post(INFER, json=body([[1.0, 2.0, 3.0, 4.0]])).status_code == 200
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(("grpc_port", "imported"), [(0, False), (18599, True)])
+def test_grpcio_is_imported_only_when_grpc_is_served(repository: Any, grpc_port: int, imported: bool) -> None:
+    # A fresh interpreter: this one has imported grpc for other tests. The app is built, not started.
+    script = (
+        "import sys\n"
+        "from service.app import create_app\n"
+        "from service.settings import Settings\n"
+        f"root = {str(repository.root)!r}\n"
+        f"create_app(Settings(model_repository=root, device='cpu', grpc_port={grpc_port}))\n"
+        "print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("'grpc'" in done.stdout) is imported
