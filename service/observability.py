@@ -24,9 +24,11 @@ where it was served cost every request two CPU clock reads and a few numpy calls
 for the worker made the requests that arrived while it summed them wait for the GIL. A larger input only
 appends a reference to its array to a bounded queue; a background thread wakes every `interval_s`, sums
 what arrived one chunk at a time (up to `_CHUNK_BYTES` of small inputs stacked once, or one large input),
-sleeping briefly between chunks so that the GIL goes to the event loop whenever a request is waiting, and
-adds each watch's sums to its `DriftMonitor` in one merge. Holding the GIL for a whole flush made the
-requests arriving meanwhile wait for it. What each of these costs is measured in benchmarks/README.md,
+sleeping briefly between chunks so that the GIL goes to the event loop whenever a request is waiting; with
+the small inputs' rows, every `rows_interval_s` (and before any figure is read), it adds each watch's sums to
+its `DriftMonitor` in one merge. Holding the GIL for a whole flush made the requests arriving meanwhile wait
+for it; merging, snapshotting and exporting the figures after every few large inputs cost W3-binary a third
+as much CPU again as their sums. What each of these costs is measured in benchmarks/README.md,
 "Serving costs".
 
 Its cost is bounded twice, and whatever is left out is counted, per model version, in the stats body and
@@ -346,6 +348,11 @@ class Observability:
         self._summed: set[DriftWatch] = set()
         # Feeds of networks' runs for their layer probes (sharing the byte bound and the CPU budget).
         self._layer_pending: deque[_QueuedFeeds] = deque()
+        # What the worker summed since the monitors were last brought up to date (each input is summed
+        # within `interval_s`, keeping the queue short; the figures are updated every `rows_interval_s`
+        # and before any is read). Need `_apply_lock`.
+        self._tallies: dict[DriftWatch, _Tally] = {}
+        self._layer_tallies: dict[LayerDriftWatch, _LayerTally] = {}
         self._queue_lock = threading.Lock()
         # Held by whoever drains and applies, so a flush returns only after every earlier input is applied.
         self._apply_lock = threading.Lock()
@@ -387,10 +394,10 @@ class Observability:
                 return
             try:
                 if self.drift:
-                    blocks = time.monotonic() - rows_at >= self.rows_interval_s
+                    update = time.monotonic() - rows_at >= self.rows_interval_s
                     with self._apply_lock:
-                        self._flush_locked(blocks=blocks)
-                    if blocks:
+                        self._flush_locked(update=update)
+                    if update:
                         rows_at = time.monotonic()
             except Exception:  # a fault here must cost the drift figures only, never the server
                 log.exception("the drift worker failed to apply queued inputs")
@@ -459,6 +466,8 @@ class Observability:
         Under the apply lock, so neither a flush nor a scrape (`render`) sees half of it.
         """
         with self._apply_lock:
+            # What the old versions served and the worker summed counts in their figures before they go.
+            self._update_monitors_locked()
             with self._queue_lock:
                 for entry in old:
                     if entry.model is not None and entry.model.drift is not None:
@@ -664,12 +673,13 @@ class Observability:
         with self._apply_lock:
             self._flush_locked()
 
-    def _flush_locked(self, *, blocks: bool = True) -> None:
-        """Apply the queued inputs and feeds, and with `blocks` the small inputs' rows (see `flush`)."""
+    def _flush_locked(self, *, update: bool = True) -> None:
+        """Sum the queued inputs and feeds; with `update`, also the small inputs' rows, and bring every
+        monitor up to date with all that was summed (see `flush`)."""
         with self._queue_lock:
             remaining = len(self._pending)
             summed: set[DriftWatch] = set()
-            if blocks:
+            if update:
                 summed, self._summed = self._summed, set()
             detached = []
             for watch in summed:
@@ -698,7 +708,7 @@ class Observability:
                 parts = [moments for sums in watch.sums.values() if (moments := sums.take()) is not None]
                 counts, watch.pending = watch.pending, [0, 0, 0, 0, 0]
                 inline.append((watch, parts, counts))
-        tallies: dict[DriftWatch, _Tally] = {}
+        tallies = self._tallies
         for watch, parts, counts in inline:
             tallies.setdefault(watch, _Tally(watch.monitor)).add_sums(parts, counts)
         while remaining:
@@ -715,17 +725,34 @@ class Observability:
                 self._budget.settle(nbytes, estimated, spent)
             if remaining:
                 time.sleep(_YIELD_S)
+        self._flush_layers_locked()
+        if update:
+            self._update_monitors_locked()
+
+    def _update_monitors_locked(self) -> None:
+        """Merge what was summed into the monitors, export the figures, count the requests; charge the
+        CPU it took to the budget (a merge, a snapshot and the gauges per model: less often than the sums,
+        which large inputs need every `interval_s` to keep the queue short)."""
+        started = time.thread_time()
+        tallies, self._tallies = self._tallies, {}
+        layer_tallies, self._layer_tallies = self._layer_tallies, {}
         for watch, tally in tallies.items():
             if not watch.retired:
                 self._apply(watch, tally)
-        self._flush_layers_locked()
+        for layer_watch, layer_tally in layer_tallies.items():
+            if not layer_watch.retired:
+                self._apply_layers(layer_watch, layer_tally)
+        if tallies or layer_tallies:
+            spent = time.thread_time() - started
+            with self._queue_lock:
+                self._budget.settle(0, 0.0, spent)
 
     def _flush_layers_locked(self) -> None:
         """Run the layer probes on the feeds queued so far, one chunk at a time (as `_flush_locked` sums),
-        and apply each network's moments to its layers' monitors."""
+        into each network's pending tally."""
         with self._queue_lock:
             remaining = len(self._layer_pending)
-        tallies: dict[LayerDriftWatch, _LayerTally] = {}
+        tallies = self._layer_tallies
         while remaining:
             started = time.thread_time()
             with self._queue_lock:
@@ -741,9 +768,6 @@ class Observability:
                 self._budget.settle(0, estimated, spent)
             if remaining:
                 time.sleep(_YIELD_S)
-        for watch, layer_tally in tallies.items():
-            if not watch.retired:
-                self._apply_layers(watch, layer_tally)
 
     def _take_feeds_locked(self, limit: int) -> tuple[list[_QueuedFeeds], int, float]:
         """The next probe run: the oldest queued feeds and, when its probe stacks, the following ones of
