@@ -114,6 +114,10 @@ class Session:
         # Inter-op parallelism does nothing for these single-chain graphs and would add threads.
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # onnxruntime's CPU arena keeps the largest run's buffers for good (~20 MiB after 8x3x224x224
+        # requests); without it they go back with the heap's periodic trim, at no measured cost in speed
+        # (benchmarks/README.md, "Resident memory after large requests").
+        options.enable_cpu_mem_arena = False
         try:
             self._session = ort.InferenceSession(
                 str(path) if data is None else data,

@@ -100,6 +100,15 @@ def test_a_loaded_model_prepares_and_runs_to_the_formula(served: Served) -> None
     assert served.drift()["drift"]["samples"] == 5
 
 
+def test_sessions_run_without_the_cpu_arena_that_would_keep_the_largest_runs_buffers(served: Served) -> None:
+    entry = served.core.model("m")
+    assert entry.model is not None
+    options = entry.model.session._session.get_session_options()
+    assert options.enable_cpu_mem_arena is False
+    x = rows(3)
+    np.testing.assert_allclose(served.output(x), A.output(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_reload_swaps_every_version_at_once_and_prepared_requests_keep_theirs(served: Served) -> None:
     x = rows(3)
     before = served.core.prepare("m", None, InferRequest(None, [("input", x)], ["output"]))
