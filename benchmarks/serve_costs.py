@@ -31,6 +31,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from benchmarks.serving import load, models, workloads
 
 SERVER_CPU, LOAD_CPU = 0, 1
