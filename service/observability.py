@@ -27,8 +27,8 @@ what arrived one chunk at a time (up to `_CHUNK_BYTES` of small inputs stacked o
 sleeping briefly between chunks so that the GIL goes to the event loop whenever a request is waiting; with
 the small inputs' rows, every `rows_interval_s` (and before any figure is read), it adds each watch's sums to
 its `DriftMonitor` in one merge. Holding the GIL for a whole flush made the requests arriving meanwhile wait
-for it; merging, snapshotting and exporting the figures after every few large inputs cost W3-binary a third
-as much CPU again as their sums. What each of these costs is measured in benchmarks/README.md,
+for it; updating the figures after every few large inputs (every two or three at W3-binary) was work the
+CPU budget did not count. What each of these costs is measured in benchmarks/README.md,
 "Serving costs".
 
 Its cost is bounded twice, and whatever is left out is counted, per model version, in the stats body and

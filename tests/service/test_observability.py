@@ -590,6 +590,21 @@ def test_the_worker_sums_queued_inputs_every_interval_and_updates_the_figures_ev
         often.close()
 
 
+def test_bringing_the_monitors_up_to_date_is_charged_to_the_cpu_budget(repository: Repository) -> None:
+    params = repository.params[1]
+    # Inputs past 10 rows are queued for the worker, not copied into blocks of rows where served.
+    observability = Observability(max_cpu_fraction=0.05, rows_interval_s=3600, inline_values=CHANNELS * 10)
+    entry = _loaded(repository, observability)
+    observability.sample(_watch(entry), served_inputs(params, np.random.default_rng(5), 100, 0.0))
+    observability._flush_locked(update=False)  # summed, as the worker does every interval
+    assert not observability._pending
+    assert _watch(entry).monitor.snapshot().samples == 0
+    credit = observability._budget.credit
+    observability.flush()  # the update: a merge, a snapshot and the gauges, and nothing left to sum
+    assert _watch(entry).monitor.snapshot().samples == 100
+    assert observability._budget.credit < credit
+
+
 def test_small_inputs_holding_nan_are_counted_unusable_and_left_out(repository: Repository) -> None:
     params = repository.params[1]
     observability = Observability(max_cpu_fraction=1.0)
