@@ -116,7 +116,7 @@ class Session:
         options.log_severity_level = 3
         # onnxruntime's CPU arena keeps the largest run's buffers for good (~20 MiB after 8x3x224x224
         # requests); without it they go back with the heap's periodic trim, at no measured cost in speed
-        # (benchmarks/README.md, "Resident memory after large requests, and runs I, J and K").
+        # (benchmarks/README.md, "Resident memory after large requests, and runs I-L").
         options.enable_cpu_mem_arena = False
         try:
             self._session = ort.InferenceSession(
