@@ -11,7 +11,8 @@ repository, pinned with `taskset` to CPU 0, and drives each workload with `wrk -
 - the server's CPU time per request (utime + stime of every thread, `/proc/<pid>/task/*/stat`): run once
   more with `--env BN_SERVE_DRIFT=false` and the difference is what drift costs per request;
 - the drift coverage from `GET /v2/models/<model>/stats`: requests covered and skipped;
-- resident memory: idle after start, after the run, and the process's high-water mark (`VmHWM`).
+- resident memory: idle after start, right after the run, `SETTLE_S` later (once the periodic heap trim has
+  run: what the run left resident for good), and the process's high-water mark (`VmHWM`).
 
 `--env` passes settings to the server (e.g. `BN_SERVE_DRIFT_MAX_FRACTION=1000` lifts the budget).
 `VmHWM` includes loading: verifying a model runs it on probe batches, which can set the high-water mark.
@@ -37,6 +38,8 @@ if __name__ == "__main__":
 from benchmarks.serving import load, models, workloads
 
 SERVER_CPU, LOAD_CPU = 0, 1
+# Longer than the server's periodic heap trim (once a second), so that freed heap is back with the OS.
+SETTLE_S = 2.5
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -104,7 +107,10 @@ def main() -> None:
             wait_ready(f"{base}/v2/health/ready", process)
             idle_rss, _ = memory_mib(process.pid)
             print(f"idle RSS {idle_rss:.0f} MiB; settings {args.env or 'defaults'}")
-            print("| workload | req/s | p50 / p99 ms | CPU ms/req | covered / skipped | RSS / HWM MiB |")
+            print(
+                "| workload | req/s | p50 / p99 ms | CPU ms/req | covered / skipped "
+                f"| RSS / {SETTLE_S:g} s later / HWM MiB |"
+            )
             print("|---|---:|---:|---:|---:|---:|")
             for workload in chosen:
                 stats_url = f"{base}/v2/models/{workload.model}/stats"
@@ -116,7 +122,9 @@ def main() -> None:
                 )
                 spent = cpu_seconds(process.pid) - before
                 after_cov = get_json(stats_url).get("coverage") or {}
-                rss, hwm = memory_mib(process.pid)
+                rss, _ = memory_mib(process.pid)
+                time.sleep(SETTLE_S)
+                settled, hwm = memory_mib(process.pid)
                 per_request = spent / max(1.0, result.requests_per_s * args.duration) * 1e3
 
                 def moved(outcome: str, a: dict[str, Any] = after_cov, b: dict[str, Any] = before_cov) -> int:
@@ -125,7 +133,8 @@ def main() -> None:
                 coverage = f"{moved('covered'):,} / {moved('skipped'):,}" if after_cov else "-"
                 print(
                     f"| {workload.name} | {result.requests_per_s:,.1f} | {result.p50_ms:.2f} / "
-                    f"{result.p99_ms:.2f} | {per_request:.3f} | {coverage} | {rss:.0f} / {hwm:.0f} |",
+                    f"{result.p99_ms:.2f} | {per_request:.3f} | {coverage} "
+                    f"| {rss:.0f} / {settled:.0f} / {hwm:.0f} |",
                     flush=True,
                 )
         finally:
