@@ -8,7 +8,9 @@ Each server runs alone pinned to CPU 0 (as in `benchmarks/serve.py`), wrk on CPU
 gives req/s, p50, p99, and the server's CPU time per completed request: utime + stime of every process in its
 tree (all threads), read from `/proc/<pid>/stat` before and after the wrk run, over the requests wrk
 completed; the part of it spent in the kernel (socket reads and writes, page faults) and the minor page
-faults per request (fresh memory touched: each costs a trap and a zeroed page). At saturation (W1-c32)
+faults per request (fresh memory touched: each costs a trap and a zeroed page), and the read and write
+system calls per request (`syscr` and `syscw` of `/proc/<pid>/io`: socket reads and writes, wake-ups of
+the pool and the drift worker through their event file descriptors or pipes). At saturation (W1-c32)
 that is the cost that bounds req/s on one core; the differences between the rows are what each layer
 costs: uvicorn (`asgi-floor`), FastAPI (`floor`), bn-serve. `--servers loopback` adds the bare socket
 server, W3-binary's floor: what moving its bytes costs the kernel.
@@ -52,14 +54,23 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 @dataclass(frozen=True)
 class Usage:
-    """CPU seconds in user space and in the kernel, and minor page faults, of a process tree so far."""
+    """CPU seconds in user space and in the kernel, minor page faults, and read and write system calls of a
+    process tree so far."""
 
     user_s: float
     system_s: float
     faults: int
+    reads: int = 0
+    writes: int = 0
 
     def __sub__(self, other: Usage) -> Usage:
-        return Usage(self.user_s - other.user_s, self.system_s - other.system_s, self.faults - other.faults)
+        return Usage(
+            self.user_s - other.user_s,
+            self.system_s - other.system_s,
+            self.faults - other.faults,
+            self.reads - other.reads,
+            self.writes - other.writes,
+        )
 
 
 def read_stat(path: Path) -> tuple[str, list[str]] | None:
@@ -74,7 +85,7 @@ def read_stat(path: Path) -> tuple[str, list[str]] | None:
 
 def tree_usage(pid: int) -> Usage:
     """`Usage` of `pid` and its descendants, all threads, reaped children included (the c* fields)."""
-    user = system = faults = 0
+    user = system = faults = reads = writes = 0
     for member in servers.process_tree(pid):
         read = read_stat(Path(f"/proc/{member}/stat"))
         if read is None:
@@ -83,7 +94,24 @@ def tree_usage(pid: int) -> Usage:
         faults += int(fields[7]) + int(fields[8])
         user += int(fields[11]) + int(fields[13])
         system += int(fields[12]) + int(fields[14])
-    return Usage(user / TICKS, system / TICKS, faults)
+        calls = read_io(Path(f"/proc/{member}/io"))
+        reads += calls.get("syscr", 0)
+        writes += calls.get("syscw", 0)
+    return Usage(user / TICKS, system / TICKS, faults, reads, writes)
+
+
+def read_io(path: Path) -> dict[str, int]:
+    """The counters of a `/proc/<pid>/io` file by name; empty once the process is gone (or unreadable)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return {}
+    counters = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if value.strip().isdigit():
+            counters[name] = int(value)
+    return counters
 
 
 def thread_usage(pid: int) -> dict[str, float]:
@@ -109,7 +137,7 @@ def print_thread_rows(threads_used: dict[str, float], requests: int) -> None:
     """One table row per thread that ran: its CPU per request, busiest first."""
     for key, spent in sorted(threads_used.items(), key=lambda item: -item[1]):
         if spent > 0:
-            print(f"|   thread {key} | | | | | {spent / requests * 1e6:.0f} | | | |", flush=True)
+            print(f"|   thread {key} | | | | | {spent / requests * 1e6:.0f} | | | | | |", flush=True)
 
 
 def collapsed_summary(lines: Iterable[str], top: int = 40) -> list[tuple[str, float, float]]:
@@ -178,9 +206,9 @@ def main() -> int:
     print(f"load average before: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}")
     print(
         "| server | workload | req/s | p50 ms | p99 ms | CPU us/req | of which kernel "
-        "| page faults/req | CPU share of the core |"
+        "| page faults/req | reads/req | writes/req | CPU share of the core |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="bench-serve-cpu-") as tmp:
         work = Path(tmp)
         models = {m.name: m for m in benchmark_models()}
@@ -204,7 +232,8 @@ def main() -> int:
                         f"| {spec.name} | {workload.name} | {result.requests_per_s:,.0f} "
                         f"| {result.p50_ms:.2f} | {result.p99_ms:.2f} | {per_request_us:.0f} "
                         f"| {used.system_s / done * 1e6:.0f} "
-                        f"| {used.faults / done:.1f} | {spent / result.duration_s:.2f} |",
+                        f"| {used.faults / done:.1f} | {used.reads / done:.1f} | {used.writes / done:.1f} "
+                        f"| {spent / result.duration_s:.2f} |",
                         flush=True,
                     )
                     if args.threads:
