@@ -21,6 +21,7 @@ import orjson
 from numpy.typing import NDArray
 from pydantic import ValidationError
 
+from service import large_json
 from service.datatypes import NUMPY_TO_V2, convert_lossless, numpy_dtype, v2_datatype
 from service.errors import InvalidInput
 from service.inference import InferRequest, InferResponse
@@ -102,6 +103,10 @@ def decode_request(
 
 def _decode(header: memoryview, binary: memoryview) -> tuple[InferRequest, ResponseFormat]:
     if not binary:
+        # A large body of the plain form goes into arrays without a Python float per number.
+        large = large_json.decode_plain(header) if len(header) > LARGE_JSON_BYTES else None
+        if large is not None:
+            return large, _JSON_FORMAT
         document = json_object(header)
         plain = _decode_plain(document, header)
         if plain is not None:
