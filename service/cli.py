@@ -20,6 +20,7 @@ from service.codec import describe
 from service.errors import ServiceError
 from service.http_direct import serving_protocol
 from service.log import configure_logging
+from service.memory import use_one_heap_arena
 from service.runtime import resolve_providers
 from service.settings import Settings
 
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"bn-serve: error: invalid settings: {describe(exc)}", file=sys.stderr)
         return 2
+    use_one_heap_arena()  # before any thread starts (service.memory)
     configure_logging(settings.log_level, settings.log_flush_interval_s)
     common: dict[str, Any] = {
         "host": settings.host,

@@ -6,6 +6,13 @@ frees, so later buffers of that size come from the heap, and every thread's aren
 space. The resident size then stays near the high-water mark of past requests. `malloc_trim(0)` returns
 the free pages of every arena; it costs well under a millisecond on an idle heap, so the server calls it
 at most once a second from a background thread (benchmarks/README.md, "Serving costs").
+
+`malloc_trim` shrinks only the main arena's top: each other thread that allocates gets an arena of its
+own, whose top keeps what was freed last for good. A pool thread that decoded a large JSON body (simdjson's
+padded copy of it, 24 MB for W3) held ~22 MB that way, past every trim. `bn-serve` therefore runs with one
+arena (`use_one_heap_arena`, as `MALLOC_ARENA_MAX=1`), which the trim then empties; the threads' mallocs
+take turns on its lock, as they take turns on the GIL (benchmarks/README.md, "Large JSON bodies without
+Python floats").
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 log = logging.getLogger("bn_serve")
@@ -38,6 +46,39 @@ def _malloc_trim() -> Callable[[int], int] | None:
     function.restype = ctypes.c_int
     trim: Callable[[int], int] = function
     return trim
+
+
+# glibc's `mallopt` parameter for the most arenas the allocator may create (malloc.h).
+_M_ARENA_MAX = -8
+
+
+@functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    """libc's `mallopt`, or None where the C library is not glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int]
+    function.restype = ctypes.c_int
+    mallopt: Callable[[int, int], int] = function
+    return mallopt
+
+
+def use_one_heap_arena() -> bool:
+    """Have every thread of this process, and of the processes it starts, allocate from glibc's main
+    arena (module docstring); True if set. Call it before starting threads: an arena a thread has already
+    made stays its own. An operator's own `MALLOC_ARENA_MAX` or `glibc.malloc.arena_max` is left as set."""
+    if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    mallopt = _mallopt()
+    if mallopt is None or not mallopt(_M_ARENA_MAX, 1):
+        return False
+    os.environ["MALLOC_ARENA_MAX"] = "1"  # for worker processes (`--workers`), which glibc sets up anew
+    return True
 
 
 def release_free_memory() -> bool:
