@@ -12,7 +12,7 @@ own, whose top keeps what was freed last for good. A pool thread that decoded a 
 padded copy of it, 24 MB for W3) held ~22 MB that way, past every trim. `bn-serve` therefore runs with one
 arena (`use_one_heap_arena`, as `MALLOC_ARENA_MAX=1`), which the trim then empties; the threads' mallocs
 take turns on its lock, as they take turns on the GIL (benchmarks/README.md, "Large JSON bodies without
-Python floats").
+Python floats, one heap arena, and runs N-Q").
 """
 
 from __future__ import annotations
