@@ -22,7 +22,13 @@ from numpy.typing import NDArray
 from pydantic import ValidationError
 
 from service import large_json
-from service.datatypes import NUMPY_TO_V2, convert_lossless, numpy_dtype, v2_datatype
+from service.datatypes import (
+    NUMPY_TO_V2,
+    PLAIN_FLOAT_DATATYPES,
+    convert_lossless,
+    numpy_dtype,
+    v2_datatype,
+)
 from service.errors import InvalidInput
 from service.inference import InferRequest, InferResponse
 from service.protocol import MAX_RANK, InferenceRequest, RequestInput
@@ -158,11 +164,6 @@ def _validated(document: dict[str, Any]) -> InferenceRequest:
 # flat `data`, nothing else; outputs all in JSON.
 _PLAIN_REQUEST_KEYS = (frozenset({"inputs"}), frozenset({"inputs", "id"}))
 _PLAIN_TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
-_PLAIN_DATATYPES: dict[str, np.dtype[Any]] = {
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
 _JSON_FORMAT = ResponseFormat()
 
 
@@ -183,7 +184,7 @@ def _decode_plain(document: dict[str, Any], header: memoryview) -> InferRequest 
         if type(tensor) is not dict or tensor.keys() != _PLAIN_TENSOR_KEYS:
             return None
         name, shape, data = tensor["name"], tensor["shape"], tensor["data"]
-        dtype = _PLAIN_DATATYPES.get(tensor["datatype"])
+        dtype = PLAIN_FLOAT_DATATYPES.get(tensor["datatype"])
         if dtype is None or type(name) is not str or type(shape) is not list or type(data) is not list:
             return None
         if not shape or len(shape) > MAX_RANK or set(map(type, shape)) != {int} or min(shape) < 1:
@@ -213,13 +214,13 @@ class PlainForm:
 
     @property
     def dtype(self) -> np.dtype[Any]:
-        return _PLAIN_DATATYPES[self.datatype]
+        return PLAIN_FLOAT_DATATYPES[self.datatype]
 
 
 def plain_form(input_name: str, datatype: str, sample_shape: tuple[int, ...] | None) -> PlainForm | None:
     """The plain form of a model with this one input, or None when its requests cannot take it (a datatype
     JSON numbers are not read as directly, or a dynamic dimension past the batch axis)."""
-    if sample_shape is None or datatype not in _PLAIN_DATATYPES:
+    if sample_shape is None or datatype not in PLAIN_FLOAT_DATATYPES:
         return None
     return PlainForm(input_name, datatype, sample_shape)
 

@@ -33,6 +33,10 @@ V2_TO_NUMPY: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
 }
 NUMPY_TO_V2: dict[np.dtype[Any], str] = {dtype: name for name, dtype in V2_TO_NUMPY.items()}
+# The float datatypes a JSON request's shortcuts decode (`service.codec`'s plain path, `service.large_json`).
+PLAIN_FLOAT_DATATYPES: dict[str, np.dtype[Any]] = {
+    name: V2_TO_NUMPY[name] for name in ("FP16", "FP32", "FP64")
+}
 
 # onnxruntime reports types as "tensor(float)"; the element names follow ONNX's TensorProto.
 _ORT_TO_V2 = {

@@ -24,16 +24,12 @@ import numpy as np
 import simdjson
 from numpy.typing import NDArray
 
+from service.datatypes import PLAIN_FLOAT_DATATYPES
 from service.inference import InferRequest
 from service.protocol import MAX_RANK
 
 _REQUEST_KEYS = (frozenset({"inputs"}), frozenset({"inputs", "id"}))
 _TENSOR_KEYS = frozenset({"name", "shape", "datatype", "data"})
-_DATATYPES: dict[str, np.dtype[Any]] = {
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
 # Every integer up to 2**53 is exact as a double, so converting it through one rounds only once; a double
 # this large may come from a larger integer literal.
 _EXACT_INTEGERS = float(2**53)
@@ -44,27 +40,31 @@ _SCAN_BYTES = 1 << 20
 def decode_plain(text: bytes | memoryview) -> InferRequest | None:
     """`text`, a whole JSON request body, as the core's request when it has the plain form (module
     docstring), else None (nothing raised: the caller decodes it the usual way)."""
+    # `as_buffer` flattens nested arrays, ragged ones too, which the usual path refuses: the plain form has
+    # one bracket for `inputs` and one each for a tensor's `shape` and `data`, and no other (a bracket in a
+    # name or the id only sends the body the usual way). Counted first, an even count (an `outputs` list,
+    # say) leaves the body to the usual path without parsing it twice.
+    brackets = _opening_brackets(text)
+    if brackets < 3 or brackets % 2 == 0:
+        return None
     try:
         # A parser per body: its tape is as large as the body's numbers and should not outlive them.
         document = simdjson.Parser().parse(text)
-        return _request(document, text)
+        return _request(document, brackets)
     except Exception:
         # Whatever simdjson refuses (ValueError, TypeError, RuntimeError for an integer past 64 bits,
         # UnicodeDecodeError...) is decoded the usual way, which gives the client its message.
         return None
 
 
-def _request(document: object, text: bytes | memoryview) -> InferRequest | None:
+def _request(document: object, brackets: int) -> InferRequest | None:
     if not isinstance(document, simdjson.Object) or not _has_keys(document, _REQUEST_KEYS):
         return None
     request_id = document.get("id")
     inputs = document["inputs"]
     if (request_id is not None and type(request_id) is not str) or not isinstance(inputs, simdjson.Array):
         return None
-    # `as_buffer` flattens nested arrays, ragged ones too, which the usual path refuses: the plain form has
-    # one bracket for `inputs` and one each for a tensor's `shape` and `data`, and no other (a bracket in a
-    # name or the id only sends the body the usual way).
-    if _opening_brackets(text) != 1 + 2 * len(inputs):
+    if brackets != 1 + 2 * len(inputs):
         return None
     decoded = []
     for tensor in inputs:
@@ -79,7 +79,7 @@ def _tensor(tensor: object) -> tuple[str, NDArray[Any]] | None:
     if not isinstance(tensor, simdjson.Object) or not _has_keys(tensor, (_TENSOR_KEYS,)):
         return None
     name, datatype, shape, data = tensor["name"], tensor["datatype"], tensor["shape"], tensor["data"]
-    dtype = _DATATYPES.get(datatype) if type(datatype) is str else None
+    dtype = PLAIN_FLOAT_DATATYPES.get(datatype) if type(datatype) is str else None
     if dtype is None or type(name) is not str or not isinstance(data, simdjson.Array):
         return None
     if not isinstance(shape, simdjson.Array) or not 1 <= len(shape) <= MAX_RANK:

@@ -8,10 +8,11 @@ the free pages of every arena; it costs well under a millisecond on an idle heap
 at most once a second from a background thread (benchmarks/README.md, "Serving costs").
 
 `malloc_trim` shrinks only the main arena's top: each other thread that allocates gets an arena of its
-own, whose top keeps what was freed last for good. A pool thread that decoded a large JSON body (simdjson's
-padded copy of it, 24 MB for W3) held ~22 MB that way, past every trim. `bn-serve` therefore runs with one
-arena (`use_one_heap_arena`, as `MALLOC_ARENA_MAX=1`), which the trim then empties; the threads' mallocs
-take turns on its lock, as they take turns on the GIL (benchmarks/README.md, "Large JSON bodies without
+own, whose top keeps what was freed last for good. A pool thread that decoded a large JSON body kept
+simdjson's padded copy of it (24 MB for W3) that way, past every trim (`tests/service/test_memory.py`: a
+thread's 24 MB block kept without the setting, returned with it). `bn-serve` therefore runs with one arena
+(`use_one_heap_arena`, as `MALLOC_ARENA_MAX=1`), which the trim then empties; the threads' mallocs take
+turns on its lock, as they take turns on the GIL (benchmarks/README.md, "Large JSON bodies without
 Python floats, one heap arena, and runs N-Q").
 """
 
@@ -23,6 +24,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("bn_serve")
 
@@ -32,19 +34,24 @@ log = logging.getLogger("bn_serve")
 TRIM_AFTER_JSON_BYTES = 8 * 1024 * 1024
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """libc's `malloc_trim`, or None where the C library is not glibc (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+def _libc_function(name: str, argtypes: list[type], restype: type) -> Any:
+    """The C library's function `name`, typed, or None where the C library is not glibc (musl, macOS)."""
+    library = ctypes.util.find_library("c")
+    if library is None:
         return None
     try:
-        function = ctypes.CDLL(name).malloc_trim
+        function = getattr(ctypes.CDLL(library), name)
     except (OSError, AttributeError):
         return None
-    function.argtypes = [ctypes.c_size_t]
-    function.restype = ctypes.c_int
-    trim: Callable[[int], int] = function
+    function.argtypes = argtypes
+    function.restype = restype
+    return function
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """libc's `malloc_trim`, or None where the C library is not glibc."""
+    trim: Callable[[int], int] | None = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
     return trim
 
 
@@ -55,16 +62,9 @@ _M_ARENA_MAX = -8
 @functools.cache
 def _mallopt() -> Callable[[int, int], int] | None:
     """libc's `mallopt`, or None where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        function = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_int, ctypes.c_int]
-    function.restype = ctypes.c_int
-    mallopt: Callable[[int, int], int] = function
+    mallopt: Callable[[int, int], int] | None = _libc_function(
+        "mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    )
     return mallopt
 
 

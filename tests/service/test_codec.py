@@ -17,6 +17,7 @@ from service.codec import ResponseFormat, decode_request, encode_response
 from service.datatypes import NUMPY_TO_V2, V2_TO_NUMPY, convert_lossless
 from service.errors import InvalidInput
 from service.inference import InferResponse
+from tests.service.conftest import validated_decode
 
 DEMO_REQUEST = Path(__file__).parents[2] / "bn_export" / "demo_data" / "request.json"
 
@@ -101,16 +102,6 @@ def test_demo_request_is_one_digits_row_as_v2_json() -> None:
     np.testing.assert_array_equal(array[0], digits["data"][0])
 
 
-def _full_path(body: bytes) -> Any:
-    """What the schema-validating path decodes `body` to (the plain path skipped)."""
-    from service import codec
-
-    header = memoryview(body)
-    request = codec._validated(codec.json_object(header))
-    inputs = codec._decode_inputs(request.inputs, header[:0], may_hold_booleans=True)
-    return codec._to_core(request, inputs)
-
-
 _plain_values = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False, width=64),
     st.integers(min_value=-(2**70), max_value=2**70),
@@ -145,7 +136,7 @@ def test_the_plain_request_path_decodes_as_the_validating_path_or_leaves_the_req
     body = json.dumps(document).encode()  # orjson refuses integers past 64 bits; clients may send them
     plain = codec._decode_plain(codec.json_object(memoryview(body)), memoryview(body))
     try:
-        full, fmt = _full_path(body)
+        full, fmt = validated_decode(body)
     except InvalidInput:
         assert plain is None  # what the full path refuses, the plain path never takes
         return

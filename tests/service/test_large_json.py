@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from service import codec, large_json
 from service.inference import InferRequest
+from tests.service.conftest import validated_decode
 
 _values = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False, width=64),
@@ -22,14 +23,6 @@ _values = st.one_of(
     st.booleans(),
     st.none(),
 )
-
-
-def _full_path(body: bytes) -> InferRequest:
-    """What the schema-validating path decodes `body` to (no shortcut taken)."""
-    header = memoryview(body)
-    request = codec._validated(codec.json_object(header))
-    inputs = codec._decode_inputs(request.inputs, header[:0], may_hold_booleans=True)
-    return codec._to_core(request, inputs)[0]
 
 
 def _plain(body: bytes) -> InferRequest | None:
@@ -93,7 +86,7 @@ def test_what_simdjson_decodes_is_what_the_plain_path_decodes_and_it_takes_the_s
     if large is not None:
         # What it takes, the validating path decodes to the same arrays (the plain path too, unless the
         # text holds `true` or `false`, in the id say: it leaves those to the validating path).
-        _assert_same(large, _full_path(body))
+        _assert_same(large, validated_decode(body)[0])
         if plain is not None:
             _assert_same(large, plain)
     elif plain is not None:
