@@ -39,6 +39,7 @@ from service.infer_route import INLINE_BODY_BYTES, InferRoute
 from service.inference import InferenceCore
 from service.lifecycle import ModelLifecycle
 from service.log import configure_logging
+from service.native import name_this_thread
 from service.observability import Observability
 from service.offload import offload
 from service.protocol import ServerMetadata
@@ -92,7 +93,11 @@ def create_app(settings: Settings) -> FastAPI:
         worker_nice=settings.drift_worker_nice,
     )
     core = build_core(settings, observability)
-    executor = ThreadPoolExecutor(settings.resolved_inference_threads(), thread_name_prefix="bn-serve")
+    executor = ThreadPoolExecutor(
+        settings.resolved_inference_threads(),
+        thread_name_prefix="bn-serve-pool",
+        initializer=name_this_thread,
+    )
     batcher = Batcher(core, executor, max_batch_elements=settings.max_batch_elements)
 
     authenticator = Authenticator(load_api_keys(settings.api_key, settings.api_keys_file))

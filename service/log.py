@@ -28,6 +28,8 @@ from typing import Any
 
 import orjson
 
+from service.native import name_this_thread
+
 REQUEST_ID_HEADER = "x-request-id"
 # A client-supplied id is echoed into headers and logs, so only short tokens of inert characters pass;
 # anything else (newlines, quotes, megabytes) is replaced by a generated id.
@@ -164,6 +166,7 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.stream.flush()
 
     def _write_when_due(self) -> None:
+        name_this_thread()
         while True:
             self._due.wait()
             self._due.clear()

@@ -19,12 +19,12 @@ Python floats, one heap arena, and runs N-Q").
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import Any
+
+from service.native import libc_function
 
 log = logging.getLogger("bn_serve")
 
@@ -34,24 +34,10 @@ log = logging.getLogger("bn_serve")
 TRIM_AFTER_JSON_BYTES = 8 * 1024 * 1024
 
 
-def _libc_function(name: str, argtypes: list[type], restype: type) -> Any:
-    """The C library's function `name`, typed, or None where the C library is not glibc (musl, macOS)."""
-    library = ctypes.util.find_library("c")
-    if library is None:
-        return None
-    try:
-        function = getattr(ctypes.CDLL(library), name)
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = argtypes
-    function.restype = restype
-    return function
-
-
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
     """libc's `malloc_trim`, or None where the C library is not glibc."""
-    trim: Callable[[int], int] | None = _libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+    trim: Callable[[int], int] | None = libc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
     return trim
 
 
@@ -62,7 +48,7 @@ _M_ARENA_MAX = -8
 @functools.cache
 def _mallopt() -> Callable[[int, int], int] | None:
     """libc's `mallopt`, or None where the C library is not glibc."""
-    mallopt: Callable[[int, int], int] | None = _libc_function(
+    mallopt: Callable[[int, int], int] | None = libc_function(
         "mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int
     )
     return mallopt

@@ -43,6 +43,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from service.native import name_this_thread
+
 if TYPE_CHECKING:
     from service.drift import DriftSnapshot
 
@@ -459,6 +461,7 @@ class ServiceMetrics:
             self._flusher.start()
 
     def _flush_periodically(self) -> None:
+        name_this_thread()
         while not self._stop.wait(self.flush_interval_s):
             try:
                 self.flush()

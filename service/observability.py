@@ -67,6 +67,7 @@ from service.errors import ModelNotFound
 from service.layer_drift import LayerMonitor, LayerProbe, LayerSummary, layer_moments, summarize
 from service.memory import release_free_memory
 from service.metrics import DRIFT_OUTCOMES, UNKNOWN_MODEL, DriftOutcome, ServiceMetrics
+from service.native import name_this_thread
 from service.repository import ModelRepository, ModelVersion
 
 log = logging.getLogger("bn_serve")
@@ -385,6 +386,7 @@ class Observability:
         self.metrics.close()
 
     def _run(self) -> None:
+        name_this_thread()
         lower_thread_priority(self.worker_nice)
         trimmed_at = rows_at = time.monotonic()
         while True:
