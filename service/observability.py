@@ -330,8 +330,14 @@ class Observability:
         inline_values: int = DEFAULT_INLINE_VALUES,
         block_values: int = DEFAULT_BLOCK_VALUES,
         worker_nice: int = DEFAULT_WORKER_NICE,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.metrics = ServiceMetrics()
+        # The calling thread's CPU seconds: what the drift work is charged by.
+        self._cpu_clock = cpu_clock
+        # CPU seconds the flushes settled with the budget, part by part (needs `_apply_lock`): what is left
+        # of a flush's CPU beyond them (its wake-up, queue handling, glue) is charged at its end.
+        self._flush_settled_s = 0.0
         self.worker_nice = worker_nice
         self.drift = drift
         self.drift_threshold = drift_threshold
@@ -637,9 +643,9 @@ class Observability:
         """Sum a full block where it filled (the request's thread, holding the lock: once per block)."""
         sums = self._shifted_sums_locked(watch, block.data.dtype)
         rows = block.detach()
-        started = time.thread_time()
+        started = self._cpu_clock()
         summed = rows.sums(sums.shift)
-        spent = time.thread_time() - started
+        spent = self._cpu_clock() - started
         self._add_block_locked(watch, sums, sums.shift, summed)
         # Settled as work on no bytes: the cost per byte the budget learns is the worker's.
         self._budget.settle(0, rows.estimated, spent)
@@ -677,7 +683,21 @@ class Observability:
 
     def _flush_locked(self, *, update: bool = True) -> None:
         """Sum the queued inputs and feeds; with `update`, also the small inputs' rows, and bring every
-        monitor up to date with all that was summed (see `flush`)."""
+        monitor up to date with all that was summed (see `flush`). Its whole CPU time is charged: each part
+        as it is done (the budget learns the sums' cost per byte from those), the rest at the end."""
+        started, settled = self._cpu_clock(), self._flush_settled_s
+        self._drain_locked(update=update)
+        rest = (self._cpu_clock() - started) - (self._flush_settled_s - settled)
+        if rest > 0:
+            with self._queue_lock:
+                self._settle_flush_locked(0, 0.0, rest)
+
+    def _settle_flush_locked(self, nbytes: int, estimated: float, spent: float) -> None:
+        """`CpuBudget.settle` for a part of a flush; the caller holds both locks."""
+        self._budget.settle(nbytes, estimated, spent)
+        self._flush_settled_s += spent
+
+    def _drain_locked(self, *, update: bool) -> None:
         with self._queue_lock:
             remaining = len(self._pending)
             summed: set[DriftWatch] = set()
@@ -693,9 +713,9 @@ class Observability:
                         detached.append((watch, block, sums, sums.shift, block.detach()))
         if detached:
             # Summed off the lock: requests go on filling fresh blocks meanwhile.
-            started = time.thread_time()
+            started = self._cpu_clock()
             summed_blocks = [rows.sums(shift) for _, _, _, shift, rows in detached]
-            spent = time.thread_time() - started
+            spent = self._cpu_clock() - started
         with self._queue_lock:
             if detached:
                 for (watch, block, sums, shift, rows), block_sums in zip(
@@ -704,7 +724,7 @@ class Observability:
                     self._add_block_locked(watch, sums, shift, block_sums)
                     if block.spare is None:
                         block.spare = rows.buffer
-                self._budget.settle(0, sum(rows.estimated for *_, rows in detached), spent)
+                self._settle_flush_locked(0, sum(rows.estimated for *_, rows in detached), spent)
             inline = []
             for watch in summed:
                 parts = [moments for sums in watch.sums.values() if (moments := sums.take()) is not None]
@@ -714,7 +734,7 @@ class Observability:
         for watch, parts, counts in inline:
             tallies.setdefault(watch, _Tally(watch.monitor)).add_sums(parts, counts)
         while remaining:
-            started = time.thread_time()
+            started = self._cpu_clock()
             with self._queue_lock:
                 chunk, nbytes, estimated = self._take_locked(remaining)
             remaining -= len(chunk)
@@ -722,9 +742,9 @@ class Observability:
                 watch = unit[0][0]
                 if not watch.retired:  # else unloaded or reloaded since: these inputs go nowhere
                     tallies.setdefault(watch, _Tally(watch.monitor)).add(unit)
-            spent = time.thread_time() - started
+            spent = self._cpu_clock() - started
             with self._queue_lock:
-                self._budget.settle(nbytes, estimated, spent)
+                self._settle_flush_locked(nbytes, estimated, spent)
             if remaining:
                 time.sleep(_YIELD_S)
         self._flush_layers_locked()
@@ -735,7 +755,7 @@ class Observability:
         """Merge what was summed into the monitors, export the figures, count the requests; charge the
         CPU it took to the budget (a merge, a snapshot and the gauges per model: less often than the sums,
         which large inputs need every `interval_s` to keep the queue short)."""
-        started = time.thread_time()
+        started = self._cpu_clock()
         tallies, self._tallies = self._tallies, {}
         layer_tallies, self._layer_tallies = self._layer_tallies, {}
         for watch, tally in tallies.items():
@@ -745,9 +765,9 @@ class Observability:
             if not layer_watch.retired:
                 self._apply_layers(layer_watch, layer_tally)
         if tallies or layer_tallies:
-            spent = time.thread_time() - started
+            spent = self._cpu_clock() - started
             with self._queue_lock:
-                self._budget.settle(0, 0.0, spent)
+                self._settle_flush_locked(0, 0.0, spent)
 
     def _flush_layers_locked(self) -> None:
         """Run the layer probes on the feeds queued so far, one chunk at a time (as `_flush_locked` sums),
@@ -756,18 +776,18 @@ class Observability:
             remaining = len(self._layer_pending)
         tallies = self._layer_tallies
         while remaining:
-            started = time.thread_time()
+            started = self._cpu_clock()
             with self._queue_lock:
                 chunk, _, estimated = self._take_feeds_locked(remaining)
             remaining -= len(chunk)
             watch = chunk[0][0]
             if not watch.retired:
                 tallies.setdefault(watch, _LayerTally(watch)).add(chunk)
-            spent = time.thread_time() - started
+            spent = self._cpu_clock() - started
             with self._queue_lock:
                 # Settled as work on no bytes: a probe run costs more per byte than the sums whose cost
                 # per byte the budget learns; its CPU is charged all the same.
-                self._budget.settle(0, estimated, spent)
+                self._settle_flush_locked(0, estimated, spent)
             if remaining:
                 time.sleep(_YIELD_S)
 

@@ -605,6 +605,39 @@ def test_bringing_the_monitors_up_to_date_is_charged_to_the_cpu_budget(repositor
     assert observability._budget.credit < credit
 
 
+class SteppingCpuClock:
+    """A CPU clock that advances `step_s` at every reading: each stretch of work the sampler times costs
+    a known amount, so what the budget is charged can be compared with what the clock says was spent."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += self.step_s
+        return self.now
+
+
+@pytest.mark.parametrize("queued", [0, 5], ids=["nothing-queued", "large-inputs-queued"])
+def test_a_flush_is_charged_all_the_cpu_it_took(repository: Repository, queued: int) -> None:
+    params = repository.params[1]
+    clock = SteppingCpuClock(0.001)
+    observability = Observability(max_cpu_fraction=0.05, inline_values=CHANNELS * 10, cpu_clock=clock)
+    entry = _loaded(repository, observability)
+    rng = np.random.default_rng(21)
+    for _ in range(queued):  # 50 rows each: queued for the worker, each summed as one chunk
+        observability.sample(_watch(entry), served_inputs(params, rng, 50, 0.0))
+    budget = observability._budget
+    credit, started = budget.credit, clock.now
+    observability.flush()
+    spent = clock.now - started - clock.step_s  # the flush's first reading opens its span
+    assert spent > 0
+    assert _watch(entry).monitor.snapshot().samples == 50 * queued
+    # Charged at admission: nothing (the budget had learned no cost per byte yet); at the flush: its parts
+    # (the sums, the update) and whatever else the flush took, so the whole of it.
+    assert budget.credit == pytest.approx(credit - spent, abs=1e-12)
+
+
 def test_small_inputs_holding_nan_are_counted_unusable_and_left_out(repository: Repository) -> None:
     params = repository.params[1]
     observability = Observability(max_cpu_fraction=1.0)
